@@ -1,0 +1,26 @@
+# uda_tf: `make demo` runs the whole job on built-in data, `make test` runs the tests.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test install clean-demo
+
+install: $(STAMP)
+
+# Re-install when the packaging changes; `pip install -e` keeps code edits live.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m uda_tf.demo --output_root=$(DEMO_OUT)
+
+test: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

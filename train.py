@@ -1,0 +1,5 @@
+"""Entry point: python train.py --flagfile=configs/demo.cfg (see uda_tf/train.py)."""
+from uda_tf.train import run
+
+if __name__ == "__main__":
+    run()

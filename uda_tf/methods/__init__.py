@@ -1,0 +1,16 @@
+"""Method registry: --method name -> keras.Model subclass whose train_step is the update rule."""
+from uda_tf.methods.base import SegmentationMethod
+from uda_tf.methods.grl import GRL
+from uda_tf.methods.source_only import SourceOnly
+
+METHODS: dict[str, type[SegmentationMethod]] = {
+    "source_only": SourceOnly,
+    "grl": GRL,
+}
+
+
+def get_method(name: str) -> type[SegmentationMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; registered methods: {sorted(METHODS)}") from None

@@ -1,0 +1,77 @@
+"""What every method shares: the segmentor, its supervised loss, and validation on source."""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from uda_tf import losses
+from uda_tf.metrics import StreamingDice
+
+
+def split_batch(data):
+    """Training batches are ((x_s, y_s), x_t) for methods that see target images, (x_s, y_s)
+    otherwise. Returns x_s, y_s, x_t (x_t is None when absent)."""
+    if isinstance(data[0], (tuple, list)):
+        (x_s, y_s), x_t = data
+        return x_s, y_s, x_t
+    x_s, y_s = data
+    return x_s, y_s, None
+
+
+class SegmentationMethod(keras.Model):
+    """Base class. A subclass's `train_step` is its method's update rule; `test_step` (Dice and
+    supervised loss on labelled source validation slices) is shared, since checkpoints are
+    chosen on source-validation Dice by default and target labels never reach a method."""
+
+    #: whether the training data must include target-domain images
+    uses_target = False
+
+    def __init__(self, segmentor: keras.Model, class_names, *, dice_weight: float = 1.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.segmentor = segmentor
+        self.class_names = list(class_names)
+        self.dice_weight = float(dice_weight)
+        self.seg_loss_tracker = keras.metrics.Mean(name="seg_loss")
+        self.val_dice = StreamingDice(self.class_names, name="dice")
+        # Sub-networks are functional and already built; marking the wrapper built stops Keras
+        # from calling it on the (source, target) tuple at fit time (ARCHITECTURE.md).
+        self.built = True
+
+    # -- construction from resolved flags (one general path for every registered method) --
+    @classmethod
+    def from_flags(cls, segmentor, class_names, cfg):
+        """Build the method around `segmentor` from resolved flag values `cfg`."""
+        return cls(segmentor, class_names, dice_weight=cfg.dice_weight)
+
+    def compile_from_flags(self, cfg):
+        self.compile(keras.optimizers.Adam(cfg.learning_rate), jit_compile=cfg.jit_compile)
+
+    # -- keras plumbing -----------------------------------------------------------------
+    def compile(self, seg_optimizer, **kwargs):
+        super().compile(optimizer=seg_optimizer, **kwargs)
+        self.seg_optimizer = seg_optimizer
+
+    def build_optimizers(self):
+        """Create optimizer slots now, inside the strategy scope, before `fit` (keras #20164)."""
+        self.seg_optimizer.build(self.segmentor.trainable_variables)
+
+    def call(self, images, training=False):
+        return self.segmentor(images, training=training)["logits"]
+
+    @property
+    def metrics(self):
+        return [self.seg_loss_tracker, self.val_dice]
+
+    # -- shared pieces ------------------------------------------------------------------
+    def supervised_loss(self, labels, logits):
+        """Per-sample Dice + CE (loss.py); reduce with losses.replica_mean."""
+        return losses.dice_ce_loss(labels, logits, dice_weight=self.dice_weight)
+
+    def test_step(self, data):
+        images, labels = data[0], data[1]
+        logits = self.segmentor(images, training=False)["logits"]
+        loss = tf.reduce_mean(self.supervised_loss(labels, logits))
+        self.seg_loss_tracker.update_state(loss)
+        self.val_dice.update_state(labels, logits)
+        return {"seg_loss": self.seg_loss_tracker.result(), **self.val_dice.result()}

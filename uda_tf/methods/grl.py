@@ -1,0 +1,87 @@
+"""GRL / DANN on encoder features (Ganin et al., JMLR 2016).
+
+One forward pass of the segmentor on the concatenated source and target batch; the bottleneck
+features go through a gradient reversal layer into a domain classifier. Minimising
+    supervised(source) + beta * BCE(domain_classifier(GRL_lambda(features)), domain)
+trains the classifier to tell the domains apart while the reversed gradient pushes the encoder
+towards features the classifier cannot separate.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from uda_tf import losses
+from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.models.discriminators import domain_classifier
+from uda_tf.models.layers import GradientReversal
+from uda_tf.training.schedules import LambdaSchedule
+
+
+class GRL(SegmentationMethod):
+    uses_target = True
+
+    def __init__(self, segmentor, class_names, *, domain_classifier: keras.Model,
+                 lambda_schedule: LambdaSchedule, domain_loss_weight: float = 1.0, **kwargs):
+        super().__init__(segmentor, class_names, **kwargs)
+        self.domain_classifier = domain_classifier
+        self.lambda_schedule = lambda_schedule
+        self.domain_loss_weight = float(domain_loss_weight)
+        self.grl = GradientReversal(name="grl")
+        self.domain_loss_tracker = keras.metrics.Mean(name="domain_loss")
+        self.domain_acc_tracker = keras.metrics.Mean(name="domain_acc")
+
+    @classmethod
+    def from_flags(cls, segmentor, class_names, cfg):
+        return cls(segmentor, class_names, dice_weight=cfg.dice_weight,
+                   domain_classifier=domain_classifier(segmentor.output["features"].shape[1:]),
+                   lambda_schedule=LambdaSchedule(cfg.lambda_schedule, cfg.grl_lambda,
+                                                  cfg.epochs * cfg.steps_per_epoch),
+                   domain_loss_weight=cfg.domain_loss_weight)
+
+    def compile_from_flags(self, cfg):
+        self.compile(keras.optimizers.Adam(cfg.learning_rate),
+                     keras.optimizers.Adam(cfg.disc_learning_rate), jit_compile=cfg.jit_compile)
+
+    def compile(self, seg_optimizer, disc_optimizer, **kwargs):
+        super().compile(seg_optimizer, **kwargs)
+        self.disc_optimizer = disc_optimizer
+
+    def build_optimizers(self):
+        super().build_optimizers()
+        self.disc_optimizer.build(self.domain_classifier.trainable_variables)
+
+    @property
+    def metrics(self):
+        return super().metrics + [self.domain_loss_tracker, self.domain_acc_tracker]
+
+    def train_step(self, data):
+        x_s, y_s, x_t = split_batch(data)
+        n_s = tf.shape(x_s)[0]
+        lam = self.lambda_schedule(self.seg_optimizer.iterations)
+        seg_vars = self.segmentor.trainable_variables
+        disc_vars = self.domain_classifier.trainable_variables
+        with tf.GradientTape() as tape:
+            out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
+            seg = self.supervised_loss(y_s, out["logits"][:n_s])
+            domain_logits = self.domain_classifier(self.grl(out["features"], lam=lam), training=True)
+            is_source = tf.concat([tf.ones([n_s]), tf.zeros([tf.shape(x_t)[0]])], axis=0)
+            dom = losses.binary_cross_entropy(is_source, domain_logits)
+            loss = (losses.replica_mean(seg)
+                    + self.domain_loss_weight * losses.replica_mean(dom))
+        # One backward pass; the reversal already flipped the encoder's share of the domain
+        # gradient, so both sub-networks simply descend on the same total.
+        grads = tape.gradient(loss, seg_vars + disc_vars)
+        seg_grads, disc_grads = grads[:len(seg_vars)], grads[len(seg_vars):]
+        self.seg_optimizer.apply_gradients(zip(seg_grads, seg_vars))
+        self.disc_optimizer.apply_gradients(zip(disc_grads, disc_vars))
+
+        predicted_source = tf.cast(tf.reshape(domain_logits, [-1]) > 0, tf.float32)
+        self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
+        self.domain_loss_tracker.update_state(tf.reduce_mean(dom))
+        self.domain_acc_tracker.update_state(
+            tf.reduce_mean(tf.cast(tf.equal(predicted_source, is_source), tf.float32)))
+        return {"seg_loss": self.seg_loss_tracker.result(),
+                "domain_loss": self.domain_loss_tracker.result(),
+                "domain_acc": self.domain_acc_tracker.result(),
+                "lambda": lam}

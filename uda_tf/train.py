@@ -1,0 +1,263 @@
+"""Train a segmentor with a domain adaptation method, track it in MLflow, export and evaluate.
+
+    python train.py --flagfile=configs/demo.cfg [--method=grl ...]
+
+Steps: read the prepared dataset's manifest; stream source (image, label) and target (image)
+batches; fit the method's keras.Model under a tf.distribute strategy, keeping the segmentor
+with the best source-validation Dice; export it as a SavedModel; evaluate the SavedModel on
+the source and target test splits (target numbers are reported as "oracle" and never used to
+choose anything); log everything to MLflow and write <run_dir>/result.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from types import SimpleNamespace
+
+from absl import app, flags
+
+from uda_tf.methods import METHODS
+from uda_tf.models.layers import NORMALIZATIONS
+from uda_tf.training.schedules import LAMBDA_SCHEDULES
+
+FLAGS = flags.FLAGS
+_NAMES: list[str] = []  # the flags this CLI defines, in order: resolved, logged and saved
+
+
+def _define(kind, name, default, help_text, **kwargs):
+    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
+    _NAMES.append(name)
+
+
+# data
+_define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
+        "(python -m uda_tf.prepare).")
+_define("string", "dataset_source", "", "Where the raw dataset comes from and how to prepare "
+        "it; printed when --data_dir holds no prepared dataset.")
+_define("string", "source_domain", None, "Labelled source domain (a domain in the manifest).")
+_define("string", "target_domain", None, "Unlabelled target domain; its labels are never read "
+        "for training or checkpoint choice.")
+_define("integer", "shuffle_buffer", 2048, "Slices in each domain's shuffle buffer.", lower_bound=1)
+_define("bool", "augment", True, "Flip and intensity-jitter training batches.")
+# method and model
+_define("enum", "method", "source_only", "Adaptation method.", enum_values=sorted(METHODS))
+_define("integer", "base_filters", 16, "Filters of the first U-Net block (doubles per block).",
+        lower_bound=1)
+_define("enum", "norm", "instance", "Normalisation layers.", enum_values=list(NORMALIZATIONS))
+_define("float", "dice_weight", 1.0, "Weight of the soft Dice term in Dice + CE.", lower_bound=0)
+_define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
+_define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
+        "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
+_define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
+# optimisation
+_define("integer", "epochs", 10, "Epochs.", lower_bound=1)
+_define("integer", "steps_per_epoch", 100, "Training steps per epoch.", lower_bound=1)
+_define("integer", "global_batch_size", 16, "Source slices per step over all replicas (the same "
+        "number of target slices is added for methods that use target data).", lower_bound=1)
+_define("float", "learning_rate", 1e-3, "Adam learning rate of the segmentor.", lower_bound=0)
+_define("float", "disc_learning_rate", 1e-3, "Adam learning rate of the domain classifier.",
+        lower_bound=0)
+_define("integer", "seed", 0, "Random seed (weights, shuffling, augmentation).")
+_define("bool", "jit_compile", False, "Compile train/test steps with XLA.")
+# devices
+_define("integer", "num_cpu_devices", 1, "On a machine without GPUs, split the CPU into this "
+        "many logical devices and mirror over them (used by tests).", lower_bound=1)
+# outputs
+_define("string", "output_dir", "runs", "Root of the run directories.")
+_define("string", "run_name", "", "Run directory and MLflow run name (default: "
+        "<method>-<timestamp>).")
+_define("bool", "overwrite", False, "Replace an existing run directory of the same name.")
+_define("string", "model_name", "uda_segmentor", "SavedModel name: exported to "
+        "<run_dir>/export/<model_name>/<version>.")
+_define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
+        "<output_dir>/mlflow.db).")
+_define("string", "mlflow_experiment", "uda_tf", "MLflow experiment name.")
+
+flags.register_validator("global_batch_size", lambda v: v is None or v >= 1,
+                         "--global_batch_size must be >= 1")
+
+
+def resolved_flags() -> dict:
+    return {name: FLAGS[name].value for name in _NAMES}
+
+
+def flagfile_text(values: dict) -> str:
+    lines = ["# resolved flags of this run; rerun with python train.py --flagfile=<this file>"]
+    for name, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"--{name}" if value else f"--no{name}")
+        elif value is not None:
+            lines.append(f"--{name}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def require_prepared_data(data_dir, dataset_source):
+    """The manifest, or an exit message saying what is missing and how to get it."""
+    from uda_tf.data.manifest import load_manifest
+    if not data_dir:
+        raise app.UsageError("--data_dir is required: a directory written by "
+                             "python -m uda_tf.prepare")
+    if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
+        hint = f"\nDataset: {dataset_source}" if dataset_source else ""
+        raise app.UsageError(
+            f"--data_dir={data_dir}: no prepared dataset there (manifest.json missing).{hint}\n"
+            "Prepare it with python -m uda_tf.prepare --output_dir=<dir> and point --data_dir "
+            "at <dir>.")
+    return load_manifest(data_dir)
+
+
+def check_domains(manifest, source, target, method_cls):
+    domains = sorted(manifest["domains"])
+    if source not in manifest["domains"]:
+        raise app.UsageError(f"--source_domain={source!r} is not in the dataset; domains: {domains}")
+    if not manifest["domains"][source].get("labelled", True):
+        raise app.UsageError(f"--source_domain={source!r} has no labels; the source must be "
+                             "labelled")
+    if target is not None and target not in manifest["domains"]:
+        raise app.UsageError(f"--target_domain={target!r} is not in the dataset; domains: {domains}")
+    if method_cls.uses_target and target is None:
+        raise app.UsageError("--target_domain is required by this --method")
+    if target == source:
+        raise app.UsageError("--target_domain must differ from --source_domain")
+
+
+def make_run_dir(cfg) -> str:
+    name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = os.path.join(cfg.output_dir, name)
+    if os.path.exists(run_dir) and os.listdir(run_dir):
+        if not cfg.overwrite:
+            raise app.UsageError(f"run directory {run_dir} exists; pick another --run_name or "
+                                 "pass --overwrite")
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    cfg.run_name = name
+    return run_dir
+
+
+def train(cfg: SimpleNamespace) -> dict:
+    """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json."""
+    import keras
+    import mlflow
+
+    from uda_tf.data import pipeline
+    from uda_tf.evaluate import evaluate_model
+    from uda_tf.export import export_segmentor, load_serving_fn
+    from uda_tf.methods import get_method
+    from uda_tf.models.unet import residual_unet_2d
+    from uda_tf.training import devices, tracking
+    from uda_tf.training.callbacks import BestSegmentorCheckpoint
+
+    method_cls = get_method(cfg.method)
+    manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
+    check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
+    strategy = devices.make_strategy(cfg.num_cpu_devices)
+    keras.utils.set_random_seed(cfg.seed)
+    run_dir = make_run_dir(cfg)
+    values = dict(vars(cfg))
+    flags_path = os.path.join(run_dir, "flags.cfg")
+    with open(flags_path, "w") as f:
+        f.write(flagfile_text(values))
+
+    label_names = {int(k): v for k, v in manifest["label_names"].items()}
+    class_names = [label_names[i] for i in range(manifest["num_classes"])]
+    image_shape = tuple(manifest["image_shape"])
+
+    def make_segmentor():
+        return residual_unet_2d(image_shape, len(class_names), base_filters=cfg.base_filters,
+                                norm=cfg.norm,
+                                sync_batchnorm=strategy.num_replicas_in_sync > 1)
+
+    train_ds = pipeline.train_dataset(
+        cfg.data_dir, manifest, source=cfg.source_domain,
+        target=cfg.target_domain if method_cls.uses_target else None,
+        global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed, augment_data=cfg.augment)
+    val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
+                                   batch_size=cfg.global_batch_size)
+    with strategy.scope():
+        model = method_cls.from_flags(make_segmentor(), class_names, cfg)
+        model.compile_from_flags(cfg)
+        model.build_optimizers()
+
+    tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
+    tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
+            "dataset_content_hash": manifest.get("content_hash"), "method": cfg.method,
+            **tracking.environment_tags(strategy)}
+    run = tracking.start_run(tracking_uri, cfg.mlflow_experiment, cfg.run_name, values, tags)
+    status = "FAILED"
+    try:
+        mlflow.log_artifact(flags_path)
+        mlflow.log_artifact(os.path.join(cfg.data_dir, "manifest.json"))
+        ckpt_path = os.path.join(run_dir, "checkpoints", "best.weights.h5")
+        checkpoint = BestSegmentorCheckpoint(ckpt_path, monitor="val_dice", mode="max")
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+        shutil.copy(flags_path, os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
+        start = time.time()
+        model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+                  validation_data=val_ds, verbose=2,
+                  callbacks=[checkpoint, tracking.MlflowEpochLogger(),
+                             keras.callbacks.TerminateOnNaN()])
+        train_seconds = time.time() - start
+
+        # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
+        # plain variables, then evaluate what was exported.
+        segmentor = make_segmentor()
+        segmentor.load_weights(ckpt_path)
+        export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
+                                       cfg.model_name)
+        serve = load_serving_fn(export_path)
+        predict = lambda images: serve(image=images)["labels"]  # noqa: E731
+        evaluations = {}
+        for role, domain in (("source", cfg.source_domain), ("target", cfg.target_domain)):
+            if domain is None or not manifest["domains"][domain]["cases"].get("test"):
+                continue
+            oracle = role == "target"
+            out = os.path.join(run_dir, "eval", f"{role}_test")
+            summary = evaluate_model(predict, cfg.data_dir, manifest, domain, "test", out,
+                                     oracle=oracle)
+            prefix = f"{'oracle/' if oracle else ''}{role}_test"
+            metrics = {f"{prefix}/dice_{c}": s["dice"]["mean"]
+                       for c, s in summary["classes"].items()}
+            metrics[f"{prefix}/dice_mean"] = summary["foreground"]["dice"]["mean"]
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifacts(out, artifact_path=f"eval/{role}_test")
+            evaluations[role] = {"domain": domain, "dir": out, "summary": summary}
+        result = {"run_dir": run_dir, "run_name": cfg.run_name, "method": cfg.method,
+                  "mlflow": {"tracking_uri": tracking_uri, "run_id": run.info.run_id,
+                             "experiment": cfg.mlflow_experiment,
+                             "ui": tracking.ui_command(tracking_uri)},
+                  "best_epoch": checkpoint.best_epoch, "best_val_dice": checkpoint.best,
+                  "checkpoint": ckpt_path, "saved_model": export_path,
+                  "train_seconds": train_seconds, "evaluations": evaluations}
+        with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(os.path.join(run_dir, "result.json.tmp"), os.path.join(run_dir, "result.json"))
+        mlflow.log_metrics({"best_val_dice": checkpoint.best, "train_seconds": train_seconds})
+        status = "FINISHED"
+        return result
+    finally:
+        mlflow.end_run(status=status)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    result = train(SimpleNamespace(**resolved_flags()))
+    print(f"run directory: {result['run_dir']}")
+    for role, ev in result["evaluations"].items():
+        fg = ev["summary"]["foreground"]["dice"]
+        tag = " (oracle: target labels, not used for selection)" if role == "target" else ""
+        print(f"{role} test Dice ({ev['domain']}): {fg['mean']:.4f} ± {fg['std']:.4f}{tag}")
+    print(f"SavedModel: {result['saved_model']}")
+    print(f"MLflow: {result['mlflow']['ui']}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

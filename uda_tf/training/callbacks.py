@@ -1,0 +1,40 @@
+"""Training callbacks: keep the best segmentor by a validation metric, atomically."""
+from __future__ import annotations
+
+import math
+import os
+
+import keras
+
+
+class BestSegmentorCheckpoint(keras.callbacks.Callback):
+    """Saves `model.segmentor` weights whenever `monitor` improves.
+
+    The default monitor is source-validation Dice (`val_dice`): target labels never choose a
+    checkpoint. Weights are written to a temporary file then renamed, so a crash mid-write
+    leaves the previous best intact."""
+
+    def __init__(self, path: str, monitor: str = "val_dice", mode: str = "max"):
+        super().__init__()
+        if not path.endswith(".weights.h5"):
+            raise ValueError(f"checkpoint path must end with .weights.h5, got {path}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.path, self.monitor, self.mode = path, monitor, mode
+        self.best = -math.inf if mode == "max" else math.inf
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise KeyError(f"checkpoint monitor {self.monitor!r} not in the epoch logs "
+                           f"{sorted(logs)}; is validation data given?")
+        value = float(logs[self.monitor])
+        better = value > self.best if self.mode == "max" else value < self.best
+        if not better:
+            return
+        self.best, self.best_epoch = value, epoch
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = self.path[: -len(".weights.h5")] + ".partial.weights.h5"
+        self.model.segmentor.save_weights(tmp)
+        os.replace(tmp, self.path)
