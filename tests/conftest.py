@@ -23,3 +23,15 @@ def one_device():
 @pytest.fixture
 def two_replicas():
     return devices.mirrored_cpus(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """The tiny two-domain MSD dataset of tests/helpers.py, prepared to 16x24 slices."""
+    from tests.helpers import make_msd
+    from uda_tf.prepare import prepare
+    raw = make_msd(tmp_path_factory.mktemp("tiny_raw"))
+    out = tmp_path_factory.mktemp("tiny_prepared")
+    manifest = prepare(str(raw), str(out), size=(16, 24), records_per_shard=8, workers=1,
+                       verbose=False)
+    return str(out), manifest

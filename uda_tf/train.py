@@ -11,13 +11,14 @@ choose anything); log everything to MLflow and write <run_dir>/result.json.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from types import SimpleNamespace
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from uda_tf.methods import METHODS
 from uda_tf.models.layers import NORMALIZATIONS
@@ -27,57 +28,60 @@ FLAGS = flags.FLAGS
 _NAMES: list[str] = []  # the flags this CLI defines, in order: resolved, logged and saved
 
 
-def _define(kind, name, default, help_text, **kwargs):
-    getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
+def _define(kind, name, default, help_text, enum_values=None, **kwargs):
+    if kind == "enum":
+        flags.DEFINE_enum(name, default, enum_values, help_text, **kwargs)
+    else:
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **kwargs)
     _NAMES.append(name)
 
 
-# data
-_define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
-        "(python -m uda_tf.prepare).")
-_define("string", "dataset_source", "", "Where the raw dataset comes from and how to prepare "
-        "it; printed when --data_dir holds no prepared dataset.")
-_define("string", "source_domain", None, "Labelled source domain (a domain in the manifest).")
-_define("string", "target_domain", None, "Unlabelled target domain; its labels are never read "
-        "for training or checkpoint choice.")
-_define("integer", "shuffle_buffer", 2048, "Slices in each domain's shuffle buffer.", lower_bound=1)
-_define("bool", "augment", True, "Flip and intensity-jitter training batches.")
-# method and model
-_define("enum", "method", "source_only", "Adaptation method.", enum_values=sorted(METHODS))
-_define("integer", "base_filters", 16, "Filters of the first U-Net block (doubles per block).",
-        lower_bound=1)
-_define("enum", "norm", "instance", "Normalisation layers.", enum_values=list(NORMALIZATIONS))
-_define("float", "dice_weight", 1.0, "Weight of the soft Dice term in Dice + CE.", lower_bound=0)
-_define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
-_define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
-        "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
-_define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
-# optimisation
-_define("integer", "epochs", 10, "Epochs.", lower_bound=1)
-_define("integer", "steps_per_epoch", 100, "Training steps per epoch.", lower_bound=1)
-_define("integer", "global_batch_size", 16, "Source slices per step over all replicas (the same "
-        "number of target slices is added for methods that use target data).", lower_bound=1)
-_define("float", "learning_rate", 1e-3, "Adam learning rate of the segmentor.", lower_bound=0)
-_define("float", "disc_learning_rate", 1e-3, "Adam learning rate of the domain classifier.",
-        lower_bound=0)
-_define("integer", "seed", 0, "Random seed (weights, shuffling, augmentation).")
-_define("bool", "jit_compile", False, "Compile train/test steps with XLA.")
-# devices
-_define("integer", "num_cpu_devices", 1, "On a machine without GPUs, split the CPU into this "
-        "many logical devices and mirror over them (used by tests).", lower_bound=1)
-# outputs
-_define("string", "output_dir", "runs", "Root of the run directories.")
-_define("string", "run_name", "", "Run directory and MLflow run name (default: "
-        "<method>-<timestamp>).")
-_define("bool", "overwrite", False, "Replace an existing run directory of the same name.")
-_define("string", "model_name", "uda_segmentor", "SavedModel name: exported to "
-        "<run_dir>/export/<model_name>/<version>.")
-_define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
-        "<output_dir>/mlflow.db).")
-_define("string", "mlflow_experiment", "uda_tf", "MLflow experiment name.")
+def define_flags():
+    """Define this CLI's flags (at run time, so importing the module defines nothing)."""
+    # data
+    _define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
+            "(python -m uda_tf.prepare).")
+    _define("string", "dataset_source", "", "Where the raw dataset comes from and how to prepare "
+            "it; printed when --data_dir holds no prepared dataset.")
+    _define("string", "source_domain", None, "Labelled source domain (a domain in the manifest).")
+    _define("string", "target_domain", None, "Unlabelled target domain; its labels are never read "
+            "for training or checkpoint choice.")
+    _define("integer", "shuffle_buffer", 2048, "Slices in each domain's shuffle buffer.", lower_bound=1)
+    _define("bool", "augment", True, "Flip and intensity-jitter training batches.")
+    # method and model
+    _define("enum", "method", "source_only", "Adaptation method.", enum_values=sorted(METHODS))
+    _define("integer", "base_filters", 16, "Filters of the first U-Net block (doubles per block).",
+            lower_bound=1)
+    _define("enum", "norm", "instance", "Normalisation layers.", enum_values=list(NORMALIZATIONS))
+    _define("float", "dice_weight", 1.0, "Weight of the soft Dice term in Dice + CE.", lower_bound=0)
+    _define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
+    _define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
+            "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
+    _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
+    # optimisation
+    _define("integer", "epochs", 10, "Epochs.", lower_bound=1)
+    _define("integer", "steps_per_epoch", 100, "Training steps per epoch.", lower_bound=1)
+    _define("integer", "global_batch_size", 16, "Source slices per step over all replicas (the same "
+            "number of target slices is added for methods that use target data).", lower_bound=1)
+    _define("float", "learning_rate", 1e-3, "Adam learning rate of the segmentor.", lower_bound=0)
+    _define("float", "disc_learning_rate", 1e-3, "Adam learning rate of the domain classifier.",
+            lower_bound=0)
+    _define("integer", "seed", 0, "Random seed (weights, shuffling, augmentation).")
+    _define("bool", "jit_compile", False, "Compile train/test steps with XLA.")
+    # devices
+    _define("integer", "num_cpu_devices", 1, "On a machine without GPUs, split the CPU into this "
+            "many logical devices and mirror over them (used by tests).", lower_bound=1)
+    # outputs
+    _define("string", "output_dir", "runs", "Root of the run directories.")
+    _define("string", "run_name", "", "Run directory and MLflow run name (default: "
+            "<method>-<timestamp>).")
+    _define("bool", "overwrite", False, "Replace an existing run directory of the same name.")
+    _define("string", "model_name", "uda_segmentor", "SavedModel name: exported to "
+            "<run_dir>/export/<model_name>/<version>.")
+    _define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
+            "<output_dir>/mlflow.db).")
+    _define("string", "mlflow_experiment", "uda_tf", "MLflow experiment name.")
 
-flags.register_validator("global_batch_size", lambda v: v is None or v >= 1,
-                         "--global_batch_size must be >= 1")
 
 
 def resolved_flags() -> dict:
@@ -175,8 +179,15 @@ def train(cfg: SimpleNamespace) -> dict:
         target=cfg.target_domain if method_cls.uses_target else None,
         global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed, augment_data=cfg.augment)
+    # Validation repeats with a step count of exactly one pass, so every epoch sees every
+    # source-validation slice once (and Keras does not hit the end of a finite dataset).
     val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                   batch_size=cfg.global_batch_size)
+                                   batch_size=cfg.global_batch_size).repeat()
+    val_steps = math.ceil(pipeline.num_records(manifest, cfg.source_domain, "val")
+                          / cfg.global_batch_size)
+    if val_steps == 0:
+        raise app.UsageError(f"--source_domain={cfg.source_domain!r} has no validation slices; "
+                             "checkpoints are chosen on source validation Dice")
     with strategy.scope():
         model = method_cls.from_flags(make_segmentor(), class_names, cfg)
         model.compile_from_flags(cfg)
@@ -197,7 +208,7 @@ def train(cfg: SimpleNamespace) -> dict:
         shutil.copy(flags_path, os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
         start = time.time()
         model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                  validation_data=val_ds, verbose=2,
+                  validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
                   callbacks=[checkpoint, tracking.MlflowEpochLogger(),
                              keras.callbacks.TerminateOnNaN()])
         train_seconds = time.time() - start
@@ -243,6 +254,7 @@ def train(cfg: SimpleNamespace) -> dict:
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every file at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     result = train(SimpleNamespace(**resolved_flags()))
@@ -256,6 +268,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

@@ -17,11 +17,14 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def _records(files, *, shuffle_files: bool, seed):
+    """Training reads shards in a shuffled order, several at once; evaluation reads them one
+    after another so slices come in their stored order."""
+    if not shuffle_files:
+        return tf.data.TFRecordDataset(files)
     files_ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle_files:
-        files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     return files_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
-                               num_parallel_calls=AUTOTUNE, deterministic=not shuffle_files)
+                               num_parallel_calls=AUTOTUNE, deterministic=False)
 
 
 def _parser(manifest):
@@ -60,6 +63,12 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
                         labelled=False, shuffle_buffer=shuffle_buffer, seed=seed + 1,
                         augment_data=augment_data)
     return tf.data.Dataset.zip((src, tgt)).prefetch(AUTOTUNE)
+
+
+def num_records(manifest, domain, split) -> int:
+    """Slices of one domain/split, from the manifest's shard list."""
+    return sum(s["records"] for s in manifest["shards"]
+               if s["domain"] == domain and s["split"] == split)
 
 
 def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata=False):

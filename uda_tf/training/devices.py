@@ -27,9 +27,10 @@ def split_cpu(n: int) -> None:
 def make_strategy(num_cpu_devices: int = 1) -> tf.distribute.Strategy:
     """MirroredStrategy over all visible GPUs; on a CPU-only machine over `num_cpu_devices`
     logical CPUs (one device -> OneDeviceStrategy, which has no all-reduce overhead)."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if gpus:
-        return tf.distribute.MirroredStrategy([g.name for g in gpus])
+    # Physical, not logical: listing logical devices would initialise them, and then the CPU
+    # could no longer be split.
+    if tf.config.list_physical_devices("GPU"):
+        return tf.distribute.MirroredStrategy()
     if num_cpu_devices > 1:
         return mirrored_cpus(num_cpu_devices)
     return tf.distribute.OneDeviceStrategy("/cpu:0")

@@ -1,0 +1,74 @@
+"""The training command as a user runs it: a tiny GRL run end to end on 2 logical CPU
+replicas, and the errors a user gets for bad flags or missing data."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(*args, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_grl_run_end_to_end(tiny_prepared, tmp_path):
+    data_dir, manifest = tiny_prepared
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+                  "--method=grl", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
+                  "--base_filters=2", "--num_cpu_devices=2", f"--output_dir={tmp_path}/runs",
+                  "--run_name=tiny", f"--mlflow_tracking_uri={uri}", "--model_name=tiny",
+                  "--mlflow_experiment=test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (run_dir / "checkpoints" / "best.weights.h5").is_file()
+    assert "--method=grl" in (run_dir / "checkpoints" / "flags.cfg").read_text()
+    assert result["saved_model"] == str(run_dir / "export" / "tiny" / "1")
+
+    target = result["evaluations"]["target"]["summary"]
+    assert target["oracle"] is True and result["evaluations"]["source"]["summary"]["oracle"] is False
+    assert set(target["classes"]) == {"left", "front"}
+    for stats in target["classes"].values():
+        assert 0.0 <= stats["dice"]["mean"] <= 1.0 and stats["dice"]["n"] == 1
+    rows = (run_dir / "eval" / "target_test" / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("case,class,label,dice") and len(rows) == 1 + 2
+
+    import tensorflow as tf
+    serve = tf.saved_model.load(result["saved_model"]).signatures["serving_default"]
+    out = serve(image=tf.zeros([3, 16, 24, 1]))
+    assert out["probabilities"].shape == (3, 16, 24, 3) and out["labels"].shape == (3, 16, 24)
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    run = client.get_run(result["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "grl" and run.data.params["epochs"] == "2"
+    assert run.data.tags["dataset_content_hash"] == manifest["content_hash"]
+    assert run.data.tags["replicas"] == "2"
+    history = client.get_metric_history(run.info.run_id, "seg_loss")
+    assert [m.step for m in history] == [0, 1]
+    assert np.isfinite([m.value for m in history]).all()
+    assert "oracle/target_test/dice_mean" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"flags.cfg", "manifest.json", "eval"} <= artifacts
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--bogus_flag=1"], "bogus_flag"),
+    (["--method=nope", "--data_dir=x"], "--method"),
+    (["--data_dir=/no/such/dir", "--dataset_source=get it from EXAMPLE"],
+     "--data_dir=/no/such/dir"),
+])
+def test_bad_input_exits_nonzero_naming_it(args, expected):
+    proc = _train(*args, timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    if "EXAMPLE" in " ".join(args):
+        assert "get it from EXAMPLE" in proc.stderr and "manifest.json" in proc.stderr
