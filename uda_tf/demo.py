@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,10 +34,21 @@ def define_flags():
                               "e.g. --train_flag=--epochs=2.")
 
 
+# TensorFlow's C++ start-up lines (oneDNN, CUDA probing on a CPU machine) are printed before
+# its logging can be configured; the demo drops them from the child's stderr and keeps the rest.
+_STARTUP_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|"
+                            r"[IWE]0000 00:00:|To enable the following instructions)")
+
+
 def _step(title, args):
-    print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
+    print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
     start = time.time()
-    proc = subprocess.run([sys.executable, *args])
+    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if not _STARTUP_NOISE.match(line):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"demo: step '{title}' failed (exit {proc.returncode}); see above")
     return time.time() - start

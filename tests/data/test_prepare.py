@@ -238,3 +238,20 @@ def test_read_volume_reorients_and_names_bad_files(tmp_path):
     case = layouts.CaseRecord("c", "d", str(tmp_path / "asl.nii.gz"), str(tmp_path / "lab.nii.gz"))
     with pytest.raises(io.NiftiError, match=r"lab\.nii\.gz has value 7.*3 labels"):
         preprocess.prepare_case(case, preprocess.PreprocessConfig(), label_values=3)
+
+
+def test_label_resampling_keeps_label_and_image_aligned():
+    """Downsampling by an even factor: the label mask's centre of mass stays where the
+    linearly resampled image puts it (nearest neighbour would shift it by half a voxel)."""
+    mask = np.zeros((20, 6, 6), np.uint8)
+    mask[3:11] = 2  # boundaries fall on output midpoints at both ends
+    image_like = preprocess.resample(mask.astype(np.float32) / 2, (1, 1, 1), (2, 1, 1), order=1)
+    labels = preprocess.resample_labels(mask, (1, 1, 1), (2, 1, 1))
+    assert labels.shape == (10, 6, 6) and set(np.unique(labels)) == {0, 2}
+    x = np.arange(10)
+    com_image = (image_like[:, 0, 0] * x).sum() / image_like[:, 0, 0].sum()
+    com_label = ((labels[:, 0, 0] == 2) * x).sum() / (labels[:, 0, 0] == 2).sum()
+    assert abs(com_image - com_label) < 1e-6
+    nearest = preprocess.resample(mask, (1, 1, 1), (2, 1, 1), order=0)
+    com_nearest = ((nearest[:, 0, 0] == 2) * x).sum() / (nearest[:, 0, 0] == 2).sum()
+    assert abs(com_image - com_nearest) > 0.25  # the shift this function avoids

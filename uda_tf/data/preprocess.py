@@ -138,6 +138,29 @@ def resample(array: np.ndarray, spacing_in, spacing_out, order: int, shape_out=N
     )
 
 
+def resample_labels(labels: np.ndarray, spacing_in, spacing_out, shape_out=None) -> np.ndarray:
+    """Resamples a label map by linear interpolation of each label's mask, then argmax.
+
+    Nearest neighbour would pick one side at every exact midpoint (an even downsampling
+    factor), shifting labels by half an input voxel against the linearly resampled image;
+    interpolating one-hot masks, as nnU-Net does, keeps both on the same geometry."""
+    values = np.unique(labels)
+    if len(values) == 1:
+        shape_out = tuple(shape_out or resampled_shape(labels.shape, spacing_in, spacing_out))
+        return np.full(shape_out, values[0], labels.dtype)
+    best = score = None
+    for value in values:
+        mask = resample((labels == value).astype(np.float32), spacing_in, spacing_out, order=1,
+                        shape_out=shape_out)
+        if best is None:
+            best, score = np.full(mask.shape, value, labels.dtype), mask
+        else:
+            better = mask > score
+            best[better] = value
+            score = np.maximum(score, mask)
+    return best
+
+
 def crop_pad_plan(shape_hw, size) -> dict:
     """Centre crop/pad amounts per in-plane axis: {"pad": [[before, after]]*2, "crop": ...}."""
     pad, crop = [], []
@@ -200,7 +223,7 @@ def preprocess_volumes(
     prepared_label = None
     if label is not None:
         prepared_label = apply_crop_pad(
-            resample(label.array, label.spacing, config.spacing, order=0), plan, 0
+            resample_labels(label.array, label.spacing, config.spacing), plan, 0
         ).astype(np.uint8)
     record = {
         "has_label": label is not None,
@@ -261,5 +284,9 @@ def restore_to_original(
         tuple(case["original_shape"]), np.asarray(case["original_affine"])
     )
     # Map each original voxel into the resampled grid (the inverse of `resample`'s mapping).
-    restored = resample(uncropped, config.spacing, ras_spacing, order=order, shape_out=ras_shape)
+    if order == 0:
+        restored = resample_labels(uncropped, config.spacing, ras_spacing, shape_out=ras_shape)
+    else:
+        restored = resample(uncropped, config.spacing, ras_spacing, order=order,
+                            shape_out=ras_shape)
     return io.ras_to_original(restored, np.asarray(case["original_affine"]))
