@@ -65,6 +65,8 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path):
     (["--method=nope", "--data_dir=x"], "--method"),
     (["--data_dir=/no/such/dir", "--dataset_source=get it from EXAMPLE"],
      "--data_dir=/no/such/dir"),
+    (["--flagfile=configs/grl_crossmoda.cfg", "--data_dir=/no/crossmoda"],
+     "crossmoda-challenge.ml"),
 ])
 def test_bad_input_exits_nonzero_naming_it(args, expected):
     proc = _train(*args, timeout=120)

@@ -1,20 +1,43 @@
 """SavedModel export of the segmentor for TF Serving.
 
-Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. The
-`serving_default` signature takes a batch of preprocessed slices named `image`
-[N, H, W, C] float32 and returns `probabilities` [N, H, W, K], `labels` [N, H, W] int32 and
-`entropy` [N, H, W] (normalised to [0, 1]). Only the segmentor is exported, never the
-adversarial wrapper (shared/ARCHITECTURE.md).
+    python -m uda_tf.export --checkpoint=runs/grl/checkpoints/best.weights.h5
+    (console script: uda-export; thin script: export/export_savedmodel.py)
+
+Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Signatures:
+
+* `serving_default`: `image` [N, H, W, C] float32, slices already preprocessed as by
+  `python -m uda_tf.prepare` -> `probabilities` [N, H, W, K] float32, `labels` [N, H, W] int32,
+  `entropy` [N, H, W] float32 (normalised to [0, 1]).
+* `serving_raw` (exported when the manifest is given): `image` [N, H, W, C] float32 raw
+  intensities already resampled (linear) to the prepared spacing and centre-cropped/padded to
+  H x W (pad with a value <= p_low), plus per-slice `p_low`, `p_high` [N] float32 (and `mean`,
+  `std` [N] when the manifest's normalization is zscore): the clip percentiles and the
+  statistics of the slice's volume, computed as `uda_tf.data.preprocess.normalize_intensity`
+  does. The graph clips to [p_low, p_high] and scales ((x - p_low) / (p_high - p_low), or
+  (x - mean) / std), then runs `serving_default`'s computation. `prepare` clips before it
+  resamples, so the two paths differ only where interpolation mixes clipped voxels.
+
+`assets.extra/` holds `manifest.json` (the prepared dataset's manifest), `label_names.json`
+and `tf_serving_warmup_requests` (PredictionLog records TF Serving replays at load time).
+Only the segmentor is exported, never the adversarial wrapper (shared/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from uda_tf.losses import entropy_map
+
+SERVING_DEFAULT = "serving_default"
+SERVING_RAW = "serving_raw"
+OUTPUTS = ("probabilities", "labels", "entropy")
+WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 def next_version(model_dir: str) -> int:
@@ -25,20 +48,89 @@ def next_version(model_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
+def raw_input_names(normalization: str) -> tuple[str, ...]:
+    """Inputs of `serving_raw`: TF Serving requires every input of a signature, so zscore
+    models take `mean` and `std` and minmax models do not."""
+    if normalization == "minmax":
+        return ("image", "p_low", "p_high")
+    if normalization == "zscore":
+        return ("image", "p_low", "p_high", "mean", "std")
+    raise ValueError(f"manifest preprocessing.normalization must be minmax or zscore, "
+                     f"got {normalization!r}")
+
+
+def normalize_raw(image, stats: dict, normalization: str):
+    """In-graph version of `preprocess.normalize_intensity` with given statistics: clip to
+    [p_low, p_high] of the slice's volume, then min-max or z-score. A zero scale becomes 1,
+    as in `preprocess.intensity_transform`."""
+    per_slice = {k: tf.reshape(v, [-1, 1, 1, 1]) for k, v in stats.items()}
+    clipped = tf.clip_by_value(image, per_slice["p_low"], per_slice["p_high"])
+    if normalization == "minmax":
+        offset, scale = per_slice["p_low"], per_slice["p_high"] - per_slice["p_low"]
+    else:
+        offset, scale = per_slice["mean"], per_slice["std"]
+    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    return (clipped - offset) / scale
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def warmup_inputs(signature: str, shape, normalization: str | None, batch_size: int) -> dict:
+    """Inputs of one warm-up request: a background-only batch (zeros after normalisation),
+    which exercises every op of the graph at the given batch size."""
+    images = np.zeros((batch_size, *shape), np.float32)
+    if signature == SERVING_DEFAULT:
+        return {"image": images}
+    stats = {"p_low": 0.0, "p_high": 1.0, "mean": 0.5, "std": 0.25}
+    return {name: images if name == "image" else np.full([batch_size], stats[name], np.float32)
+            for name in raw_input_names(normalization)}
+
+
+def write_warmup_requests(path: str, model_name: str, requests) -> int:
+    """`requests`: (signature_name, inputs dict). Writes TF Serving's warm-up file (TFRecord of
+    PredictionLog protos, assets.extra/tf_serving_warmup_requests); returns the count."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from uda_tf.serving_client import predict_request
+    count = 0
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature, inputs in requests:
+            request = predict_request(model_name, inputs, signature=signature)
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+            count += 1
+    return count
+
+
 def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
-                     version: int | None = None) -> str:
-    """Write the SavedModel atomically (temporary directory, then rename); returns its path."""
+                     version: int | None = None, *, manifest: dict | None = None,
+                     warmup_batch_sizes=(1, 8)) -> str:
+    """Write the SavedModel atomically (temporary directory, then rename); returns its path.
+
+    With `manifest` (the prepared dataset's), also exports `serving_raw` and puts the manifest
+    and label names into assets.extra/. Warm-up requests cover every signature at each of
+    `warmup_batch_sizes` (use the server's allowed batch sizes when batching is on)."""
     model_dir = os.path.join(export_root, model_name)
     version = next_version(model_dir) if version is None else int(version)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
         raise FileExistsError(f"export version already exists: {final}")
+    shape = tuple(int(n) for n in segmentor.input_shape[1:])
+    normalization = None
+    if manifest is not None:
+        if list(manifest["image_shape"]) != list(shape):
+            raise ValueError(f"manifest image_shape {manifest['image_shape']} does not match the "
+                             f"segmentor's input shape {list(shape)}")
+        normalization = manifest["preprocessing"]["normalization"]
+        raw_names = raw_input_names(normalization)  # fails early on an unknown normalization
     os.makedirs(model_dir, exist_ok=True)
     tmp = os.path.join(model_dir, f".{version}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    height, width, channels = segmentor.input_shape[1:]
-    spec = tf.TensorSpec([None, height, width, channels], tf.float32, name="image")
 
     def serve(image):
         logits = segmentor(image, training=False)["logits"]
@@ -49,15 +141,151 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
 
     archive = keras.export.ExportArchive()
     archive.track(segmentor)
-    archive.add_endpoint("serving_default", serve, input_signature=[spec])
-    archive.write_out(tmp, verbose=False)
-    os.replace(tmp, final)
+    image_spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
+    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=[image_spec])
+    signatures = [SERVING_DEFAULT]
+    if manifest is not None:
+        # Keyword inputs give the signature its input names (image, p_low, ...), which is
+        # what REST "inputs"/"instances" and gRPC PredictRequest.inputs are keyed by.
+        def serve_raw(inputs):
+            stats = {k: v for k, v in inputs.items() if k != "image"}
+            return serve(normalize_raw(inputs["image"], stats, normalization))
+
+        raw_spec = {name: image_spec if name == "image"
+                    else tf.TensorSpec([None], tf.float32, name=name) for name in raw_names}
+        archive.add_endpoint(SERVING_RAW, serve_raw, input_signature=[raw_spec])
+        signatures.append(SERVING_RAW)
+    try:
+        archive.write_out(tmp, verbose=False)
+        extra = os.path.join(tmp, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        if manifest is not None:
+            _write_json(os.path.join(extra, "manifest.json"), manifest)
+            _write_json(os.path.join(extra, "label_names.json"), manifest["label_names"])
+        write_warmup_requests(
+            os.path.join(extra, WARMUP_FILE), model_name,
+            [(sig, warmup_inputs(sig, shape, normalization, n))
+             for sig in signatures for n in warmup_batch_sizes])
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def load_serving_fn(path: str):
-    """The `serving_default` signature of a SavedModel, as a callable image -> dict."""
+def load_serving_fn(path: str, signature: str = SERVING_DEFAULT):
+    """One signature of a SavedModel, as a callable taking keyword tensors -> dict."""
     loaded = tf.saved_model.load(path)
-    fn = loaded.signatures["serving_default"]
+    if signature not in loaded.signatures:
+        raise KeyError(f"SavedModel {path} has no signature {signature!r}; it has "
+                       f"{sorted(loaded.signatures)}")
+    fn = loaded.signatures[signature]
     fn._loaded = loaded  # keep the object (and its variables) alive with the function
     return fn
+
+
+def read_flagfile(path: str) -> dict[str, str]:
+    """{name: value} of a flags.cfg written by train.py (`--name=value`, `--flag`,
+    `--noflag`); values stay strings."""
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("--"):
+                continue
+            name, sep, value = line[2:].partition("=")
+            if sep:
+                values[name] = value
+            elif name.startswith("no"):
+                values[name[2:]] = "false"
+            else:
+                values[name] = "true"
+    return values
+
+
+def segmentor_from_flags(values: dict, manifest: dict, *, sync_batchnorm: bool = False):
+    """The segmentor train.py builds for these resolved flags and this dataset (weights
+    initialised; load a checkpoint into it)."""
+    from uda_tf.models.unet import residual_unet_2d
+    return residual_unet_2d(tuple(manifest["image_shape"]), int(manifest["num_classes"]),
+                            base_filters=int(values["base_filters"]), norm=values["norm"],
+                            sync_batchnorm=sync_batchnorm)
+
+
+def export_checkpoint(checkpoint: str, export_root: str | None = None,
+                      model_name: str | None = None, version: int | None = None,
+                      manifest_path: str | None = None) -> str:
+    """Checkpoint -> SavedModel. `checkpoint` is a `.weights.h5` file, a checkpoints directory
+    or a run directory; `flags.cfg` is read next to the weights, the manifest from
+    `manifest_path`, else next to the weights, else from the flags' --data_dir. Defaults:
+    `<run_dir>/export`, the run's --model_name, the next version."""
+    from uda_tf.data.manifest import load_manifest
+    weights = checkpoint
+    if os.path.isdir(weights):
+        nested = os.path.join(weights, "checkpoints", "best.weights.h5")
+        weights = nested if os.path.isfile(nested) else os.path.join(weights, "best.weights.h5")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"--checkpoint={checkpoint}: no weights file {weights}")
+    ckpt_dir = os.path.dirname(os.path.abspath(weights))
+    flags_path = os.path.join(ckpt_dir, "flags.cfg")
+    if not os.path.isfile(flags_path):
+        raise FileNotFoundError(f"--checkpoint={checkpoint}: no flags.cfg next to it "
+                                f"({flags_path}); it records how the segmentor was built")
+    values = read_flagfile(flags_path)
+    missing = [k for k in ("base_filters", "norm") if k not in values]
+    if missing:
+        raise ValueError(f"{flags_path} lacks {', '.join('--' + k for k in missing)}")
+    candidates = [manifest_path] if manifest_path else [ckpt_dir, values.get("data_dir")]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            candidate = os.path.dirname(candidate)  # load_manifest takes the directory
+        if candidate and os.path.isfile(os.path.join(candidate, "manifest.json")):
+            manifest = load_manifest(candidate)
+            break
+    else:
+        raise FileNotFoundError(
+            f"no manifest.json for {weights}: looked in {[c for c in candidates if c]}; pass "
+            "--manifest=<prepared dir or manifest.json>")
+    segmentor = segmentor_from_flags(values, manifest)
+    segmentor.load_weights(weights)
+    export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
+    model_name = model_name or values.get("model_name") or "uda_segmentor"
+    return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest)
+
+
+def define_flags():
+    from absl import flags
+    flags.DEFINE_string("checkpoint", None, "best.weights.h5 (with flags.cfg next to it), its "
+                        "checkpoints directory, or the run directory.")
+    flags.DEFINE_string("export_dir", None, "Export root: the SavedModel goes to "
+                        "<export_dir>/<model_name>/<version> (default: <run_dir>/export).")
+    flags.DEFINE_string("model_name", None, "Model name (default: the run's --model_name).")
+    flags.DEFINE_integer("version", None, "Version directory (default: next free integer).",
+                         lower_bound=1)
+    flags.DEFINE_string("manifest", None, "manifest.json or prepared data directory (default: "
+                        "next to the checkpoint, else the run's --data_dir).")
+    flags.mark_flag_as_required("checkpoint")
+
+
+def main(argv):
+    from absl import flags
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        path = export_checkpoint(FLAGS.checkpoint, FLAGS.export_dir, FLAGS.model_name,
+                                 FLAGS.version, FLAGS.manifest)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"export failed: {e}") from e
+    loaded = tf.saved_model.load(path)
+    print(f"SavedModel: {path}")
+    print(f"signatures: {', '.join(sorted(loaded.signatures))}")
+
+
+def run():
+    from absl import app
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

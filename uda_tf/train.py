@@ -57,6 +57,9 @@ def define_flags():
     _define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
     _define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
             "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
+    _define("enum", "grl_features", "encoder", "GRL: features the domain classifier sees: "
+            "the bottleneck, or every encoder level (skip connections) and the bottleneck.",
+            enum_values=["bottleneck", "encoder"])
     _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
     # optimisation
     _define("integer", "epochs", 10, "Epochs.", lower_bound=1)
@@ -80,7 +83,23 @@ def define_flags():
             "<run_dir>/export/<model_name>/<version>.")
     _define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
             "<output_dir>/mlflow.db).")
-    _define("string", "mlflow_experiment", "uda_tf", "MLflow experiment name.")
+    _define("string", "mlflow_experiment", "", "MLflow experiment name (default: the "
+            "--flagfile's basename without .cfg, one experiment per config; else uda_tf).")
+    _define("bool", "resume", False, "Continue in the existing run directory --run_name "
+            "(not wiped) and its MLflow run (<run_dir>/mlflow_run_id).")
+    _define("string", "register_model_name", "", "Register the exported model in the MLflow "
+            "Model Registry under this name (empty: do not register).")
+    _define("string", "register_alias", "", "Alias (e.g. champion) for the registered version; "
+            "needs --register_model_name.")
+    _define("integer", "mlflow_sample_slices", 4, "Target validation slices in the logged "
+            "sample-segmentation figure (0: none).", lower_bound=0)
+    flags.register_multi_flags_validator(
+        ["resume", "run_name"], lambda v: not v["resume"] or bool(v["run_name"]),
+        message="--resume needs --run_name: the run directory to continue")
+    flags.register_multi_flags_validator(
+        ["register_alias", "register_model_name"],
+        lambda v: not v["register_alias"] or bool(v["register_model_name"]),
+        message="--register_alias needs --register_model_name")
 
 
 
@@ -144,14 +163,13 @@ def make_run_dir(cfg) -> str:
 def train(cfg: SimpleNamespace) -> dict:
     """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json."""
     import keras
-    import mlflow
 
     from uda_tf.data import pipeline
     from uda_tf.evaluate import evaluate_model
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
     from uda_tf.models.unet import residual_unet_2d
-    from uda_tf.training import devices, tracking
+    from uda_tf.training import devices, figures, tracking
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
     method_cls = get_method(cfg.method)
@@ -159,7 +177,12 @@ def train(cfg: SimpleNamespace) -> dict:
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
-    run_dir = make_run_dir(cfg)
+    if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
+        run_dir = os.path.join(cfg.output_dir, cfg.run_name)
+        os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_dir = make_run_dir(cfg)
+    cfg.mlflow_experiment = tracking.experiment_name(cfg.mlflow_experiment, sys.argv)
     values = dict(vars(cfg))
     flags_path = os.path.join(run_dir, "flags.cfg")
     with open(flags_path, "w") as f:
@@ -197,20 +220,28 @@ def train(cfg: SimpleNamespace) -> dict:
     tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
             "dataset_content_hash": manifest.get("content_hash"), "method": cfg.method,
             **tracking.environment_tags(strategy)}
-    run = tracking.start_run(tracking_uri, cfg.mlflow_experiment, cfg.run_name, values, tags)
+    tracking.set_http_defaults()
+    tracker = tracking.RunTracker(tracking_uri, run_dir, cfg.mlflow_experiment, cfg.run_name,
+                                  resume=cfg.resume)
+    tracker.log_params(values)
+    tracker.set_tags(tags)
+    tracker.log_artifact(flags_path)
+    tracker.log_artifact(os.path.join(cfg.data_dir, "manifest.json"))
+    tracker.flush()  # a failure is kept and retried at the next epoch; training goes on
+    epoch_logger = tracking.MlflowEpochLogger(tracker)
     status = "FAILED"
     try:
-        mlflow.log_artifact(flags_path)
-        mlflow.log_artifact(os.path.join(cfg.data_dir, "manifest.json"))
         ckpt_path = os.path.join(run_dir, "checkpoints", "best.weights.h5")
         checkpoint = BestSegmentorCheckpoint(ckpt_path, monitor="val_dice", mode="max")
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
         shutil.copy(flags_path, os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
+        # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
+        shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
+                    os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
         start = time.time()
         model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                   validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
-                  callbacks=[checkpoint, tracking.MlflowEpochLogger(),
-                             keras.callbacks.TerminateOnNaN()])
+                  callbacks=[checkpoint, epoch_logger, keras.callbacks.TerminateOnNaN()])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
@@ -218,7 +249,7 @@ def train(cfg: SimpleNamespace) -> dict:
         segmentor = make_segmentor()
         segmentor.load_weights(ckpt_path)
         export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
-                                       cfg.model_name)
+                                       cfg.model_name, manifest=manifest)
         serve = load_serving_fn(export_path)
         predict = lambda images: serve(image=images)["labels"]  # noqa: E731
         evaluations = {}
@@ -233,12 +264,25 @@ def train(cfg: SimpleNamespace) -> dict:
             metrics = {f"{prefix}/dice_{c}": s["dice"]["mean"]
                        for c, s in summary["classes"].items()}
             metrics[f"{prefix}/dice_mean"] = summary["foreground"]["dice"]["mean"]
-            mlflow.log_metrics(metrics)
-            mlflow.log_artifacts(out, artifact_path=f"eval/{role}_test")
+            tracker.log_metrics(metrics, flush=False)
+            tracker.log_artifact(out, artifact_path=f"eval/{role}_test")
             evaluations[role] = {"domain": domain, "dir": out, "summary": summary}
+        # Learning curves, sample target slices with entropy (no target labels read), model.
+        for path in figures.learning_curves(epoch_logger.history, os.path.join(run_dir, "plots")):
+            tracker.log_artifact(path, artifact_path="plots")
+        sample = figures.sample_segmentations(
+            serve, cfg.data_dir, manifest, cfg.target_domain or cfg.source_domain,
+            os.path.join(run_dir, "samples", "segmentations.png"), count=cfg.mlflow_sample_slices)
+        if sample:
+            tracker.log_artifact(sample, artifact_path="samples")
+        tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
+                                alias=cfg.register_alias)
+        tracker.log_metrics({"best_val_dice": checkpoint.best,
+                             "train_seconds": train_seconds})  # sends all of the above
         result = {"run_dir": run_dir, "run_name": cfg.run_name, "method": cfg.method,
-                  "mlflow": {"tracking_uri": tracking_uri, "run_id": run.info.run_id,
+                  "mlflow": {"tracking_uri": tracking_uri, "run_id": tracker.run_id,
                              "experiment": cfg.mlflow_experiment,
+                             "model": tracker.model_info,
                              "ui": tracking.ui_command(tracking_uri)},
                   "best_epoch": checkpoint.best_epoch, "best_val_dice": checkpoint.best,
                   "checkpoint": ckpt_path, "saved_model": export_path,
@@ -246,11 +290,10 @@ def train(cfg: SimpleNamespace) -> dict:
         with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
             json.dump(result, f, indent=2)
         os.replace(os.path.join(run_dir, "result.json.tmp"), os.path.join(run_dir, "result.json"))
-        mlflow.log_metrics({"best_val_dice": checkpoint.best, "train_seconds": train_seconds})
         status = "FINISHED"
         return result
     finally:
-        mlflow.end_run(status=status)
+        tracker.finish(status)  # flushes; if MLflow is unreachable: <run_dir>/mlflow_unsent.json
 
 
 def main(argv):

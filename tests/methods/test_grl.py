@@ -2,31 +2,37 @@
 pushes the encoder the other way (signs and magnitudes checked on one SGD step)."""
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests.helpers import CLASS_NAMES, tiny_batch, tiny_segmentor
 from uda_tf import losses
 from uda_tf.methods import GRL
+from uda_tf.methods.grl import feature_keys
 from uda_tf.models.discriminators import domain_classifier
 from uda_tf.training.schedules import LambdaSchedule
 
 LR, LAM = 0.1, 0.5
 
 
-def _grl(domain_loss_weight):
-    seg = tiny_segmentor(seed=0)
+def _classifier(seg, keys):
     keras.utils.set_random_seed(1)
-    clf = domain_classifier(seg.output["features"].shape[1:], hidden=(8, 8))
-    model = GRL(seg, CLASS_NAMES, domain_classifier=clf,
+    return domain_classifier([seg.output[k].shape[1:] for k in keys], hidden=(8, 8))
+
+
+def _grl(domain_loss_weight, keys=("features",)):
+    seg = tiny_segmentor(seed=0)
+    model = GRL(seg, CLASS_NAMES, domain_classifier=_classifier(seg, keys),
                 lambda_schedule=LambdaSchedule("constant", LAM, 10),
-                domain_loss_weight=domain_loss_weight)
+                domain_loss_weight=domain_loss_weight, feature_keys=keys)
     model.compile(keras.optimizers.SGD(LR), keras.optimizers.SGD(LR))
     model.build_optimizers()
     return model
 
 
-def _domain_loss(seg, clf, x_s, x_t):
-    feats = seg(tf.concat([x_s, x_t], 0), training=True)["features"]
+def _domain_loss(seg, clf, x_s, x_t, keys=("features",)):
+    out = seg(tf.concat([x_s, x_t], 0), training=True)
+    feats = [out[k] for k in keys]
     is_source = tf.concat([tf.ones([len(x_s)]), tf.zeros([len(x_t)])], 0)
     return tf.reduce_mean(losses.binary_cross_entropy(is_source, clf(feats)))
 
@@ -36,17 +42,23 @@ def _step(model, x_s, y_s, x_t):
     model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)
 
 
-def test_grl_classifier_descends_and_encoder_ascends_on_domain_loss():
+@pytest.mark.parametrize("which", ["bottleneck", "encoder"])
+def test_grl_classifier_descends_and_encoder_ascends_on_domain_loss(which):
     x_s, y_s, x_t = tiny_batch()
-    adapted, plain = _grl(1.0), _grl(0.0)
-    seg0, clf0 = tiny_segmentor(seed=0), adapted.domain_classifier
+    seg0 = tiny_segmentor(seed=0)
+    keys = feature_keys(seg0, which)
+    assert keys == (["features"] if which == "bottleneck"
+                    else ["encoder0", "encoder1", "encoder2", "features"])
+    adapted, plain = _grl(1.0, keys), _grl(0.0, keys)
+    clf0 = adapted.domain_classifier
     clf_before = [v.numpy() for v in clf0.trainable_variables]
     enc_vars = [v for v in seg0.trainable_variables
                 if v.path.split("/")[0].startswith(("enc", "bottleneck"))]
     dec_vars = [v for v in seg0.trainable_variables if v.path.split("/")[0].startswith("dec")]
-    with tf.GradientTape() as tape:
-        dom = _domain_loss(seg0, clf0, x_s, x_t)
+    with tf.GradientTape(persistent=True) as tape:
+        dom = _domain_loss(seg0, clf0, x_s, x_t, keys)
     g_enc = tape.gradient(dom, enc_vars)
+    g_clf = tape.gradient(dom, clf0.trainable_variables)
 
     _step(adapted, x_s, y_s, x_t)
     _step(plain, x_s, y_s, x_t)
@@ -62,17 +74,17 @@ def test_grl_classifier_descends_and_encoder_ascends_on_domain_loss():
         np.testing.assert_allclose(a[v.path], p[v.path], atol=1e-7, err_msg=v.path)
     assert sum(float(tf.reduce_sum(g * g)) for g in g_enc) > 0
 
-    # Signs as a user sees them: the new classifier separates the old features better, and
-    # the new encoder's features are harder for the old classifier to separate.
+    # Classifier: plain gradient descent on the domain loss (no reversal on its side).
     clf_after = [v.numpy() for v in adapted.domain_classifier.trainable_variables]
-    old_clf = domain_classifier(seg0.output["features"].shape[1:], hidden=(8, 8))
+    for before, after, g in zip(clf_before, clf_after, g_clf):
+        np.testing.assert_allclose(after - before, -LR * g.numpy(), atol=1e-6, rtol=1e-3)
+
+    # Signs as a user sees them: the new encoder's features are harder for the old classifier
+    # to separate than those of the encoder trained without the domain term.
+    old_clf = _classifier(seg0, keys)
     old_clf.set_weights(clf_before)
-    new_clf = domain_classifier(seg0.output["features"].shape[1:], hidden=(8, 8))
-    new_clf.set_weights(clf_after)
-    base = float(_domain_loss(seg0, old_clf, x_s, x_t))
-    assert float(_domain_loss(seg0, new_clf, x_s, x_t)) < base
-    assert float(_domain_loss(adapted.segmentor, old_clf, x_s, x_t)) > \
-        float(_domain_loss(plain.segmentor, old_clf, x_s, x_t))
+    assert float(_domain_loss(adapted.segmentor, old_clf, x_s, x_t, keys)) > \
+        float(_domain_loss(plain.segmentor, old_clf, x_s, x_t, keys))
 
 
 def test_grl_logs_lambda_from_schedule():

@@ -18,13 +18,28 @@ from uda_tf.models.layers import GradientReversal
 from uda_tf.training.schedules import LambdaSchedule
 
 
+GRL_FEATURES = ("bottleneck", "encoder")
+
+
+def feature_keys(segmentor, which: str) -> list[str]:
+    """Segmentor outputs the domain classifier sees: the bottleneck alone, or every encoder
+    level (each skip connection's features) plus the bottleneck."""
+    if which == "bottleneck":
+        return ["features"]
+    if which == "encoder":
+        return sorted(k for k in segmentor.output if k.startswith("encoder")) + ["features"]
+    raise ValueError(f"unknown GRL features {which!r}; expected one of {GRL_FEATURES}")
+
+
 class GRL(SegmentationMethod):
     uses_target = True
 
     def __init__(self, segmentor, class_names, *, domain_classifier: keras.Model,
-                 lambda_schedule: LambdaSchedule, domain_loss_weight: float = 1.0, **kwargs):
+                 lambda_schedule: LambdaSchedule, domain_loss_weight: float = 1.0,
+                 feature_keys=("features",), **kwargs):
         super().__init__(segmentor, class_names, **kwargs)
         self.domain_classifier = domain_classifier
+        self.feature_keys = list(feature_keys)
         self.lambda_schedule = lambda_schedule
         self.domain_loss_weight = float(domain_loss_weight)
         self.grl = GradientReversal(name="grl")
@@ -33,8 +48,10 @@ class GRL(SegmentationMethod):
 
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
+        keys = feature_keys(segmentor, cfg.grl_features)
+        shapes = [segmentor.output[k].shape[1:] for k in keys]
         return cls(segmentor, class_names, dice_weight=cfg.dice_weight,
-                   domain_classifier=domain_classifier(segmentor.output["features"].shape[1:]),
+                   domain_classifier=domain_classifier(shapes), feature_keys=keys,
                    lambda_schedule=LambdaSchedule(cfg.lambda_schedule, cfg.grl_lambda,
                                                   cfg.epochs * cfg.steps_per_epoch),
                    domain_loss_weight=cfg.domain_loss_weight)
@@ -64,7 +81,10 @@ class GRL(SegmentationMethod):
         with tf.GradientTape() as tape:
             out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
             seg = self.supervised_loss(y_s, out["logits"][:n_s])
-            domain_logits = self.domain_classifier(self.grl(out["features"], lam=lam), training=True)
+            reversed_features = [self.grl(out[k], lam=lam) for k in self.feature_keys]
+            if len(reversed_features) == 1:
+                reversed_features = reversed_features[0]
+            domain_logits = self.domain_classifier(reversed_features, training=True)
             is_source = tf.concat([tf.ones([n_s]), tf.zeros([tf.shape(x_t)[0]])], axis=0)
             dom = losses.binary_cross_entropy(is_source, domain_logits)
             loss = (losses.replica_mean(seg)

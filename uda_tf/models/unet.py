@@ -30,8 +30,10 @@ def residual_unet_2d(input_shape, num_classes: int, *, base_filters: int = 16,
     """Build the segmentor.
 
     Returns a functional model mapping images [N, H, W, C] to a dict with
-    `logits` [N, H, W, num_classes] and `features` (the bottleneck) [N, H/2^depth, W/2^depth,
-    base_filters * 2^depth]. H and W must be divisible by 2^depth.
+    `logits` [N, H, W, num_classes], `features` (the bottleneck) [N, H/2^depth, W/2^depth,
+    base_filters * 2^depth] and `encoder<k>` (the output of encoder block k, which the skip
+    connection carries to the decoder) [N, H/2^k, W/2^k, base_filters * 2^k].
+    H and W must be divisible by 2^depth.
     """
     h, w, _ = input_shape
     factor = 2 ** depth
@@ -52,4 +54,5 @@ def residual_unet_2d(input_shape, num_classes: int, *, base_filters: int = 16,
         x = keras.layers.Concatenate(name=f"cat{level}")([x, skips[level]])
         x = _residual_block(x, filters, norm, sync_batchnorm, f"dec{level}")
     logits = keras.layers.Conv2D(num_classes, 1, name="logits", dtype="float32")(x)
-    return keras.Model(inputs, {"logits": logits, "features": features}, name=name)
+    encoder = {f"encoder{level}": skip for level, skip in enumerate(skips)}
+    return keras.Model(inputs, {"logits": logits, "features": features, **encoder}, name=name)

@@ -1,16 +1,36 @@
 """MLflow tracking: one run per training, params = every resolved flag, metrics per epoch.
 
-MLflow calls are batched per epoch (one `log_metrics` call), never per step: a call costs tens
-of milliseconds on the embedded sqlite store (shared/ARCHITECTURE.md).
+Every MLflow call goes through `RunTracker`, which never lets the tracking server stop a
+training: what cannot be sent is kept, retried at the next epoch, flushed at the end, and if the
+server is still unreachable written to `<run_dir>/mlflow_unsent.json`, which
+
+    python -m uda_tf.training.tracking --replay=<run_dir>/mlflow_unsent.json
+
+sends later. The happy path costs one batched `log_batch` call per epoch, never one per step:
+a call costs tens of milliseconds on the embedded sqlite store (shared/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
+import time
+import warnings
 
 import keras
 import mlflow
 import tensorflow as tf
+from absl import logging
+
+RUN_ID_FILE = "mlflow_run_id"
+UNSENT_FILE = "mlflow_unsent.json"
+DEFAULT_EXPERIMENT = "uda_tf"
+# An unreachable server must cost seconds, not MLflow's default of minutes of retries with
+# backoff per call; a value the user exported wins.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+# Per-request limits of MLflow's log_batch.
+_BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 
 
 def default_tracking_uri(output_root: str) -> str:
@@ -20,6 +40,28 @@ def default_tracking_uri(output_root: str) -> str:
 
 def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def set_http_defaults() -> None:
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def experiment_name(explicit: str, argv) -> str:
+    """`explicit` (--mlflow_experiment, on the command line or in a flagfile) wins; else the
+    first --flagfile's basename without .cfg (one experiment per config); else "uda_tf"."""
+    if explicit:
+        return explicit
+    for i, arg in enumerate(argv):
+        path = None
+        if arg.startswith("--flagfile="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--flagfile" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path:
+            name = os.path.basename(path)
+            return name[:-4] if name.endswith(".cfg") else name
+    return DEFAULT_EXPERIMENT
 
 
 def environment_tags(strategy: tf.distribute.Strategy) -> dict[str, str]:
@@ -51,18 +93,296 @@ def git_commit(path: str) -> str | None:
     return None
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict):
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=run_name)
-    mlflow.log_params({k: str(v) for k, v in params.items()})
-    mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
-    return run
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of an embedded sqlite store go next to its database file; MLflow's default,
+    ./mlruns of whatever the working directory is, scatters them across checkouts."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a server decides where its artifacts go
+    db_dir = os.path.dirname(tracking_uri[len("sqlite:///"):])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return os.path.join(db_dir, "mlartifacts", safe)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunTracker:
+    """Buffered MLflow logging for one run (fluent API: the run is MLflow's active run).
+
+    Everything logged is queued and sent by `flush()`; a failed call leaves the queue in place,
+    warns once, and the next `flush()` (next epoch) retries. `finish()` flushes, ends the run,
+    and writes the queue to `<run_dir>/mlflow_unsent.json` if it could not be sent.
+    The run id is stored in `<run_dir>/mlflow_run_id`; with `resume`, that run is continued.
+    """
+
+    def __init__(self, tracking_uri: str, run_dir: str, experiment: str, run_name: str, *,
+                 resume: bool = False):
+        self.tracking_uri, self.run_dir = tracking_uri, run_dir
+        self.experiment, self.run_name = experiment, run_name
+        self.run_id = None
+        self.resume_id = None
+        id_file = os.path.join(run_dir, RUN_ID_FILE)
+        if resume and os.path.isfile(id_file):
+            self.resume_id = open(id_file).read().strip() or None
+        self.pending = {"params": {}, "tags": {}, "metrics": [], "artifacts": [], "model": None}
+        self.model_info = None
+        self.last_error = None
+        self._client = None
+        self._failing = False
+
+    # -- queueing ---------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        self.pending["params"].update({k: str(v) for k, v in params.items()})
+
+    def set_tags(self, tags: dict) -> None:
+        self.pending["tags"].update({k: str(v) for k, v in tags.items() if v is not None})
+
+    def log_metrics(self, metrics: dict, step: int = 0, *, flush: bool = True) -> bool:
+        """One batched call for all of `metrics` (timestamped now, whenever they are sent)."""
+        now = int(time.time() * 1000)
+        self.pending["metrics"].extend(
+            {"key": k, "value": float(v), "timestamp": now, "step": int(step)}
+            for k, v in metrics.items())
+        return self.flush() if flush else False
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        """A file or a directory (its contents go under `artifact_path`)."""
+        self.pending["artifacts"].append({"path": os.path.abspath(path),
+                                          "artifact_path": artifact_path})
+
+    def log_saved_model(self, saved_model: str, *, register_name: str = "",
+                        alias: str = "") -> None:
+        """Log the SavedModel as an MLflow pyfunc model, optionally registered with an alias."""
+        self.pending["model"] = {"saved_model": os.path.abspath(saved_model),
+                                 "register_name": register_name, "alias": alias}
+
+    def summary(self) -> str:
+        p = self.pending
+        parts = [f"{len(p['params'])} params", f"{len(p['tags'])} tags",
+                 f"{len(p['metrics'])} metric values", f"{len(p['artifacts'])} artifacts"]
+        if p["model"]:
+            parts.append(f"the model {p['model']['saved_model']}")
+        return ", ".join(parts)
+
+    def _empty(self) -> bool:
+        p = self.pending
+        return not (p["params"] or p["tags"] or p["metrics"] or p["artifacts"] or p["model"])
+
+    # -- sending ----------------------------------------------------------------------
+    def _start(self) -> None:
+        mlflow.set_tracking_uri(self.tracking_uri)
+        run = None
+        if self.resume_id:
+            try:
+                run = mlflow.start_run(run_id=self.resume_id)
+            except mlflow.exceptions.MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                logging.warning("MLflow run %s (from %s) is not in %s; starting a new run",
+                                self.resume_id, RUN_ID_FILE, self.tracking_uri)
+            else:
+                self._keep_new_params(run.data.params)
+        if run is None:
+            client = mlflow.MlflowClient(self.tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                location = _artifact_location(self.tracking_uri, self.experiment)
+                experiment_id = client.create_experiment(self.experiment, location)
+            else:
+                experiment_id = experiment.experiment_id
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name)
+        self.run_id = run.info.run_id
+        self._client = mlflow.MlflowClient(self.tracking_uri)
+        _write_atomic(os.path.join(self.run_dir, RUN_ID_FILE), self.run_id + "\n")
+
+    def _keep_new_params(self, logged: dict) -> None:
+        """MLflow params are immutable: on resume, send only new ones; a changed value (e.g.
+        --resume itself) is kept as a `resumed/<name>` tag instead."""
+        for name in list(self.pending["params"]):
+            if name in logged:
+                value = self.pending["params"].pop(name)
+                if value != logged[name]:
+                    self.pending["tags"][f"resumed/{name}"] = value
+
+    def flush(self) -> bool:
+        """Send what is queued; False (and the queue kept) if MLflow cannot be reached."""
+        if self.run_id is not None and self._empty():
+            return True
+        try:
+            if self.run_id is None:
+                self._start()
+            self._send_batches()
+            while self.pending["artifacts"]:
+                item = self.pending["artifacts"][0]
+                if os.path.isdir(item["path"]):
+                    mlflow.log_artifacts(item["path"], item["artifact_path"])
+                else:
+                    mlflow.log_artifact(item["path"], item["artifact_path"])
+                self.pending["artifacts"].pop(0)
+            if self.pending["model"]:
+                self.model_info = log_saved_model(**self.pending["model"])
+                self.pending["model"] = None
+        except Exception as e:  # any failure: the server, the network, or the store
+            self.last_error = f"{type(e).__name__}: {e}"
+            if not self._failing:
+                logging.warning(
+                    "MLflow (%s) failed: %s\nTraining goes on; could not log yet: %s. Retrying at "
+                    "the next epoch.", self.tracking_uri, self.last_error[:500], self.summary())
+            self._failing = True
+            return False
+        if self._failing:
+            logging.warning("MLflow (%s) reachable again; buffered values sent",
+                            self.tracking_uri)
+            self._failing = False
+        return True
+
+    def _send_batches(self) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+        p = self.pending
+        while p["metrics"] or p["params"] or p["tags"]:
+            metrics = p["metrics"][:_BATCH_LIMITS["metrics"]]
+            params = list(p["params"].items())[:_BATCH_LIMITS["params"]]
+            tags = list(p["tags"].items())[:_BATCH_LIMITS["tags"]]
+            self._client.log_batch(
+                self.run_id,
+                metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"])
+                         for m in metrics],
+                params=[Param(k, v) for k, v in params],
+                tags=[RunTag(k, v) for k, v in tags], synchronous=True)
+            # Dropped only once sent, so a failure mid-way re-sends the rest, not everything.
+            del p["metrics"][:len(metrics)]
+            for k, _ in params:
+                del p["params"][k]
+            for k, _ in tags:
+                del p["tags"][k]
+
+    def finish(self, status: str = "FINISHED") -> str | None:
+        """Flush, end the run; returns the path of mlflow_unsent.json if anything is left."""
+        sent = self.flush()
+        if sent:
+            try:
+                mlflow.end_run(status=status)
+                return None
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+        path = os.path.join(self.run_dir, UNSENT_FILE)
+        what = self.summary()
+        _write_atomic(path, json.dumps({
+            "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+            "run_name": self.run_name, "run_id": self.run_id or self.resume_id,
+            "status": status, "last_error": self.last_error, "pending": self.pending},
+            indent=1))
+        if mlflow.active_run() is not None:
+            try:  # a run we started stays RUNNING on the server; only the local state ends
+                mlflow.end_run(status=status)
+            except Exception:
+                pass
+        logging.warning(
+            "MLflow (%s) still unreachable at the end: could not log %s (last error: %s).\n"
+            "Saved to %s; send it later with\n  python -m uda_tf.training.tracking --replay=%s",
+            self.tracking_uri, what, (self.last_error or "")[:300], path, path)
+        return path
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs the epoch's metrics in one batched call at the end of each epoch."""
+    """Sends the epoch's metrics in one batched call at the end of each epoch, and keeps them
+    ({name: [(epoch, value)]}) for the learning-curve plots."""
+
+    def __init__(self, tracker: RunTracker):
+        super().__init__()
+        self.tracker = tracker
+        self.history: dict[str, list[tuple[int, float]]] = {}
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs:
-            mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+        if not logs:
+            return
+        values = {k: float(v) for k, v in logs.items()}
+        for k, v in values.items():
+            self.history.setdefault(k, []).append((epoch, v))
+        self.tracker.log_metrics(values, step=epoch)
+
+
+def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
+                    name: str = "model") -> dict:
+    """Log a SavedModel as an MLflow pyfunc model in the active run (uda_tf/serving_pyfunc.py
+    wraps its serving_default; mlflow.tensorflow's flavour expects a Keras model object, not a
+    SavedModel with our signatures), and register it with an alias when asked."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+    image = serve.structured_input_signature[1]["image"]
+    outputs = serve.structured_outputs
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(image.dtype.as_numpy_dtype),
+                                  [-1, *image.shape[1:]])]),
+        outputs=Schema([TensorSpec(np.dtype(spec.dtype.as_numpy_dtype), [-1, *spec.shape[1:]],
+                                   key) for key, spec in sorted(outputs.items())]))
+    code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "serving_pyfunc.py")
+    with warnings.catch_warnings():  # "add type hints", "no input example": not for tensors
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=code, artifacts={"saved_model": saved_model},
+            signature=signature,
+            # Explicit requirements: inferring them would load the model in a subprocess.
+            pip_requirements=[f"tensorflow~={tf.__version__}", f"mlflow=={mlflow.__version__}",
+                              f"numpy=={np.__version__}"])
+    result = {"model_uri": info.model_uri}
+    mlflow.set_tag("mlflow_model_uri", info.model_uri)
+    if register_name:
+        version = mlflow.register_model(info.model_uri, register_name)
+        result.update(registered_model=register_name, version=version.version)
+        if alias:
+            mlflow.MlflowClient().set_registered_model_alias(register_name, alias,
+                                                             version.version)
+            result["alias"] = alias
+        mlflow.set_tag("registered_model", f"{register_name}/{version.version}"
+                       + (f"@{alias}" if alias else ""))
+    return result
+
+
+def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
+    """Send an mlflow_unsent.json written by `RunTracker.finish`; removes it once sent.
+    Returns the logged model's info (if one was pending)."""
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    tracker = RunTracker(tracking_uri or saved["tracking_uri"], os.path.dirname(path),
+                         saved["experiment"], saved["run_name"])
+    tracker.resume_id = saved.get("run_id")
+    tracker.pending = saved["pending"]
+    if tracker.finish(saved.get("status", "FINISHED")) is not None:
+        raise RuntimeError(f"MLflow still unreachable; {path} kept ({tracker.last_error})")
+    os.remove(path)
+    return tracker.model_info
+
+
+def main(argv):
+    from absl import flags
+    FLAGS = flags.FLAGS
+    if len(argv) > 1 or not FLAGS.replay:
+        raise SystemExit("usage: python -m uda_tf.training.tracking "
+                         "--replay=<run_dir>/mlflow_unsent.json [--tracking_uri=...]")
+    if not os.path.isfile(FLAGS.replay):
+        raise SystemExit(f"--replay={FLAGS.replay}: no such file")
+    set_http_defaults()
+    try:
+        replay_unsent(FLAGS.replay, FLAGS.tracking_uri or None)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from e
+    print(f"sent {FLAGS.replay} to MLflow and removed it")
+
+
+def run():
+    from absl import app, flags
+    flags.DEFINE_string("replay", None, "mlflow_unsent.json to send.")
+    flags.DEFINE_string("tracking_uri", "", "Send to this tracking URI instead of the saved one.")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
