@@ -57,7 +57,7 @@ def define_flags():
     _define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
     _define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
             "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
-    _define("enum", "grl_features", "encoder", "GRL: features the domain classifier sees: "
+    _define("enum", "grl_features", "bottleneck", "GRL: features the domain classifier sees: "
             "the bottleneck, or every encoder level (skip connections) and the bottleneck.",
             enum_values=["bottleneck", "encoder"])
     _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
