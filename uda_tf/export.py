@@ -9,13 +9,15 @@ Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Si
   `python -m uda_tf.prepare` -> `probabilities` [N, H, W, K] float32, `labels` [N, H, W] int32,
   `entropy` [N, H, W] float32 (normalised to [0, 1]).
 * `serving_raw` (exported when the manifest is given): `image` [N, H, W, C] float32 raw
-  intensities already resampled (linear) to the prepared spacing and centre-cropped/padded to
-  H x W (pad with a value <= p_low), plus per-slice `p_low`, `p_high` [N] float32 (and `mean`,
-  `std` [N] when the manifest's normalization is zscore): the clip percentiles and the
-  statistics of the slice's volume, computed as `uda_tf.data.preprocess.normalize_intensity`
-  does. The graph clips to [p_low, p_high] and scales ((x - p_low) / (p_high - p_low), or
-  (x - mean) / std), then runs `serving_default`'s computation. `prepare` clips before it
-  resamples, so the two paths differ only where interpolation mixes clipped voxels.
+  intensities already on the prepared grid (the recorded crop, resampling, slice axis and
+  pad/crop, padding with a value <= p_low: `uda_tf.data.preprocess.apply_geometry(raw,
+  spacing, case, preprocessing, fill=p_low)`), plus per-slice `p_low`, `p_high` [N] float32
+  (and `mean`, `std` [N] when the manifest's normalization is zscore): the clip values and
+  statistics of the slice's volume as `uda_tf.data.preprocess.normalize_intensity` computes
+  them (the manifest's `intensity` of a prepared case). The graph clips to [p_low, p_high] and
+  scales ((x - p_low) / (p_high - p_low), or (x - mean) / std; a zero scale counts as 1), then
+  runs `serving_default`'s computation. `prepare` normalises before it resamples, so the two
+  paths differ only where interpolation mixes clipped and unclipped voxels.
 
 `assets.extra/` holds `manifest.json` (the prepared dataset's manifest), `label_names.json`
 and `tf_serving_warmup_requests` (PredictionLog records TF Serving replays at load time).
@@ -38,6 +40,10 @@ SERVING_DEFAULT = "serving_default"
 SERVING_RAW = "serving_raw"
 OUTPUTS = ("probabilities", "labels", "entropy")
 WARMUP_FILE = "tf_serving_warmup_requests"
+# The allowed batch sizes of export/serving/batching.config: TF Serving pads every batch up to
+# one of them, so warming each one up moves its one-off cost (graph optimisation, oneDNN or
+# cuDNN kernel choice per shape) from the first user request to load time.
+SERVING_BATCH_SIZES = (1, 4, 16, 64)
 
 
 def next_version(model_dir: str) -> int:
@@ -63,7 +69,9 @@ def normalize_raw(image, stats: dict, normalization: str):
     """In-graph version of `preprocess.normalize_intensity` with given statistics: clip to
     [p_low, p_high] of the slice's volume, then min-max or z-score. A zero scale becomes 1,
     as in `preprocess.intensity_transform`."""
-    per_slice = {k: tf.reshape(v, [-1, 1, 1, 1]) for k, v in stats.items()}
+    # [N] -> [N, 1, ..., 1]: one value per slice (or patch), whatever the image rank.
+    rank = image.shape.rank
+    per_slice = {k: tf.reshape(v, [-1] + [1] * (rank - 1)) for k, v in stats.items()}
     clipped = tf.clip_by_value(image, per_slice["p_low"], per_slice["p_high"])
     if normalization == "minmax":
         offset, scale = per_slice["p_low"], per_slice["p_high"] - per_slice["p_low"]
@@ -109,21 +117,23 @@ def write_warmup_requests(path: str, model_name: str, requests) -> int:
 
 def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                      version: int | None = None, *, manifest: dict | None = None,
-                     warmup_batch_sizes=(1, 8)) -> str:
+                     warmup_batch_sizes=SERVING_BATCH_SIZES) -> str:
     """Write the SavedModel atomically (temporary directory, then rename); returns its path.
 
     With `manifest` (the prepared dataset's), also exports `serving_raw` and puts the manifest
     and label names into assets.extra/. Warm-up requests cover every signature at each of
-    `warmup_batch_sizes` (use the server's allowed batch sizes when batching is on)."""
+    `warmup_batch_sizes` (the server's allowed batch sizes)."""
     model_dir = os.path.join(export_root, model_name)
     version = next_version(model_dir) if version is None else int(version)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
         raise FileExistsError(f"export version already exists: {final}")
-    shape = tuple(int(n) for n in segmentor.input_shape[1:])
+    shape = tuple(segmentor.input_shape[1:])
     normalization = None
     if manifest is not None:
-        if list(manifest["image_shape"]) != list(shape):
+        # 2D slices must match the dataset's slices; 3D models take patches of any size.
+        if len(manifest["image_shape"]) == len(shape) == 3 and \
+                list(manifest["image_shape"]) != list(shape):
             raise ValueError(f"manifest image_shape {manifest['image_shape']} does not match the "
                              f"segmentor's input shape {list(shape)}")
         normalization = manifest["preprocessing"]["normalization"]
@@ -162,10 +172,11 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
         if manifest is not None:
             _write_json(os.path.join(extra, "manifest.json"), manifest)
             _write_json(os.path.join(extra, "label_names.json"), manifest["label_names"])
-        write_warmup_requests(
-            os.path.join(extra, WARMUP_FILE), model_name,
-            [(sig, warmup_inputs(sig, shape, normalization, n))
-             for sig in signatures for n in warmup_batch_sizes])
+        if None not in shape:  # a model taking any patch size has no one request to replay
+            write_warmup_requests(
+                os.path.join(extra, WARMUP_FILE), model_name,
+                [(sig, warmup_inputs(sig, shape, normalization, n))
+                 for sig in signatures for n in warmup_batch_sizes])
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,18 +213,13 @@ def read_flagfile(path: str) -> dict[str, str]:
     return values
 
 
-def segmentor_from_flags(values: dict, manifest: dict, *, sync_batchnorm: bool = False):
-    """The segmentor train.py builds for these resolved flags and this dataset (weights
-    initialised; load a checkpoint into it)."""
-    from uda_tf.models.unet import residual_unet_2d
-    return residual_unet_2d(tuple(manifest["image_shape"]), int(manifest["num_classes"]),
-                            base_filters=int(values["base_filters"]), norm=values["norm"],
-                            sync_batchnorm=sync_batchnorm)
+from uda_tf.models import segmentor_from_flags  # noqa: E402  (re-exported for callers)
 
 
 def export_checkpoint(checkpoint: str, export_root: str | None = None,
                       model_name: str | None = None, version: int | None = None,
-                      manifest_path: str | None = None) -> str:
+                      manifest_path: str | None = None, *,
+                      warmup_batch_sizes=SERVING_BATCH_SIZES) -> str:
     """Checkpoint -> SavedModel. `checkpoint` is a `.weights.h5` file, a checkpoints directory
     or a run directory; `flags.cfg` is read next to the weights, the manifest from
     `manifest_path`, else next to the weights, else from the flags' --data_dir. Defaults:
@@ -249,7 +255,8 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
     segmentor.load_weights(weights)
     export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
     model_name = model_name or values.get("model_name") or "uda_segmentor"
-    return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest)
+    return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest,
+                            warmup_batch_sizes=warmup_batch_sizes)
 
 
 def define_flags():
@@ -267,10 +274,11 @@ def define_flags():
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # the SavedModel writer logs every file at INFO
     try:
         path = export_checkpoint(FLAGS.checkpoint, FLAGS.export_dir, FLAGS.model_name,
                                  FLAGS.version, FLAGS.manifest)

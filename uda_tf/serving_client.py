@@ -163,20 +163,24 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
     from uda_tf.data import io, preprocess
     from uda_tf.export import raw_input_names
     config = preprocess.PreprocessConfig.from_manifest(manifest["preprocessing"])
-    volume = io.read_volume(nifti_path)
+    volume = io.read_volume(nifti_path, color=config.color)
+    # The same function `prepare` runs; its record holds this scan's geometry and statistics.
     prepared, _, record = preprocess.preprocess_volumes(volume, None, config)
     if raw:
         intensity = record["intensity"]
-        resampled = preprocess.resample(volume.array, volume.spacing, config.spacing, order=1)
-        prepared = preprocess.apply_crop_pad(resampled, record["crop_pad"],
-                                             intensity["p_low"]).astype(np.float32)
+        # Geometry only (crop, resample, slice axis, pad with the clip floor); the server clips
+        # and normalises. The statistics go along per slice.
+        prepared = preprocess.apply_geometry(
+            volume.array, volume.spacing, record, manifest["preprocessing"],
+            order=preprocess.INTERPOLATIONS[config.image_interpolation],
+            fill=intensity["p_low"]).astype(np.float32)
         names = raw_input_names(config.normalization)[1:]
         extra = {n: np.full([prepared.shape[2]], intensity[n], np.float32) for n in names}
         signature = "serving_raw"
     else:
         extra, signature = None, "serving_default"
     # A prepared slice is volume[:, :, k] with a channel axis (docs/CONTRACTS.md).
-    slices = np.moveaxis(prepared, 2, 0)[..., None]
+    slices = preprocess.slices_with_context(prepared)
     expected = tuple(manifest["image_shape"])
     if slices.shape[1:] != expected:
         raise ValueError(f"{nifti_path}: prepared slices are {slices.shape[1:]}, the model "
@@ -226,6 +230,7 @@ def _read_manifest(path: str) -> dict:
 
 
 def main(argv):
+    import grpc
     from absl import flags
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -236,17 +241,23 @@ def main(argv):
                            rest_port=FLAGS.rest_port, grpc_port=FLAGS.grpc_port,
                            version=FLAGS.model_version, timeout=FLAGS.timeout,
                            row_format=FLAGS.row_format)
-    if FLAGS.nifti:
-        mask = segment_nifti(client, FLAGS.nifti, _read_manifest(FLAGS.manifest), FLAGS.output,
-                             batch_size=FLAGS.batch_size, raw=FLAGS.raw)
-        counts = dict(zip(*np.unique(mask, return_counts=True)))
-        print(f"wrote {FLAGS.output}: shape {mask.shape}, voxels per label "
-              f"{ {int(k): int(v) for k, v in counts.items()} }")
-        return
-    if not os.path.isfile(FLAGS.npy):
-        raise SystemExit(f"--npy={FLAGS.npy}: no such file")
-    labels = predict_slices(client, np.load(FLAGS.npy).astype(np.float32),
-                            batch_size=FLAGS.batch_size)
+    try:
+        if FLAGS.nifti:
+            mask = segment_nifti(client, FLAGS.nifti, _read_manifest(FLAGS.manifest),
+                                 FLAGS.output, batch_size=FLAGS.batch_size, raw=FLAGS.raw)
+            counts = dict(zip(*np.unique(mask, return_counts=True)))
+            print(f"wrote {FLAGS.output}: shape {mask.shape}, voxels per label "
+                  f"{ {int(k): int(v) for k, v in counts.items()} }")
+            return
+        if not os.path.isfile(FLAGS.npy):
+            raise SystemExit(f"--npy={FLAGS.npy}: no such file")
+        labels = predict_slices(client, np.load(FLAGS.npy).astype(np.float32),
+                                batch_size=FLAGS.batch_size)
+    except grpc.RpcError as e:
+        raise SystemExit(f"gRPC {FLAGS.host}:{FLAGS.grpc_port} failed: {e.code()} "
+                         f"{e.details()}") from e
+    except (ConnectionError, RuntimeError, ValueError, OSError) as e:
+        raise SystemExit(f"client failed: {e}") from e
     np.save(FLAGS.output, labels)
     print(f"wrote {FLAGS.output}: labels {labels.shape}")
 

@@ -22,7 +22,9 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
         self._loaded = tf.saved_model.load(context.artifacts["saved_model"])
         self._serve = self._loaded.signatures["serving_default"]
 
-    def predict(self, context, model_input, params=None):
+    # The np.ndarray hint is one MLflow accepts without inferring a schema from it (the logged
+    # signature describes the tensors); without a hint MLflow warns at every load.
+    def predict(self, context, model_input: np.ndarray, params=None):
         import tensorflow as tf
         if isinstance(model_input, dict):  # {"image": array}, as TF Serving's inputs
             model_input = model_input["image"]

@@ -168,7 +168,7 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.evaluate import evaluate_model
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
-    from uda_tf.models.unet import residual_unet_2d
+    from uda_tf.models import segmentor_from_flags
     from uda_tf.training import devices, figures, tracking
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
@@ -190,12 +190,9 @@ def train(cfg: SimpleNamespace) -> dict:
 
     label_names = {int(k): v for k, v in manifest["label_names"].items()}
     class_names = [label_names[i] for i in range(manifest["num_classes"])]
-    image_shape = tuple(manifest["image_shape"])
 
-    def make_segmentor():
-        return residual_unet_2d(image_shape, len(class_names), base_filters=cfg.base_filters,
-                                norm=cfg.norm,
-                                sync_batchnorm=strategy.num_replicas_in_sync > 1)
+    def make_segmentor(sync_batchnorm=False):
+        return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
 
     train_ds = pipeline.train_dataset(
         cfg.data_dir, manifest, source=cfg.source_domain,
@@ -212,7 +209,8 @@ def train(cfg: SimpleNamespace) -> dict:
         raise app.UsageError(f"--source_domain={cfg.source_domain!r} has no validation slices; "
                              "checkpoints are chosen on source validation Dice")
     with strategy.scope():
-        model = method_cls.from_flags(make_segmentor(), class_names, cfg)
+        model = method_cls.from_flags(
+            make_segmentor(sync_batchnorm=strategy.num_replicas_in_sync > 1), class_names, cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
 

@@ -34,6 +34,7 @@ def learning_curves(history: dict, out_dir: str) -> list[str]:
     """One PNG per metric family, `<out_dir>/<family>.png`. `history`: {name: [(epoch, value)]}
     as kept by tracking.MlflowEpochLogger."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     paths = []
     for family, names in metric_families(history).items():
         fig = Figure(figsize=(5, 3.2))
@@ -42,6 +43,7 @@ def learning_curves(history: dict, out_dir: str) -> list[str]:
             epochs, values = zip(*history[name])
             ax.plot(epochs, values, marker="o", markersize=3,
                     label="validation" if name.startswith("val_") else "training")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(family)
         ax.set_title(family)
@@ -100,13 +102,13 @@ def segmentation_grid(images, labels, entropy, path: str, class_names, title: st
 def sample_segmentations(serve, data_dir: str, manifest: dict, domain: str, path: str, *,
                          count: int = 4, max_slices: int = 512) -> str | None:
     """Grid of `count` slices of `domain` (its val split, else train) predicted by `serve`
-    (a SavedModel serving_default). Labels are not read. None when the domain has no slices."""
+    (a SavedModel serving_default). Labels are not read. None when there are no 2D slices."""
     import tensorflow as tf
 
-    from uda_tf.data.pipeline import eval_dataset, num_records
+    from uda_tf.data.pipeline import eval_dataset, num_records, record_kind
     split = next((s for s in ("val", "train") if num_records(manifest, domain, s)), None)
-    if split is None or count < 1:
-        return None
+    if split is None or count < 1 or record_kind(manifest) != "slices":
+        return None  # no slices to show (3D datasets: not drawn yet)
     ds = eval_dataset(data_dir, manifest, domain, split, batch_size=64)
     images = np.concatenate([x.numpy() for x, _ in ds.take(-(-max_slices // 64))])
     images = images[pick_slices(images, count)]

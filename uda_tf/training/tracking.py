@@ -39,6 +39,8 @@ def default_tracking_uri(output_root: str) -> str:
 
 
 def ui_command(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser (MLflow tracking server)"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
@@ -72,7 +74,8 @@ def environment_tags(strategy: tf.distribute.Strategy) -> dict[str, str]:
 
 
 def git_commit(path: str) -> str | None:
-    """The commit of the checkout that holds `path`, read from .git without running git."""
+    """The commit of the checkout that holds `path`, read from .git without running git;
+    outside a checkout (the Docker image) $UDA_TF_GIT_COMMIT, set at build time."""
     d = os.path.abspath(path)
     while d != os.path.dirname(d):
         head = os.path.join(d, ".git", "HEAD")
@@ -90,7 +93,7 @@ def git_commit(path: str) -> str | None:
                         return line.split()[0]
             return None
         d = os.path.dirname(d)
-    return None
+    return os.environ.get("UDA_TF_GIT_COMMIT") or None
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -308,20 +311,23 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
                     name: str = "model") -> dict:
-    """Log a SavedModel as an MLflow pyfunc model in the active run (uda_tf/serving_pyfunc.py
-    wraps its serving_default; mlflow.tensorflow's flavour expects a Keras model object, not a
-    SavedModel with our signatures), and register it with an alias when asked."""
+    """Log a SavedModel as an MLflow pyfunc model in the active run and register it with an
+    alias when asked. uda_tf/serving_pyfunc.py wraps the exported directory itself, so the
+    MLflow model is byte for byte what TF Serving serves; mlflow.tensorflow.log_model does take
+    the Keras 3 segmentor (checked with MLflow 3.17), but its predict returns the raw Keras
+    outputs (logits, features), not probabilities/labels/entropy."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
     serve = tf.saved_model.load(saved_model).signatures["serving_default"]
-    image = serve.structured_input_signature[1]["image"]
-    outputs = serve.structured_outputs
+
+    def spec(tensor_spec, name=None):  # MLflow writes a variable dimension as -1
+        shape = [-1 if d is None else d for d in tensor_spec.shape.as_list()]
+        return TensorSpec(np.dtype(tensor_spec.dtype.as_numpy_dtype), shape, name)
+
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(image.dtype.as_numpy_dtype),
-                                  [-1, *image.shape[1:]])]),
-        outputs=Schema([TensorSpec(np.dtype(spec.dtype.as_numpy_dtype), [-1, *spec.shape[1:]],
-                                   key) for key, spec in sorted(outputs.items())]))
+        inputs=Schema([spec(serve.structured_input_signature[1]["image"])]),
+        outputs=Schema([spec(s, key) for key, s in sorted(serve.structured_outputs.items())]))
     code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "serving_pyfunc.py")
     with warnings.catch_warnings():  # "add type hints", "no input example": not for tensors
