@@ -1,50 +1,64 @@
-"""Raw scans -> preprocessed 2D slices in sharded TFRecords plus manifest.json.
+"""Raw scans -> preprocessed 2D slices or 3D volumes in sharded TFRecords plus manifest.json.
 
     python -m uda_tf.prepare --layout=msd --input_dir=RAW --output_dir=PREPARED
+    python -m uda_tf.prepare --layout=cc359 --input_dir=CC359 --output_dir=OUT --spacing=1,1,1
     python -m uda_tf.prepare --flagfile=configs/prepare_phantom.cfg
 
 In Python: `uda_tf.prepare.prepare(input_dir, output_dir, layout="msd", ...)`.
-The output format is specified in docs/CONTRACTS.md.
+Cases are preprocessed in parallel processes (a text progress bar on stderr); every shard is
+written under a temporary name, renamed, and marked complete, so an interrupted run re-run with
+the same arguments keeps the finished shards and ends with the same shards and manifest as an
+uninterrupted run (uda_tf/data/sharding.py). `manifest.json` is written last.
+The output format is specified in docs/CONTRACTS.md; the flags are in uda_tf/data/prepare_flags.py.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
-import zlib
 from concurrent.futures.process import BrokenProcessPool
 
-import numpy as np
-from absl import app, flags
+from absl import app
 
-from uda_tf.data import layouts
+from uda_tf.data import io, layouts
 from uda_tf.data import manifest as manifest_lib
-from uda_tf.data import preprocess
+from uda_tf.data import preprocess, sharding, splits
+from uda_tf.data.progress import Progress
 
 SPLITS = manifest_lib.SPLITS
-SHARDS_DIR = "shards"
+SHARDS_DIR = sharding.SHARDS_DIR
+OUTPUTS = ("slices", "volumes")
+SKIPPED_FILE = "skipped_cases.json"
+split_cases = splits.split_cases  # kept importable from here
 # Changing any of these means the existing output is not what was asked for.
-_REQUEST_KEYS = ("layout", "preprocessing", "split", "inputs", "sharding")
+_REQUEST_KEYS = ("layout", "layout_options", "preprocessing", "output", "split", "inputs",
+                 "sharding", "skip_bad_cases")
 
 
-def parse_numbers(values, count: int, name: str, kind=float) -> tuple:
-    """'2,2,2' or ['2', '2', '2'] -> (2.0, 2.0, 2.0); errors name the parameter."""
+def parse_numbers(values, count, name: str, kind=float) -> tuple:
+    """'2,2,2' or ['2', '2', '2'] -> (2.0, 2.0, 2.0); errors name the parameter. `count` may
+    be a tuple of allowed counts."""
     if isinstance(values, str):
         values = values.split(",")
+    counts = count if isinstance(count, tuple) else (count,)
     try:
         numbers = tuple(kind(v) for v in values)
     except (TypeError, ValueError):
         raise ValueError(
-            f"{name} must be {count} comma-separated numbers, got {values!r}"
-        ) from None
-    if len(numbers) != count:
-        raise ValueError(f"{name} must have {count} values, got {len(numbers)}: {values!r}")
+            f"{name} must be {' or '.join(map(str, counts))} comma-separated numbers, "
+            f"got {values!r}") from None
+    if len(numbers) not in counts:
+        raise ValueError(f"{name} must have {' or '.join(map(str, counts))} values, "
+                         f"got {len(numbers)}: {values!r}")
     return numbers
 
 
@@ -58,64 +72,49 @@ def check_split(fractions) -> tuple[float, float, float]:
     return fractions
 
 
-def split_cases(case_ids, fractions, seed: int, domain: str) -> dict[str, list[str]]:
-    """Deterministic train/val/test assignment of one domain's cases.
-
-    Sorted ids are shuffled with a generator seeded by (seed, domain), then cut by
-    largest-remainder counts; with >= 3 cases every split with a non-zero fraction gets one.
-    """
-    ids = sorted(case_ids)
-    n = len(ids)
-    raw = [f * n for f in fractions]
-    counts = [int(np.floor(r)) for r in raw]
-    by_remainder = sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in by_remainder[: n - sum(counts)]:
-        counts[i] += 1
-    if n >= 3:
-        for i in range(3):
-            if fractions[i] > 0 and counts[i] == 0:
-                counts[int(np.argmax(counts))] -= 1
-                counts[i] += 1
-    rng = np.random.default_rng([seed, zlib.crc32(domain.encode("utf-8"))])
-    order = [ids[i] for i in rng.permutation(n)]
-    bounds = np.cumsum([0] + counts)
-    return {s: sorted(order[bounds[i] : bounds[i + 1]]) for i, s in enumerate(SPLITS)}
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def input_fingerprint(listing: layouts.Listing, cases, workers: int) -> str:
+def input_fingerprint(listing: layouts.Listing, cases, workers: int, problems=()) -> str:
     """Hash of the selected cases' ids, domains, file contents and label names.
 
     File contents rather than paths or mtimes: a copied or moved dataset is still the same
     input, and no path reaches the manifest.
     """
-    paths = [p for c in cases for p in (c.image_path, c.label_path) if p is not None]
+    paths = sorted({p for c in cases for p in (c.image_path, c.label_path, c.mask_path) if p})
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        digests = dict(zip(paths, pool.map(_file_sha256, paths)))
+        digests = dict(zip(paths, pool.map(sharding.file_sha256, paths)))
     items = [
         [c.case_id, c.domain, digests[c.image_path], c.label_path and digests[c.label_path]]
+        + ([digests[c.mask_path], c.binarize_label] if c.mask_path or c.binarize_label else [])
         for c in cases
     ]
+    items += [[p.case_id, p.domain, "problem", p.reason] for p in problems]
     text = json.dumps([listing.name, listing.label_names, items], sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _existing_request(output_dir: str) -> dict | None:
+    """The request keys of an existing manifest. One written before the optional steps
+    existed gets the values those versions used implicitly, so data prepared by them with the
+    same parameters is recognised instead of refused."""
     path = os.path.join(output_dir, manifest_lib.FILENAME)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    existing = sharding.read_json(path)
+    if not isinstance(existing, dict) or "preprocessing" not in existing:
         return {}  # unreadable: treat as a different request
+    if "output" not in existing:
+        existing = dict(existing)
+        existing.setdefault("layout_options", {})
+        existing.setdefault("skip_bad_cases", False)
+        existing["output"] = {"records": "slices", "context_slices": 0,
+                              "image_dtype": existing.get("image_dtype", "float32"),
+                              "compression": None}
+        existing["split"] = {"file_sha256": None, **existing.get("split", {})}
+        try:  # fills the preprocessing keys added since (their defaults)
+            config = preprocess.PreprocessConfig.from_manifest(existing["preprocessing"])
+            existing["preprocessing"] = config.to_manifest()
+        except (KeyError, TypeError, ValueError):
+            return {}
+    return existing
 
 
 def _pool(workers: int):
@@ -128,57 +127,145 @@ def _pool(workers: int):
     )
 
 
+def _prepare_or_error(case, config, label_values, channels, image_dtype):
+    """(PreparedCase, None), or (None, the exception) for a bad case; runs in workers."""
+    if isinstance(case, layouts.CaseProblem):
+        return None, layouts.LayoutError(case.reason)
+    try:
+        prepared = preprocess.prepare_case(case, config, label_values)
+    except (ValueError, OSError) as e:  # NiftiError, FileNotFoundError, unreadable files
+        return None, e
+    got = prepared.image.shape[3] if prepared.image.ndim == 4 else 1
+    if got != channels:
+        return None, io.NiftiError(f"image {case.image_path} gives {got} channels, the dataset "
+                                   f"{channels} (mixed pictures and scans, or --color?)")
+    # Halves what goes back through the pipe when float16 is stored anyway.
+    prepared.image = prepared.image.astype(image_dtype, copy=False)
+    return prepared, None
+
+
+def _in_order(pool, fn, items, window: int):
+    """fn(item) for each item, in order, with at most `window` in flight: memory is bounded by
+    the window, not by the dataset (pool.map would queue every result)."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending = collections.deque()
+    items = iter(items)
+    for item in itertools.islice(items, window):
+        pending.append(pool.submit(fn, item))
+    while pending:
+        result = pending.popleft().result()
+        for item in itertools.islice(items, 1):
+            pending.append(pool.submit(fn, item))
+        yield result
+
+
+def case_records(prepared: preprocess.PreparedCase, output: str, context_slices: int,
+                 image_dtype: str):
+    """The serialized records of one prepared case, in shard order."""
+    from uda_tf.data import tfrecord  # TensorFlow only in the main process (see below)
+
+    spacing = prepared.record["prepared_spacing"]
+    if output == "volumes":
+        image = prepared.image if prepared.image.ndim == 4 else prepared.image[..., None]
+        yield tfrecord.serialize_volume(
+            image, prepared.label, prepared.case_id, prepared.domain, spacing,
+            pad_value=prepared.record["crop_pad"]["pad_value"], image_dtype=image_dtype,
+            roi=prepared.roi)
+        return
+    slices = preprocess.slices_with_context(prepared.image, context_slices)
+    depth = len(slices)
+    for k in range(depth):
+        yield tfrecord.serialize_slice(
+            slices[k], None if prepared.label is None else prepared.label[:, :, k],
+            prepared.case_id, prepared.domain, k, depth, spacing, image_dtype=image_dtype,
+            roi=None if prepared.roi is None else prepared.roi[:, :, k])
+
+
+def _start_progress_dir(output_dir: str, request_id: str, say) -> None:
+    """Keeps an interrupted run's progress only if it was for this very request."""
+    progress_dir = os.path.join(output_dir, sharding.PROGRESS_DIR)
+    marker = os.path.join(progress_dir, "request.json")
+    previous = sharding.read_json(marker)
+    if previous is not None and previous.get("request") != request_id:
+        say("discarding the progress of an interrupted run with other inputs or parameters")
+        shutil.rmtree(progress_dir)
+    elif previous is not None:
+        say(f"resuming an interrupted run in {output_dir}")
+    os.makedirs(progress_dir, exist_ok=True)
+    sharding.remove_temporary_files(output_dir)
+    sharding.write_json_atomic(marker, {"request": request_id})
+
+
+def _write_groups(groups, output_dir, request_id, run, say, show_progress):
+    """Writes every (domain, split) group; returns their finished GroupWriters in order."""
+    writers = {key: sharding.GroupWriter(output_dir, f"{key[0]}-{key[1]}",
+                                         run["records_per_shard"], request_id,
+                                         compression=run["compression"])
+               for key in groups}
+    work = []  # (group key, position, case, first record to write)
+    for key, members in groups.items():
+        writer = writers[key]
+        if writer.complete:
+            continue
+        start, offset = writer.resume
+        work += [(key, p, members[p], offset if p == start else 0)
+                 for p in range(start, len(members))]
+    resumed = sum(len(m) for m in groups.values()) - len(work)
+    if resumed:
+        say(f"{resumed} cases are already in finished shards; preparing {len(work)}")
+    progress = Progress(len(work), enabled=show_progress)
+    fn = functools.partial(_prepare_or_error, config=run["config"],
+                           label_values=run["label_values"], channels=run["channels"],
+                           image_dtype=run["image_dtype"])
+    pool = _pool(run["workers"])
+    remaining = collections.Counter(key for key, *_ in work)
+    current = None
+    try:
+        results = _in_order(pool, fn, [case for _, _, case, _ in work], 2 * run["workers"])
+        for (key, position, case, first), (prepared, error) in zip(work, results):
+            current = writers[key]
+            if error is not None:
+                if not run["skip_bad_cases"]:
+                    raise error
+                current.case_skipped({"case_id": case.case_id, "domain": case.domain,
+                                      "split": key[1], "error": type(error).__name__,
+                                      "reason": str(error)})
+                note = f"skipped {case.case_id}"
+            else:
+                records = case_records(prepared, run["output"], run["context_slices"],
+                                       run["image_dtype"])
+                for offset, record in itertools.islice(enumerate(records), first, None):
+                    current.write(record, position, offset)
+                current.case_done(position, case.case_id,
+                                  {"domain": key[0], "split": key[1], **prepared.record})
+                note = case.case_id
+            remaining[key] -= 1
+            if remaining[key] == 0:
+                current.finish(len(groups[key]))
+            progress.update(note=note)
+        for key, writer in writers.items():  # groups resumed at their very end
+            if not writer.complete:
+                writer.finish(len(groups[key]))
+    except BrokenProcessPool as e:
+        raise RuntimeError(
+            "a preprocessing worker process died (out of memory?, or prepare() called from a "
+            "script without an `if __name__ == '__main__':` guard or from stdin, which spawned "
+            "workers cannot re-import); retry with workers=1 (--workers=1) to see the cause"
+        ) from e
+    finally:
+        if current is not None:
+            current.abort()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return list(writers.values())
+
+
 def _remove_stale_shards(shards_dir: str, keep: set[str]) -> None:
     for path in glob.glob(os.path.join(shards_dir, "*.tfrecord*")):
         if os.path.basename(path) not in keep:
             os.remove(path)
-
-
-def _write_cases(results, split_of, shards_dir, records_per_shard, spacing, total, say):
-    """Writes every slice of each prepared case, one shard group per (domain, split).
-
-    `results` must arrive grouped by (domain, split); slices keep their order.
-    Returns ({case_id: manifest record}, [shard entries]).
-    """
-    # Imported here, not at the top: spawned workers re-import this module and need no
-    # TensorFlow, and command-line flag errors come back without its start-up cost.
-    from uda_tf.data import tfrecord
-
-    case_records, shards, writer, group = {}, [], None, None
-
-    def close_group():
-        for shard in writer.close():
-            shard["file"] = f"{SHARDS_DIR}/{shard['file']}"
-            shards.append(dict(shard, domain=group[0], split=group[1]))
-
-    try:
-        for n, prepared in enumerate(results, 1):
-            key = (prepared.domain, split_of[prepared.case_id])
-            if key != group:
-                if writer is not None:
-                    close_group()
-                group = key
-                writer = tfrecord.ShardWriter(shards_dir, f"{key[0]}-{key[1]}", records_per_shard)
-            depth = prepared.image.shape[2]
-            for k in range(depth):
-                label = None if prepared.label is None else prepared.label[:, :, k]
-                writer.write(
-                    tfrecord.serialize_slice(
-                        prepared.image[:, :, k, None], label, prepared.case_id, prepared.domain,
-                        k, depth, spacing,
-                    )
-                )
-            case_records[prepared.case_id] = {
-                "domain": prepared.domain, "split": key[1], **prepared.record
-            }
-            say(f"[{n}/{total}] {prepared.case_id} ({key[0]}/{key[1]}): {depth} slices")
-        if writer is not None:
-            close_group()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    return case_records, shards
 
 
 def prepare(
@@ -192,40 +279,78 @@ def prepare(
     size=(96, 112),
     clip_percentiles=(1.0, 99.0),
     normalization: str = "minmax",
+    image_interpolation: str = "linear",
+    slice_axis: str = "axial",
+    foreground: str = "nonzero",
+    foreground_percentile: float = 5.0,
+    normalize_in_foreground: bool = False,
+    crop_foreground: bool = False,
+    color: str = "green",
+    output: str = "slices",
+    context_slices: int = 0,
+    image_dtype: str = "float32",
+    compression: str | None = None,
     split=(0.7, 0.2, 0.1),
     split_seed: int = 0,
-    records_per_shard: int = 256,
+    split_file: str | None = None,
+    records_per_shard: int | None = None,
     workers: int = 2,
+    skip_bad_cases: bool = False,
     overwrite: bool = False,
     verbose: bool = True,
+    progress: bool | None = None,
+    layout_options: dict | None = None,
 ) -> dict:
     """Prepares `input_dir` into `output_dir`; returns the manifest (see docs/CONTRACTS.md).
 
     If `output_dir` already holds data prepared from the same inputs with the same parameters,
     returns its manifest without redoing work; if it holds different data, raises
-    FileExistsError unless `overwrite`. With workers > 1, cases are preprocessed in spawned
+    FileExistsError unless `overwrite`. An interrupted run's finished shards are kept and the
+    rest is prepared (same arguments). With workers > 1, cases are preprocessed in spawned
     processes, so a calling script needs the usual `if __name__ == "__main__":` guard.
+    `records_per_shard` defaults to 256 slices or 4 volumes. `layout_options` go to the layout
+    reader (e.g. {"image_glob": ...} for layout "glob").
     """
     start = time.time()
     say = functools.partial(print, flush=True) if verbose else (lambda *a, **k: None)
     config = preprocess.PreprocessConfig(
         spacing=parse_numbers(spacing, 3, "spacing"),
-        size=parse_numbers(size, 2, "size", kind=int),
+        size=parse_numbers(size, (2, 3), "size", kind=int),
         clip_percentiles=parse_numbers(clip_percentiles, 2, "clip_percentiles"),
-        normalization=normalization,
+        normalization=normalization, image_interpolation=image_interpolation,
+        slice_axis=slice_axis, foreground=foreground,
+        foreground_percentile=float(foreground_percentile),
+        normalize_in_foreground=bool(normalize_in_foreground),
+        crop_foreground=bool(crop_foreground), color=color,
     )
     fractions = check_split(split)
-    if int(split_seed) < 0:
-        raise ValueError(f"split_seed must be >= 0, got {split_seed}")
-    if int(records_per_shard) < 1:
-        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    if int(workers) < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    compression = (compression or "").upper()
+    if compression in ("NONE", ""):
+        compression = ""
+    checks = [
+        (int(split_seed) >= 0, f"split_seed must be >= 0, got {split_seed}"),
+        (records_per_shard is None or int(records_per_shard) >= 1,
+         f"records_per_shard must be >= 1, got {records_per_shard}"),
+        (int(workers) >= 1, f"workers must be >= 1, got {workers}"),
+        (output in OUTPUTS, f"output must be one of {', '.join(OUTPUTS)}, got {output!r}"),
+        (int(context_slices) >= 0, f"context_slices must be >= 0, got {context_slices}"),
+        (output == "slices" or int(context_slices) == 0,
+         "context_slices applies to output=slices only"),
+        (image_dtype in ("float32", "float16"),
+         f"image_dtype must be float32 or float16, got {image_dtype!r}"),
+        (compression in ("", "GZIP"), f"compression must be none or gzip, got {compression!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     if default_domain is not None:
         layouts.check_domain_name(default_domain, where="default_domain")
+    records_per_shard = int(records_per_shard or (256 if output == "slices" else 4))
+    layout_options = {k: v for k, v in (layout_options or {}).items() if v is not None}
 
-    listing = layouts.read_layout(layout, input_dir, default_domain)
-    available = sorted({c.domain for c in listing.cases})
+    listing = layouts.read_layout(layout, input_dir, default_domain,
+                                  skip_bad_cases=skip_bad_cases, **layout_options)
+    available = sorted({c.domain for c in listing.cases} | {p.domain for p in listing.problems})
     if isinstance(domains, str):
         domains = domains.split(",")
     selected = sorted(set(domains)) if domains else available
@@ -235,22 +360,36 @@ def prepare(
             f"domains {unknown} not found in {input_dir}; available domains: {', '.join(available)}"
         )
     cases = [c for c in listing.cases if c.domain in selected]
-    splits = {
-        d: split_cases([c.case_id for c in cases if c.domain == d], fractions, split_seed, d)
-        for d in selected
-    }
-    split_of = {cid: s for d in selected for s, ids in splits[d].items() for cid in ids}
+    problems = [p for p in listing.problems if p.domain in selected]
+    # Problem cases take part in the split (they were meant to be labelled cases), so which
+    # case lands where does not depend on which ones turn out broken.
+    members = collections.defaultdict(list)
+    for c in cases:
+        members[c.domain].append((c.case_id, c.label_path is not None))
+    for p in problems:
+        members[p.domain].append((p.case_id, True))
+    assigned = splits.assign_splits(
+        members, fractions, int(split_seed),
+        splits.read_split_file(split_file) if split_file else None,
+        where=f"--split_file={split_file}")
+    split_of = {cid: s for d in assigned for s, ids in assigned[d].items() for cid in ids}
+    channels = 3 if color == "rgb" and any(io.is_picture(c.image_path) for c in cases) else 1
 
     request = {
         "layout": layout,
+        "layout_options": layout_options,
         "preprocessing": config.to_manifest(),
-        "split": {"fractions": dict(zip(SPLITS, fractions)), "seed": int(split_seed)},
+        "output": {"records": output, "context_slices": int(context_slices),
+                   "image_dtype": image_dtype, "compression": compression or None},
+        "split": {"fractions": dict(zip(SPLITS, fractions)), "seed": int(split_seed),
+                  "file_sha256": sharding.file_sha256(split_file) if split_file else None},
         "inputs": {
-            "fingerprint": input_fingerprint(listing, cases, workers),
-            "num_cases": len(cases),
+            "fingerprint": input_fingerprint(listing, cases, workers, problems),
+            "num_cases": len(cases) + len(problems),
             "domains": selected,
         },
-        "sharding": {"records_per_shard": int(records_per_shard)},
+        "sharding": {"records_per_shard": records_per_shard},
+        "skip_bad_cases": bool(skip_bad_cases),
     }
     existing = _existing_request(output_dir)
     if existing is not None:
@@ -270,149 +409,78 @@ def prepare(
         # From here until the new manifest lands, the directory reads as incomplete.
         os.remove(os.path.join(output_dir, manifest_lib.FILENAME))
 
-    shards_dir = os.path.join(output_dir, SHARDS_DIR)
-    os.makedirs(shards_dir, exist_ok=True)
+    request_id = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    _start_progress_dir(output_dir, request_id, say)
     # Group order = write order: domain, then split, then case id.
-    ordered = sorted(cases, key=lambda c: (c.domain, SPLITS.index(split_of[c.case_id]), c.case_id))
-    work = functools.partial(
-        preprocess.prepare_case, config=config, label_values=len(listing.label_names)
-    )
-    pool = _pool(int(workers))
-    results = pool.map(work, ordered) if pool else map(work, ordered)
-    try:
-        case_records, shards = _write_cases(
-            results, split_of, shards_dir, records_per_shard, config.spacing, len(ordered), say
-        )
-    except BrokenProcessPool as e:
-        raise RuntimeError(
-            "a preprocessing worker process died (out of memory?, or prepare() called from a "
-            "script without an `if __name__ == '__main__':` guard or from stdin, which spawned "
-            "workers cannot re-import); retry with workers=1 (--workers=1) to see the cause"
-        ) from e
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    _remove_stale_shards(shards_dir, {os.path.basename(s["file"]) for s in shards})
+    by_id = {c.case_id: c for c in cases} | {p.case_id: p for p in problems}
+    split_order = (*SPLITS, splits.UNLABELLED)
+    groups = {(d, s): [by_id[c] for c in assigned[d][s]]
+              for d in selected for s in split_order if assigned[d].get(s)}
+    run = {"config": config, "label_values": len(listing.label_names), "channels": channels,
+           "image_dtype": image_dtype, "output": output, "context_slices": int(context_slices),
+           "records_per_shard": records_per_shard, "compression": compression,
+           "workers": int(workers), "skip_bad_cases": bool(skip_bad_cases)}
+    writers = _write_groups(groups, output_dir, request_id, run, say,
+                            verbose if progress is None else progress)
 
+    shards = [{k: s[k] for k in ("file", "records", "sha256")} | {"domain": d, "split": sp}
+              for (d, sp), w in zip(groups, writers) for s in w.shards]
+    case_entries = {cid: r for w in writers for cid, r in w.cases.items()}
+    skipped = sorted((e for w in writers for e in w.skipped), key=lambda e: e["case_id"])
+    _remove_stale_shards(os.path.join(output_dir, SHARDS_DIR),
+                         {os.path.basename(s["file"]) for s in shards})
+    if skip_bad_cases:
+        sharding.write_json_atomic(os.path.join(output_dir, SKIPPED_FILE), skipped)
+    size3 = list(config.size) if len(config.size) == 3 else [*config.size, None]
+    image_shape = ([*config.size[:2], channels * (2 * int(context_slices) + 1)]
+                   if output == "slices" else [*size3, channels])
     manifest = {
         "dataset_name": listing.name,
         **request,
-        "image_shape": [*config.size, 1],
-        "image_dtype": "float32",
+        "image_shape": image_shape,
+        "image_dtype": image_dtype,
         "num_classes": len(listing.label_names),
         "label_names": listing.label_names,
         "domains": {
             d: {
-                "labelled": all(c.label_path is not None for c in cases if c.domain == d),
-                "cases": splits[d],
+                "labelled": any(split_of.get(c.case_id) in SPLITS and c.label_path is not None
+                                for c in cases if c.domain == d),
+                "cases": {s: [c for c in ids if c in case_entries]
+                          for s, ids in assigned[d].items()},
             }
             for d in selected
         },
-        "cases": dict(sorted(case_records.items())),
+        "cases": dict(sorted(case_entries.items())),
+        "skipped_cases": skipped,
         "shards": shards,
     }
     manifest = manifest_lib.write_manifest(output_dir, manifest)
+    shutil.rmtree(os.path.join(output_dir, sharding.PROGRESS_DIR), ignore_errors=True)
     say(
-        f"prepared {len(cases)} cases, {sum(s['records'] for s in shards)} slices, "
+        f"prepared {len(case_entries)} cases, {sum(s['records'] for s in shards)} {output}, "
         f"{len(shards)} shards in {time.time() - start:.1f} s -> {output_dir}"
+        + (f"; skipped {len(skipped)} bad cases (see {SKIPPED_FILE})" if skipped else "")
     )
     return manifest
 
 
-FLAGS = flags.FLAGS
-_flags_defined = False
-
-
-def _validator(parse):
-    def check(value):
-        if value is None:
-            return True
-        try:
-            parse(value)
-        except ValueError as e:
-            raise flags.ValidationError(str(e)) from None
-        return True
-
-    return check
-
-
-def define_flags() -> None:
-    """Defines the CLI flags (on first call only).
-
-    Not at import time: other entry points import `prepare()` and may define flags with the
-    same names (`--output_dir`), which absl would reject as duplicates.
-    """
-    global _flags_defined
-    if _flags_defined:
-        return
-    _flags_defined = True
-    flags.DEFINE_enum("layout", "msd", sorted(layouts.LAYOUTS), "Raw dataset layout.")
-    flags.DEFINE_string("input_dir", None, "Raw dataset directory.")
-    flags.DEFINE_string("output_dir", None, "Where shards/ and manifest.json go.")
-    flags.DEFINE_string(
-        "default_domain", None, "Domain of every case when the dataset names none "
-        "(default: the dataset name)."
-    )
-    flags.DEFINE_list("domains", None, "Only prepare these domains (default: all).")
-    flags.DEFINE_list("spacing", ["2", "2", "2"], "Target voxel spacing in mm (x,y,z of RAS).")
-    flags.DEFINE_list("size", ["96", "112"], "In-plane slice size H,W (RAS x,y) after pad/crop.")
-    flags.DEFINE_list("clip_percentiles", ["1", "99"], "Intensity clip percentiles low,high.")
-    flags.DEFINE_enum(
-        "normalization", "minmax", list(preprocess.NORMALIZATIONS),
-        "minmax: clipped range to [0,1]; zscore: zero mean, unit std of the clipped volume.",
-    )
-    flags.DEFINE_list("split", ["0.7", "0.2", "0.1"], "train,val,test fractions per domain.")
-    flags.DEFINE_integer("split_seed", 0, "Seed of the per-domain case shuffle.", lower_bound=0)
-    flags.DEFINE_integer("records_per_shard", 256, "Slices per TFRecord shard.", lower_bound=1)
-    flags.DEFINE_integer("workers", 2, "Processes preprocessing cases in parallel.", lower_bound=1)
-    flags.DEFINE_bool("overwrite", False, "Replace an output prepared with other parameters.")
-    flags.mark_flags_as_required(["input_dir", "output_dir"])
-
-    def config_check(**kwargs):
-        return _validator(
-            lambda v: preprocess.PreprocessConfig(**{k: f(v) for k, f in kwargs.items()})
-        )
-
-    flags.register_validator(
-        "spacing", config_check(spacing=lambda v: parse_numbers(v, 3, "spacing"))
-    )
-    flags.register_validator(
-        "size", config_check(size=lambda v: parse_numbers(v, 2, "size", kind=int))
-    )
-    flags.register_validator(
-        "clip_percentiles",
-        config_check(clip_percentiles=lambda v: parse_numbers(v, 2, "clip_percentiles")),
-    )
-    flags.register_validator("split", _validator(check_split))
-    flags.register_validator(
-        "default_domain",
-        _validator(lambda v: layouts.check_domain_name(v, where="--default_domain")),
-    )
-
-
 def main(argv) -> None:
+    from uda_tf.data import prepare_flags
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        prepare(
-            FLAGS.input_dir,
-            FLAGS.output_dir,
-            FLAGS.layout,
-            default_domain=FLAGS.default_domain,
-            domains=FLAGS.domains,
-            spacing=FLAGS.spacing,
-            size=FLAGS.size,
-            clip_percentiles=FLAGS.clip_percentiles,
-            normalization=FLAGS.normalization,
-            split=FLAGS.split,
-            split_seed=FLAGS.split_seed,
-            records_per_shard=FLAGS.records_per_shard,
-            workers=FLAGS.workers,
-            overwrite=FLAGS.overwrite,
-        )
+        prepare(**prepare_flags.prepare_kwargs())
     except (ValueError, OSError, RuntimeError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def define_flags() -> None:
+    """Defines the CLI flags (on first call only); see uda_tf/data/prepare_flags.py."""
+    from uda_tf.data import prepare_flags
+
+    prepare_flags.define_flags()
 
 
 def run() -> None:

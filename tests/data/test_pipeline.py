@@ -63,3 +63,93 @@ def test_intensity_jitter_bounds_eagerly_and_in_tf_data():
         assert out.min() >= 0.85 - 1e-6 and out.max() <= 1.15 + 1e-6
         assert np.ptp(out[:, 0, 0, 0]) > 0.05  # samples differ
         assert np.all(out == out[:, :1, :1, :])  # one gain/offset per sample
+
+
+# -- options of the issue-3 data layer --------------------------------------------------------
+import pytest  # noqa: E402
+
+from tests.helpers import make_msd  # noqa: E402
+from uda_tf.data import manifest as manifest_lib, tfrecord  # noqa: E402
+from uda_tf.prepare import prepare  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def raw_msd(tmp_path_factory):
+    return make_msd(tmp_path_factory.mktemp("raw_pipeline"))
+
+
+@pytest.fixture(scope="module")
+def prepared_25d(raw_msd, tmp_path_factory):
+    """float16, GZIP-compressed, 2.5D (3 channels) slices."""
+    out = tmp_path_factory.mktemp("p25d")
+    manifest = prepare(str(raw_msd), str(out), size=(16, 24), records_per_shard=8, workers=1,
+                       context_slices=1, image_dtype="float16", compression="gzip",
+                       verbose=False)
+    return str(out), manifest
+
+
+@pytest.fixture(scope="module")
+def prepared_3d(raw_msd, tmp_path_factory):
+    out = tmp_path_factory.mktemp("p3d")
+    manifest = prepare(str(raw_msd), str(out), size=(16, 24), output="volumes",
+                       records_per_shard=1, workers=1, verbose=False)
+    return str(out), manifest
+
+
+def test_training_datasets_shard_by_file(tiny_prepared):
+    data_dir, manifest = tiny_prepared
+    policy = tf.data.experimental.AutoShardPolicy.FILE
+    for target in (None, "dom_b"):
+        ds = pipeline.train_dataset(data_dir, manifest, source="dom_a", target=target,
+                                    global_batch_size=4, shuffle_buffer=8)
+        assert ds.options().experimental_distribute.auto_shard_policy == policy
+
+
+def test_float16_gzip_context_slices(prepared_25d):
+    data_dir, manifest = prepared_25d
+    assert manifest["image_shape"] == [16, 24, 3] and manifest["image_dtype"] == "float16"
+    assert manifest["output"]["compression"] == "GZIP"
+    ds = pipeline.train_dataset(data_dir, manifest, source="dom_a", target="dom_b",
+                                global_batch_size=4, shuffle_buffer=8,
+                                augmentations="flip,gamma,noise", fda_beta=0.05)
+    (x_s, y_s), x_t = next(iter(ds))
+    assert x_s.shape == (4, 16, 24, 3) and x_t.shape == (4, 16, 24, 3) and y_s.shape == (4, 16, 24)
+    batches = list(pipeline.eval_dataset(data_dir, manifest, "dom_a", "test", batch_size=64,
+                                         with_metadata=True))
+    image = batches[0]["image"].numpy()
+    k = batches[0]["slice_index"].numpy()
+    # channel 1 is the slice itself, 0 and 2 its neighbours (edges repeated)
+    np.testing.assert_array_equal(image[1:, ..., 0], image[:-1, ..., 1])
+    np.testing.assert_array_equal(image[0, ..., 0], image[0, ..., 1])
+    assert list(k) == list(range(len(k)))
+    # the single-record parser tells float16 from float32 by itself
+    files = manifest_lib.shard_files(manifest, data_dir, "dom_a", "test")
+    record = next(iter(tf.data.TFRecordDataset(files, compression_type="GZIP")))
+    np.testing.assert_array_equal(tfrecord.parse_slice(record, 16, 24, 3)["image"].numpy(),
+                                  image[0])
+
+
+def test_3d_patches_with_foreground_oversampling(prepared_3d):
+    data_dir, manifest = prepared_3d
+    assert manifest["image_shape"] == [16, 24, None, 1]
+    with pytest.raises(ValueError, match="patch_size"):
+        pipeline.train_dataset(data_dir, manifest, source="dom_a", global_batch_size=2)
+    tf.random.set_seed(0)
+    ds = pipeline.train_dataset(data_dir, manifest, source="dom_a", target="dom_b",
+                                global_batch_size=3, shuffle_buffer=2, patch_size=(8, 8, 4),
+                                foreground_fraction=1.0, patches_per_volume=2,
+                                augmentations="full")
+    for (x_s, y_s), x_t in ds.take(4):
+        assert x_s.shape == (3, 8, 8, 4, 1) and y_s.shape == (3, 8, 8, 4)
+        assert x_t.shape == (3, 8, 8, 4, 1)
+        assert all(y_s[i].numpy().max() > 0 for i in range(3))  # every patch has foreground
+    # patches larger than the volume are padded with its background value
+    ds = pipeline.train_dataset(data_dir, manifest, source="dom_a", global_batch_size=1,
+                                shuffle_buffer=2, patch_size=(20, 24, 16), augment_data=False)
+    x, y = next(iter(ds))
+    assert x.shape == (1, 20, 24, 16, 1) and float(tf.reduce_min(x)) >= 0.0
+    volumes = list(pipeline.eval_dataset(data_dir, manifest, "dom_b", "test", batch_size=1,
+                                         with_metadata=True))
+    case = manifest["domains"]["dom_b"]["cases"]["test"][0]
+    assert volumes[0]["case_id"].numpy()[0].decode() == case
+    assert volumes[0]["image"].shape[1:4] == tuple(manifest["cases"][case]["prepared_shape"])

@@ -47,9 +47,14 @@ def test_manifest_follows_contract(prepared):
     assert manifest["label_names"] == {"0": "background", "1": "left", "2": "front"}
     assert manifest["preprocessing"] == {
         "orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
-        "interpolation": {"image": "linear", "label": "nearest"},
-        "clip_percentiles": [1.0, 99.0], "normalization": "minmax", "size": [16, 28]}
-    assert manifest["split"] == {"fractions": {"train": 0.7, "val": 0.2, "test": 0.1}, "seed": 0}
+        "interpolation": {"image": "linear", "label": "linear_onehot"},
+        "clip_percentiles": [1.0, 99.0], "normalization": "minmax", "size": [16, 28],
+        "slice_axis": "axial", "foreground": "nonzero", "foreground_percentile": 5.0,
+        "normalize_in_foreground": False, "crop_foreground": False, "color": "green"}
+    assert manifest["output"] == {"records": "slices", "context_slices": 0,
+                                  "image_dtype": "float32", "compression": None}
+    assert manifest["split"] == {"fractions": {"train": 0.7, "val": 0.2, "test": 0.1}, "seed": 0,
+                                 "file_sha256": None}
     for domain in ("dom_a", "dom_b"):
         entry = manifest["domains"][domain]
         assert entry["labelled"] is True
@@ -180,7 +185,7 @@ def test_errors_name_what_is_wrong(tmp_path):
     bad = nib.load(str(raw / "labelsTr" / "a_002.nii.gz"))
     nib.save(nib.Nifti1Image(np.full(bad.shape, 9, np.uint8), bad.affine),
              str(raw / "labelsTr" / "a_002.nii.gz"))
-    with pytest.raises(io.NiftiError, match=r"a_002\.nii\.gz has value 9"):
+    with pytest.raises(io.NiftiError, match=r"a_002\.nii\.gz has values \[9\] outside"):
         prepare_mod.prepare(str(raw), str(tmp_path / "o4"), workers=1, verbose=False)
     assert not os.path.exists(tmp_path / "o4" / "manifest.json")
     os.remove(raw / "labelsTr" / "a_001.nii.gz")
@@ -236,7 +241,7 @@ def test_read_volume_reorients_and_names_bad_files(tmp_path):
         io.read_volume(str(tmp_path / "gone.nii.gz"))
     nib.save(nib.Nifti1Image(np.full((4, 5, 6), 7, np.uint8), affine), str(tmp_path / "lab.nii.gz"))
     case = layouts.CaseRecord("c", "d", str(tmp_path / "asl.nii.gz"), str(tmp_path / "lab.nii.gz"))
-    with pytest.raises(io.NiftiError, match=r"lab\.nii\.gz has value 7.*3 labels"):
+    with pytest.raises(io.NiftiError, match=r"lab\.nii\.gz has values \[7\].*0\.\.2.*3 labels"):
         preprocess.prepare_case(case, preprocess.PreprocessConfig(), label_values=3)
 
 

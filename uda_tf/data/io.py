@@ -1,12 +1,18 @@
-"""Reading NIfTI volumes into the RAS+ voxel order every other part of uda_tf assumes.
+"""Reading scans into the RAS+ voxel order every other part of uda_tf assumes.
 
 Geometry is data (nnU-Net / MONAI convention): a `Volume` carries the on-disk affine and shape
 alongside the reoriented array, so predictions can be written back in the original geometry
 with `ras_to_original`.
+
+NIfTI (`.nii`, `.nii.gz`) is read with nibabel. 2D pictures (DRIVE's `.tif`/`.gif`, STARE's
+`.ppm` or `.ppm.gz`, `.png`, `.jpg`, `.bmp`) are read with Pillow and become single-slice
+volumes with 1 mm pixels and an identity affine, so the same preprocessing and pipeline apply:
+rows run along the first (H) axis, columns along the second (W).
 """
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 
 import nibabel as nib
@@ -14,17 +20,29 @@ import numpy as np
 from nibabel import orientations
 
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+PICTURE_ENDINGS = (".png", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jpg", ".jpeg", ".bmp",
+                   ".ppm.gz", ".pgm.gz")
+# How an RGB picture becomes channels: the green channel alone (the usual choice for retinal
+# vessels, whose contrast is highest there), luminance, or all three channels.
+COLOR_MODES = ("green", "gray", "rgb")
 
 
 class NiftiError(ValueError):
-    """A NIfTI file that exists but cannot be used (unreadable, wrong dimensionality, ...)."""
+    """A scan file that exists but cannot be used (unreadable, truncated, wrong dimensionality,
+    NaN voxels, ...). The message names the file. (The name predates 2D pictures.)"""
+
+
+def is_picture(path: str) -> bool:
+    return path.lower().endswith(PICTURE_ENDINGS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Volume:
     """A 3D array in RAS+ voxel order plus its geometry.
 
-    `array` axis 0 runs towards Right, 1 towards Anterior, 2 towards Superior; `affine` maps
+    `array` is [X, Y, Z], or [X, Y, Z, C] for a multi-channel picture read with color="rgb".
+    Axis 0 runs towards Right, 1 towards Anterior, 2 towards Superior; `affine` maps
     those voxel indices to world mm and `spacing` is the voxel size along each of those axes.
     The `original_*` fields describe the file as stored on disk.
     """
@@ -62,27 +80,35 @@ def _load(path: str) -> nib.spatialimages.SpatialImage:
     return img
 
 
-def read_volume(path: str, is_label: bool = False) -> Volume:
+def read_volume(path: str, is_label: bool = False, *, color: str = "green",
+                binarize: bool = False) -> Volume:
     """Reads `path` and reorients it like `nib.as_closest_canonical` (nearest RAS+ axes).
 
     Images come back as float32 with the header scaling applied; labels as uint8, and a label
-    file holding non-integer or out-of-range values is an error naming the file.
+    file holding non-integer, non-finite or out-of-range values is an error naming the file.
+    `binarize` turns a mask stored as 0/1, 0/255 or probabilities into 0/1 (value >= half the
+    maximum). Pictures are read with Pillow (`color` picks their channels, see COLOR_MODES).
     """
+    if is_picture(path):
+        return read_picture(path, is_label, color=color, binarize=binarize)
     img = _load(path)
     original_affine = np.asarray(img.affine, dtype=np.float64)
     canonical = nib.as_closest_canonical(img)
     try:
         if is_label:
             values = np.asanyarray(canonical.dataobj)
-            array = _as_label_array(values, path)
+            array = _as_label_array(values, path, binarize)
         else:
             array = canonical.get_fdata(dtype=np.float32)
     except NiftiError:
         raise
-    except Exception as e:
-        raise NiftiError(f"cannot read voxel data of {path}: {e}") from e
-    if not is_label and not np.all(np.isfinite(array)):
-        raise NiftiError(f"image {path} contains NaN or infinite voxels")
+    except Exception as e:  # EOFError / zlib.error for a truncated .nii.gz, among others
+        raise NiftiError(
+            f"cannot read voxel data of {path} (truncated or corrupt file?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not is_label:
+        _check_finite(array, path)
     affine = np.asarray(canonical.affine, dtype=np.float64)
     return Volume(
         array=np.ascontiguousarray(array),
@@ -94,17 +120,96 @@ def read_volume(path: str, is_label: bool = False) -> Volume:
     )
 
 
-def _as_label_array(values: np.ndarray, path: str) -> np.ndarray:
+def _check_finite(array: np.ndarray, path: str) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise NiftiError(f"image {path} contains {bad} NaN or infinite voxels")
+
+
+def _binarized(values: np.ndarray, path: str) -> np.ndarray:
+    values = np.asarray(values)
+    if not np.all(np.isfinite(values)):
+        raise NiftiError(f"label file {path} contains NaN or infinite values")
+    top = values.max() if values.size else 0
+    if top <= 0:
+        return np.zeros(values.shape, np.uint8)
+    return (values >= top / 2).astype(np.uint8)
+
+
+def _as_label_array(values: np.ndarray, path: str, binarize: bool = False) -> np.ndarray:
+    if binarize:
+        return _binarized(values, path)
     if np.issubdtype(values.dtype, np.integer):
         if values.size and (values.min() < 0 or values.max() > 255):
             raise NiftiError(f"label file {path} has values outside 0..255")
         return values.astype(np.uint8)
+    if not np.all(np.isfinite(values)):
+        raise NiftiError(f"label file {path} contains NaN or infinite values")
     rounded = np.rint(values)
     if not np.allclose(rounded, values, atol=1e-3):
         raise NiftiError(f"label file {path} holds non-integer values")
     if rounded.size and (rounded.min() < 0 or rounded.max() > 255):
         raise NiftiError(f"label file {path} has values outside 0..255")
     return rounded.astype(np.uint8)
+
+
+def _open_picture(path: str):
+    from PIL import Image  # a dependency only of 2D datasets
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        if path.lower().endswith(".gz"):  # STARE is distributed as im0001.ppm.gz
+            with gzip.open(path, "rb") as f:
+                picture = Image.open(f)
+                picture.load()
+        else:
+            picture = Image.open(path)
+            picture.load()
+    except Exception as e:  # PIL raises OSError/SyntaxError/ValueError for broken files
+        raise NiftiError(
+            f"cannot read image file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
+        ) from e
+    if getattr(picture, "n_frames", 1) > 1:
+        raise NiftiError(f"{path} holds {picture.n_frames} frames; expected one 2D picture")
+    return picture
+
+
+def picture_array(path: str, is_label: bool = False, *, color: str = "green",
+                  binarize: bool = False) -> np.ndarray:
+    """[rows, cols] (or [rows, cols, 3] for color="rgb") array of a 2D picture."""
+    if color not in COLOR_MODES:
+        raise ValueError(f"color must be one of {', '.join(COLOR_MODES)}, got {color!r}")
+    picture = _open_picture(path)
+    if picture.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
+        picture = picture.convert("RGB" if picture.mode not in ("LA", "1") else "L")
+    array = np.asarray(picture)
+    if is_label:
+        if array.ndim == 3:  # an annotation saved as RGB: any channel carries it
+            array = array.max(axis=-1)
+        return _as_label_array(array, path, binarize)
+    array = array.astype(np.float32)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1) if color == "rgb" else array
+    elif color == "green":
+        array = array[..., 1]
+    elif color == "gray":  # ITU-R 601 luma, as PIL's convert("L")
+        array = array[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+        array = array[..., :3]
+    _check_finite(array, path)
+    return np.ascontiguousarray(array)
+
+
+def read_picture(path: str, is_label: bool = False, *, color: str = "green",
+                 binarize: bool = False) -> Volume:
+    """A 2D picture as a single-slice volume [rows, cols, 1] (+ [3] channels for rgb)."""
+    array = picture_array(path, is_label, color=color, binarize=binarize)
+    array = array[:, :, None] if array.ndim == 2 else array[:, :, None, :]
+    affine = np.eye(4)
+    shape = tuple(int(n) for n in array.shape[:3])
+    return Volume(array=array, affine=affine, spacing=(1.0, 1.0, 1.0), original_shape=shape,
+                  original_affine=affine.copy(), original_spacing=(1.0, 1.0, 1.0))
 
 
 def canonical_geometry(

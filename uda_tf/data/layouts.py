@@ -1,13 +1,22 @@
 """Raw dataset layouts: each reader turns a directory into a list of cases.
 
 A reader is registered by name (`@register_layout("msd")`) and called as
-`reader(root, default_domain) -> Listing`. It only looks at file names and metadata; reading
-voxels is `io.read_volume`'s job, later and in worker processes.
+`reader(root, default_domain, **options) -> Listing`; its keyword-only parameters are its
+options (e.g. the glob layout's `image_glob`). It only looks at file names and metadata;
+reading voxels is `io.read_volume`'s job, later and in worker processes.
+
+A case the reader can tell is broken (an image without the label it should have) is listed
+under `Listing.problems`, not raised, so `prepare --skip_bad_cases` can report it and go on;
+`read_layout` raises for the first one otherwise.
+
+Registered here: `msd`; in layouts_mri.py: `cc359`, `crossmoda`, `glob`; in
+layouts_retina.py: `drive`, `stare`.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -24,22 +33,39 @@ class LayoutError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CaseRecord:
+    """One scan to prepare. `label_path` None = unlabelled. `mask_path`: an optional region
+    of interest (DRIVE's field-of-view mask). `binarize_label`: the label file is a binary mask
+    however it is stored (0/1, 0/255); see `io.read_volume(binarize=...)`."""
+
     case_id: str
     domain: str
     image_path: str
     label_path: str | None
+    mask_path: str | None = None
+    binarize_label: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseProblem:
+    """A case a reader found broken before reading any voxels; `reason` names the files."""
+
+    case_id: str
+    domain: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
 class Listing:
-    """What a reader found: dataset name, label names {"0": "background", ...}, cases."""
+    """What a reader found: dataset name, label names {"0": "background", ...}, cases, and the
+    cases it had to leave out (`problems`)."""
 
     name: str
     label_names: dict[str, str]
     cases: list[CaseRecord]
+    problems: list[CaseProblem] = dataclasses.field(default_factory=list)
 
 
-Reader = Callable[[str, "str | None"], Listing]
+Reader = Callable[..., Listing]
 LAYOUTS: dict[str, Reader] = {}
 
 
@@ -53,17 +79,44 @@ def register_layout(name: str) -> Callable[[Reader], Reader]:
     return wrap
 
 
-def read_layout(name: str, root: str, default_domain: str | None = None) -> Listing:
-    """Lists the cases under `root` with the reader registered as `name`."""
+def layout_options(name: str) -> tuple[str, ...]:
+    """The options (keyword-only parameters) the reader `name` accepts."""
+    params = inspect.signature(LAYOUTS[name]).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def read_layout(name: str, root: str, default_domain: str | None = None, *,
+                skip_bad_cases: bool = False, **options) -> Listing:
+    """Lists the cases under `root` with the reader registered as `name`.
+
+    `options` (None values are ignored) go to the reader; one it does not take is an error
+    naming the layout's options. Problems the reader found raise LayoutError unless
+    `skip_bad_cases`, in which case they stay in `Listing.problems`.
+    """
     if name not in LAYOUTS:
         raise ValueError(
             f"unknown layout {name!r}; available layouts: {', '.join(sorted(LAYOUTS))}"
         )
     if not os.path.isdir(root):
         raise FileNotFoundError(f"input directory not found: {root}")
-    listing = LAYOUTS[name](root, default_domain)
+    options = {k: v for k, v in options.items() if v is not None}
+    accepted = layout_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"layout {name!r} does not take {', '.join(unknown)}; its options: "
+            f"{', '.join(accepted) or 'none'}"
+        )
+    listing = LAYOUTS[name](root, default_domain, **options)
+    if listing.problems and not skip_bad_cases:
+        first = listing.problems[0]
+        more = len(listing.problems) - 1
+        raise LayoutError(
+            first.reason + (f" (and {more} more such cases)" if more else "")
+            + "; --skip_bad_cases leaves such cases out and reports them"
+        )
     if not listing.cases:
-        raise LayoutError(f"no cases found in {root} (layout {name!r})")
+        raise LayoutError(f"no usable cases found in {root} (layout {name!r})")
     counts = collections.Counter(c.case_id for c in listing.cases)
     duplicates = sorted(i for i, n in counts.items() if n > 1)
     if duplicates:
@@ -132,8 +185,38 @@ def _read_dataset_json(root: str) -> dict:
     return meta
 
 
+def _msd_v1_case_id(path: str, ending: str) -> str:
+    name = os.path.basename(path)
+    case_id = name[: -len(ending)] if name.endswith(ending) else name.split(".")[0]
+    return case_id[:-5] if case_id.endswith("_0000") else case_id
+
+
+def _msd_images(directory: str, ending: str, allow_plain: bool) -> dict[str, str]:
+    """case_id -> image path for `<case>_0000<ending>` files (or `<case><ending>` when
+    `allow_plain`, as MSD v1 names its imagesTs)."""
+    images = {}
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(".") or not name.endswith(ending):  # macOS AppleDouble files ship
+            continue                                             # inside MSD archives
+        path = os.path.join(directory, name)
+        match = pattern.match(name)
+        if not match:
+            if allow_plain:
+                images[name[: -len(ending)]] = path
+                continue
+            raise LayoutError(
+                f"unexpected image name {path}: expected <case_id>_0000{ending} (or list "
+                "MSD v1 pairs under 'training' in dataset.json)"
+            )
+        if match["channel"] != "0000":
+            raise LayoutError(f"{path}: only single-channel datasets (_0000) are supported")
+        images[match["case"]] = path
+    return images
+
+
 def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]:
-    """case_id -> (image path, expected label path)."""
+    """case_id -> (image path, expected label path) of the training (labelled) cases."""
     images_dir = os.path.join(root, "imagesTr")
     labels_dir = os.path.join(root, "labelsTr")
     if isinstance(meta.get("training"), list):
@@ -146,37 +229,27 @@ def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]
                 )
             image = os.path.normpath(os.path.join(root, entry["image"]))
             label = os.path.normpath(os.path.join(root, entry["label"]))
-            name = os.path.basename(image)
-            case_id = name[: -len(ending)] if name.endswith(ending) else name.split(".")[0]
-            case_id = case_id[:-5] if case_id.endswith("_0000") else case_id
-            pairs[case_id] = (image, label)
+            pairs[_msd_v1_case_id(image, ending)] = (image, label)
         return pairs
     if not os.path.isdir(images_dir):
         raise LayoutError(f"{root} is not an MSD/nnU-Net dataset: expected directory {images_dir}")
-    pairs = {}
-    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
-    for name in sorted(os.listdir(images_dir)):
-        if name.startswith("."):  # macOS AppleDouble files ship inside MSD archives
-            continue
-        if not name.endswith(ending):
-            continue
-        match = pattern.match(name)
-        if not match:
-            raise LayoutError(
-                f"unexpected image name {os.path.join(images_dir, name)}: expected "
-                f"<case_id>_0000{ending} (or list MSD v1 pairs under 'training' in dataset.json)"
-            )
-        if match["channel"] != "0000":
-            raise LayoutError(
-                f"{os.path.join(images_dir, name)}: only single-channel datasets (_0000) "
-                "are supported"
-            )
-        case_id = match["case"]
-        pairs[case_id] = (
-            os.path.join(images_dir, name),
-            os.path.join(labels_dir, case_id + ending),
-        )
-    return pairs
+    return {
+        case_id: (image, os.path.join(labels_dir, case_id + ending))
+        for case_id, image in _msd_images(images_dir, ending, allow_plain=False).items()
+    }
+
+
+def _msd_test_images(root: str, meta: dict, ending: str) -> dict[str, str]:
+    """case_id -> image path of the unlabelled imagesTs/ cases (MSD v1 'test' list, or the
+    directory listing)."""
+    if isinstance(meta.get("test"), list):
+        paths = [os.path.normpath(os.path.join(root, p)) for p in meta["test"]
+                 if isinstance(p, str)]
+        return {_msd_v1_case_id(p, ending): p for p in paths}
+    directory = os.path.join(root, "imagesTs")
+    if not os.path.isdir(directory):
+        return {}
+    return _msd_images(directory, ending, allow_plain=True)
 
 
 def _domains_of(meta: dict, case_ids: list[str], root: str, default: str) -> dict[str, str]:
@@ -209,7 +282,8 @@ def _domains_of(meta: dict, case_ids: list[str], root: str, default: str) -> dic
 
 @register_layout("msd")
 def read_msd(root: str, default_domain: str | None = None) -> Listing:
-    """nnU-Net v2 / Medical Segmentation Decathlon layout (docs/CONTRACTS.md)."""
+    """nnU-Net v2 / Medical Segmentation Decathlon layout (docs/CONTRACTS.md): imagesTr/ +
+    labelsTr/ are labelled cases, imagesTs/ unlabelled ones."""
     meta = _read_dataset_json(root)
     where = f"{root}/dataset.json"
     if "labels" not in meta:
@@ -226,20 +300,40 @@ def read_msd(root: str, default_domain: str | None = None) -> Listing:
         raise LayoutError(f"{where}: file_ending {ending!r} is not NIfTI (.nii.gz or .nii)")
     name = str(meta.get("name") or os.path.basename(os.path.normpath(root)))
     pairs = _msd_pairs(root, meta, ending)
-    for case_id, (image, label) in sorted(pairs.items()):
+    tests = _msd_test_images(root, meta, ending)
+    for case_id, (image, _) in sorted(pairs.items()):
         if not os.path.isfile(image):
             raise LayoutError(f"image of case {case_id!r} not found: expected {image}")
-        if not os.path.isfile(label):
-            raise LayoutError(f"label of case {case_id!r} not found: expected {label}")
+    for case_id, image in sorted(tests.items()):
+        if not os.path.isfile(image):
+            raise LayoutError(f"test image of case {case_id!r} not found: expected {image}")
     expected = meta.get("numTraining")
     if isinstance(expected, int) and expected != len(pairs):
         logging.warning(
             "%s says numTraining=%d but %d cases were found", where, expected, len(pairs)
         )
     default = default_domain or sanitize_domain_name(name)
-    domain_of = _domains_of(meta, sorted(pairs), root, default)
-    cases = [
-        CaseRecord(case_id, domain_of[case_id], image, label)
-        for case_id, (image, label) in sorted(pairs.items())
-    ]
-    return Listing(name=name, label_names=label_names, cases=cases)
+    if meta.get("domains") is not None:
+        listed = {c for members in meta["domains"].values() if isinstance(members, list)
+                  for c in members}
+        unassigned = sorted(set(tests) - listed)
+        if unassigned:
+            # A test image's domain cannot be guessed once the dataset names its domains.
+            logging.warning("%s 'domains' does not list imagesTs cases %s; they are left out",
+                            where, unassigned[:5])
+            tests = {c: p for c, p in tests.items() if c in listed}
+    domain_of = _domains_of(meta, sorted(set(pairs) | set(tests)), root, default)
+    cases, problems = [], []
+    for case_id, (image, label) in sorted(pairs.items()):
+        if os.path.isfile(label):
+            cases.append(CaseRecord(case_id, domain_of[case_id], image, label))
+        else:
+            problems.append(CaseProblem(
+                case_id, domain_of[case_id],
+                f"image {image} has no label: expected {label} (labelsTr/<case_id>{ending})"))
+    cases += [CaseRecord(c, domain_of[c], p, None) for c, p in sorted(tests.items())]
+    return Listing(name=name, label_names=label_names, cases=cases, problems=problems)
+
+
+# Importing the other readers registers them; at the bottom because they import this module.
+from uda_tf.data import layouts_mri, layouts_retina  # noqa: E402,F401

@@ -1,82 +1,215 @@
 """Streaming tf.data input pipelines over the prepared TFRecord shards.
 
-Training: per domain, shuffle the shard files, interleave them, parse in parallel, shuffle,
-repeat, batch by the *global* batch size (Keras splits it over replicas), augment, and zip
-source (image, label) with target (image) batches of the same size. Target labels are dropped
-at parse time: they never reach a training update.
+Training, per domain: the domain's shard files (one list per domain and split) are shuffled
+and interleaved, records are shuffled (serialized bytes, so the buffer's memory does not depend
+on the dataset size), repeated, batched by the *global* batch size (Keras splits it over
+replicas), parsed a batch at a time (one vectorised `parse_example`), augmented with batch-level
+TF ops, and source (image, label) batches are zipped with target image batches of the same size.
+Target labels are never parsed: they cannot reach a training update.
+
+The training datasets carry `AutoShardPolicy.FILE`: under a multi-worker strategy each worker
+reads its own subset of every domain's shard files, so a domain needs at least as many shards
+per split as there are workers (see --records_per_shard of prepare).
+
+3D data (`output: volumes` in the manifest): each record is a whole prepared volume; patches
+are cropped inside tf.data (nnU-Net-style foreground oversampling: a share of patches centred on
+a voxel of a randomly chosen foreground class, Isensee et al. 2021), so patch size and sampling
+can change without preparing the data again (docs/CONTRACTS.md).
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
 from uda_tf.data import augment
+from uda_tf.data.augment_intensity import fda
 from uda_tf.data.manifest import shard_files
-from uda_tf.data.tfrecord import parse_slice
+from uda_tf.data.tfrecord import parse_slices, parse_volume
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _records(files, *, shuffle_files: bool, seed):
+def record_kind(manifest) -> str:
+    """"slices" (2D records) or "volumes" (3D records); manifests from before 3D: slices."""
+    return manifest.get("output", {}).get("records", "slices")
+
+
+def _compression(manifest) -> str:
+    return manifest.get("output", {}).get("compression") or ""
+
+
+def _records(files, *, shuffle_files: bool, seed, compression="", cycle_length=4):
     """Training reads shards in a shuffled order, several at once; evaluation reads them one
-    after another so slices come in their stored order."""
+    after another so records come in their stored order."""
     if not shuffle_files:
-        return tf.data.TFRecordDataset(files)
+        return tf.data.TFRecordDataset(files, compression_type=compression)
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    return files_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
-                               num_parallel_calls=AUTOTUNE, deterministic=False)
+    return files_ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+        cycle_length=min(cycle_length, len(files)), num_parallel_calls=AUTOTUNE,
+        deterministic=False)
 
 
-def _parser(manifest):
-    height, width, channels = manifest["image_shape"]
-    return lambda record: parse_slice(record, height, width, channels)
+def _file_sharded(ds):
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
+    return ds.with_options(options)
+
+
+def sample_patch(image, label, patch_size, *, foreground_fraction=0.0, pad_value=0.0):
+    """A random patch [*patch_size, C] of a volume [H, W, D, C] (label [H, W, D]), padded to at
+    least the patch size first. With probability `foreground_fraction` (and where the label has
+    foreground) the patch is centred on a random voxel of a randomly chosen foreground class."""
+    channels = image.shape[-1]  # static; lost by the padding below
+    patch = tf.constant(patch_size, tf.int32)
+    shape = tf.shape(label)
+    pad = tf.maximum(patch - shape, 0)
+    widths = tf.stack([pad // 2, pad - pad // 2], axis=1)
+    image = tf.pad(image, tf.concat([widths, [[0, 0]]], 0), constant_values=pad_value)
+    label = tf.pad(label, widths)
+    max_start = tf.shape(label) - patch
+    start = tf.cast(tf.random.uniform([3]) * tf.cast(max_start + 1, tf.float32), tf.int32)
+    if foreground_fraction > 0:
+        classes, _ = tf.unique(tf.boolean_mask(label, label > 0))
+        has_foreground = tf.size(classes) > 0
+
+        def centred_on_class():
+            pick = tf.random.uniform([], 0, tf.maximum(tf.size(classes), 1), tf.int32)
+            voxels = tf.where(tf.equal(label, tf.gather(classes, pick)))
+            centre = tf.cast(voxels[tf.random.uniform([], 0, tf.shape(voxels)[0], tf.int32)],
+                             tf.int32)
+            return tf.clip_by_value(centre - patch // 2, 0, max_start)
+
+        use = has_foreground & (tf.random.uniform([]) < foreground_fraction)
+        start = tf.cond(use, centred_on_class, lambda: start)
+    start = tf.minimum(start, max_start)
+    image = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([patch, [-1]], 0))
+    label = tf.slice(label, start, patch)
+    image.set_shape([*patch_size, channels])
+    label.set_shape(patch_size)
+    return image, label
+
+
+def _volume_patches(manifest, *, labelled, patch_size, foreground_fraction, patches_per_volume):
+    channels = manifest["image_shape"][-1]
+    dtype = manifest.get("image_dtype", "float32")
+
+    def fn(record):
+        volume = parse_volume(record, channels, image_dtype=dtype)
+        pairs = [sample_patch(volume["image"], volume["label"], patch_size,
+                              foreground_fraction=foreground_fraction if labelled else 0.0,
+                              pad_value=volume["pad_value"])
+                 for _ in range(patches_per_volume)]
+        images = tf.stack([p[0] for p in pairs])
+        if labelled:
+            return images, tf.stack([p[1] for p in pairs])
+        return images
+
+    return fn
+
+
+def _patch_size(manifest, patch_size):
+    if patch_size is not None:
+        patch_size = tuple(int(p) for p in patch_size)
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive integers, got {patch_size}")
+        return patch_size
+    fixed = manifest["image_shape"][:3]
+    if None in fixed:
+        raise ValueError("this 3D dataset has volumes of different depths: pass patch_size "
+                         "(e.g. (96, 96, 64)) to crop patches")
+    return tuple(fixed)
 
 
 def domain_stream(data_dir, manifest, domain, split, *, batch_size, labelled, shuffle_buffer,
-                  seed, augment_data):
-    """Endless shuffled batches of one domain: (images, labels) if `labelled`, else images."""
+                  seed, augment_data, augmentations=None, augment_params=None, patch_size=None,
+                  foreground_fraction=1 / 3, patches_per_volume=1, cycle_length=4):
+    """Endless shuffled batches of one domain: (images, labels) if `labelled`, else images.
+
+    `augmentations` (a preset or op names, see uda_tf.data.augment) applies when
+    `augment_data`; None means the "default" preset (flips and intensity jitter)."""
     files = shard_files(manifest, data_dir, domain, split)
-    ds = _records(files, shuffle_files=True, seed=seed)
+    ds = _records(files, shuffle_files=True, seed=seed, compression=_compression(manifest),
+                  cycle_length=cycle_length)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    parse = _parser(manifest)
-    if labelled:
-        ds = ds.map(lambda r: (lambda e: (e["image"], e["label"]))(parse(r)),
-                    num_parallel_calls=AUTOTUNE)
+    if record_kind(manifest) == "volumes":
+        fn = _volume_patches(manifest, labelled=labelled,
+                             patch_size=_patch_size(manifest, patch_size),
+                             foreground_fraction=foreground_fraction,
+                             patches_per_volume=int(patches_per_volume))
+        ds = ds.map(fn, num_parallel_calls=AUTOTUNE).unbatch()
+        ds = ds.batch(batch_size, drop_remainder=True)
     else:
-        ds = ds.map(lambda r: parse(r)["image"], num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
+        height, width, channels = manifest["image_shape"]
+        dtype = manifest.get("image_dtype", "float32")
+
+        def parse(records):
+            parsed = parse_slices(records, height, width, channels, image_dtype=dtype,
+                                  label=labelled)
+            return (parsed["image"], parsed["label"]) if labelled else parsed["image"]
+
+        # Batch, then parse: one parse_example per batch instead of one per slice.
+        ds = ds.batch(batch_size, drop_remainder=True).map(parse, num_parallel_calls=AUTOTUNE)
     if augment_data:
-        fn = augment.augment_labelled if labelled else augment.augment_unlabelled
-        ds = ds.map(fn, num_parallel_calls=AUTOTUNE)
+        augmenter = augment.build(augmentations or "default", **(augment_params or {}))
+        ds = ds.map(augmenter, num_parallel_calls=AUTOTUNE)
     return ds
 
 
 def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
-                  shuffle_buffer=2048, seed=0, augment_data=True):
-    """((x_s, y_s), x_t) batches when `target` is given, else (x_s, y_s)."""
-    src = domain_stream(data_dir, manifest, source, "train", batch_size=global_batch_size,
-                        labelled=True, shuffle_buffer=shuffle_buffer, seed=seed,
-                        augment_data=augment_data)
+                  shuffle_buffer=2048, seed=0, augment_data=True, augmentations=None,
+                  augment_params=None, patch_size=None, foreground_fraction=1 / 3,
+                  patches_per_volume=1, fda_beta=0.0, cycle_length=4):
+    """((x_s, y_s), x_t) batches when `target` is given, else (x_s, y_s).
+
+    Both streams have `global_batch_size` samples per batch. 3D datasets give patches of
+    `patch_size`. `fda_beta` > 0 applies Fourier domain adaptation to the source images
+    (low-frequency amplitudes from the paired target batch; Yang & Soatto 2020).
+    """
+    common = dict(batch_size=global_batch_size, shuffle_buffer=shuffle_buffer,
+                  augment_data=augment_data, augmentations=augmentations,
+                  augment_params=augment_params, patch_size=patch_size,
+                  foreground_fraction=foreground_fraction,
+                  patches_per_volume=patches_per_volume, cycle_length=cycle_length)
+    src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed, **common)
     if target is None:
-        return src.prefetch(AUTOTUNE)
-    tgt = domain_stream(data_dir, manifest, target, "train", batch_size=global_batch_size,
-                        labelled=False, shuffle_buffer=shuffle_buffer, seed=seed + 1,
-                        augment_data=augment_data)
-    return tf.data.Dataset.zip((src, tgt)).prefetch(AUTOTUNE)
+        if fda_beta:
+            raise ValueError("fda_beta needs a target domain")
+        return _file_sharded(src.prefetch(AUTOTUNE))
+    tgt = domain_stream(data_dir, manifest, target, "train", labelled=False, seed=seed + 1,
+                        **common)
+    ds = tf.data.Dataset.zip((src, tgt))
+    if fda_beta:
+        beta = float(fda_beta)
+        ds = ds.map(lambda s, t: ((fda(s[0], t, beta=beta), s[1]), t),
+                    num_parallel_calls=AUTOTUNE)
+    return _file_sharded(ds.prefetch(AUTOTUNE))
 
 
 def num_records(manifest, domain, split) -> int:
-    """Slices of one domain/split, from the manifest's shard list."""
+    """Records (slices, or volumes) of one domain/split, from the manifest's shard list."""
     return sum(s["records"] for s in manifest["shards"]
                if s["domain"] == domain and s["split"] == split)
 
 
 def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata=False):
     """One ordered pass over a split: (images, labels), or the parsed dicts when
-    `with_metadata` (case_id and slice_index are needed to reassemble volumes)."""
+    `with_metadata` (case_id and slice_index are needed to reassemble volumes).
+
+    For 3D datasets each element is one whole volume (a batch of 1: image [1, H, W, D, C])."""
     files = shard_files(manifest, data_dir, domain, split)
-    ds = _records(files, shuffle_files=False, seed=None).map(_parser(manifest),
-                                                              num_parallel_calls=AUTOTUNE)
+    ds = _records(files, shuffle_files=False, seed=None, compression=_compression(manifest))
+    if record_kind(manifest) == "volumes":
+        channels = manifest["image_shape"][-1]
+        dtype = manifest.get("image_dtype", "float32")
+        ds = ds.map(lambda r: parse_volume(r, channels, image_dtype=dtype)).batch(1)
+    else:
+        height, width, channels = manifest["image_shape"]
+        dtype = manifest.get("image_dtype", "float32")
+        ds = ds.batch(batch_size).map(
+            lambda r: parse_slices(r, height, width, channels, image_dtype=dtype,
+                                   roi=with_metadata, metadata=with_metadata),
+            num_parallel_calls=AUTOTUNE)
     if not with_metadata:
         ds = ds.map(lambda e: (e["image"], e["label"]))
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)

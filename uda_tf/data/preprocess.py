@@ -1,9 +1,16 @@
-"""Volume preprocessing: RAS volume -> fixed-size, fixed-spacing, normalised volume.
+"""Volume preprocessing: RAS volume -> fixed-spacing, normalised, fixed-size volume.
 
-Steps, in order (each records what it did, so `restore_to_original` can undo the geometry):
-  1. intensity: clip to percentiles of the RAS image, then min-max to [0, 1] or z-score;
-  2. resample to the target spacing (image linear, label nearest), keeping the volume centre;
-  3. centre pad/crop in-plane (H, W = RAS x, y) to the target size; the slice axis is kept.
+Steps, in order; each records what it did in the case's manifest entry, so inference can apply
+the same steps to a new scan (`preprocess_volumes`, `apply_geometry`) and put predictions back
+on the file's grid (`restore_to_original`):
+  1. (optional) crop to the bounding box of the foreground, as nnU-Net crops to the nonzero
+     region (Isensee et al. 2021);
+  2. intensity: clip to percentiles, then min-max to [0, 1] or z-score; the statistics may be
+     taken inside a foreground mask, the transform applies to every voxel;
+  3. resample to the target spacing, image linear or cubic (B-spline), labels by linearly
+     interpolating each label's one-hot mask then argmax (nnU-Net's label resampling);
+  4. move the slice axis last (axial: RAS z; coronal: y; sagittal: x);
+  5. centre pad/crop the in-plane axes (and the slice axis too if `size` has 3 values).
 
 The resampled grid has exactly the target spacing (its shape is rounded, its extent follows),
 so every prepared slice has the same physical pixel size.
@@ -13,85 +20,159 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
 from uda_tf.data import io
+from uda_tf.data.geometry import (  # noqa: F401  (re-exported: callers use preprocess.*)
+    SLICE_AXES, apply_crop_pad, crop_pad_plan, from_slice_axis, grid_map, prepared_affine,
+    resample, resample_labels, resampled_shape, slice_axes, to_slice_axis, undo_crop_pad)
 from uda_tf.data.layouts import CaseRecord
 
 NORMALIZATIONS = ("minmax", "zscore")
+INTERPOLATIONS = {"linear": 1, "cubic": 3}
+FOREGROUNDS = ("nonzero", "percentile", "roi")
+_grid_map = grid_map  # the old private name
 
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
+    """Every preprocessing parameter; `to_manifest()` is what the manifest records.
+
+    foreground: what counts as foreground for `crop_foreground` and `normalize_in_foreground`:
+    "nonzero" voxels, voxels above the `foreground_percentile`-th percentile, or the case's
+    region of interest ("roi", e.g. DRIVE's field-of-view mask; nonzero where a case has none).
+    color: how RGB pictures become channels (io.COLOR_MODES); NIfTI scans ignore it.
+    """
+
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
-    size: tuple[int, int] = (96, 112)
+    size: tuple[int, ...] = (96, 112)
     clip_percentiles: tuple[float, float] = (1.0, 99.0)
     normalization: str = "minmax"
+    image_interpolation: str = "linear"
+    slice_axis: str = "axial"
+    foreground: str = "nonzero"
+    foreground_percentile: float = 5.0
+    normalize_in_foreground: bool = False
+    crop_foreground: bool = False
+    color: str = "green"
 
     def __post_init__(self):
+        def bad(name, allowed, value):
+            return ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"spacing must be 3 positive numbers (mm), got {self.spacing}")
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise ValueError(f"size must be 2 positive integers (H,W), got {self.size}")
+        if len(self.size) not in (2, 3) or min(self.size) < 1:
+            raise ValueError(
+                f"size must be 2 (H,W) or 3 (H,W,D) positive integers, got {self.size}")
         low, high = self.clip_percentiles
         if not 0 <= low < high <= 100:
             raise ValueError(
                 f"clip_percentiles must satisfy 0 <= low < high <= 100, got {self.clip_percentiles}"
             )
         if self.normalization not in NORMALIZATIONS:
+            raise bad("normalization", NORMALIZATIONS, self.normalization)
+        if self.image_interpolation not in INTERPOLATIONS:
+            raise bad("image_interpolation", INTERPOLATIONS, self.image_interpolation)
+        if self.slice_axis not in SLICE_AXES:
+            raise bad("slice_axis", SLICE_AXES, self.slice_axis)
+        if self.foreground not in FOREGROUNDS:
+            raise bad("foreground", FOREGROUNDS, self.foreground)
+        if not 0 <= self.foreground_percentile < 100:
             raise ValueError(
-                f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
-                f"got {self.normalization!r}"
-            )
+                f"foreground_percentile must be in [0, 100), got {self.foreground_percentile}")
+        if self.color not in io.COLOR_MODES:
+            raise bad("color", io.COLOR_MODES, self.color)
 
     def to_manifest(self) -> dict:
         return {
             "orientation": "RAS",
             "spacing": [float(s) for s in self.spacing],
-            "interpolation": {"image": "linear", "label": "nearest"},
+            "interpolation": {"image": self.image_interpolation, "label": "linear_onehot"},
             "clip_percentiles": [float(p) for p in self.clip_percentiles],
             "normalization": self.normalization,
             "size": [int(s) for s in self.size],
+            "slice_axis": self.slice_axis,
+            "foreground": self.foreground,
+            "foreground_percentile": float(self.foreground_percentile),
+            "normalize_in_foreground": bool(self.normalize_in_foreground),
+            "crop_foreground": bool(self.crop_foreground),
+            "color": self.color,
         }
 
     @classmethod
     def from_manifest(cls, preprocessing: dict) -> "PreprocessConfig":
+        """Also reads manifests written before the optional steps existed (their defaults)."""
+        interpolation = preprocessing.get("interpolation", {})
+        optional = {k: preprocessing[k] for k in (
+            "slice_axis", "foreground", "foreground_percentile", "normalize_in_foreground",
+            "crop_foreground", "color") if k in preprocessing}
         return cls(
             spacing=tuple(preprocessing["spacing"]),
             size=tuple(preprocessing["size"]),
             clip_percentiles=tuple(preprocessing["clip_percentiles"]),
             normalization=preprocessing["normalization"],
+            image_interpolation=(interpolation.get("image", "linear")
+                                 if isinstance(interpolation, dict) else "linear"),
+            **optional,
         )
 
 
 @dataclasses.dataclass
 class PreparedCase:
-    """One preprocessed volume: image [H, W, D] float32, label [H, W, D] uint8 or None."""
+    """One preprocessed volume: image [H, W, D] float32 ([H, W, D, C] when C > 1), label
+    [H, W, D] uint8 or None, roi [H, W, D] uint8 or None (the region of interest)."""
 
     case_id: str
     domain: str
     image: np.ndarray
     label: np.ndarray | None
     record: dict  # the manifest's per-case entry, less `domain`/`split`
+    roi: np.ndarray | None = None
+
+
+def foreground_mask(image: np.ndarray, config: PreprocessConfig,
+                    roi: np.ndarray | None = None) -> np.ndarray:
+    """Boolean [X, Y, Z] foreground of a RAS image ([X, Y, Z] or [X, Y, Z, C])."""
+    if config.foreground == "roi" and roi is not None:
+        return roi > 0
+    values = np.abs(image).max(axis=-1) if image.ndim == 4 else image
+    if config.foreground == "percentile":
+        return values > np.percentile(values, config.foreground_percentile)
+    return values != 0
+
+
+def foreground_bbox(mask: np.ndarray) -> list[list[int]]:
+    """[[start, stop]] per axis of the smallest box holding every True voxel."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append([int(hits[0]), int(hits[-1]) + 1])
+    return box
 
 
 def normalize_intensity(
-    image: np.ndarray, clip_percentiles: tuple[float, float], normalization: str
+    image: np.ndarray, clip_percentiles: tuple[float, float], normalization: str,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Clips to percentiles of this volume, then scales; returns the statistics used."""
-    p_low, p_high = (float(v) for v in np.percentile(image, clip_percentiles))
-    clipped = np.clip(image, p_low, p_high)
-    mean, std = float(clipped.mean(dtype=np.float64)), float(clipped.std(dtype=np.float64))
-    if normalization == "minmax":
-        offset, scale = p_low, (p_high - p_low)
-    elif normalization == "zscore":
-        offset, scale = mean, std
-    else:
-        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
-    # A constant volume has no range; keep it finite (all zeros) instead of dividing by 0.
-    scale = scale if scale > 0 else 1.0
-    out = ((clipped - offset) / scale).astype(np.float32)
+    """Clips to percentiles of this volume, then scales; returns the statistics used.
+
+    With `mask` ([X, Y, Z], broadcast over channels), percentiles, mean and std come from the
+    masked voxels only; the transform (clip(x) - offset) / scale still applies everywhere, so
+    it stays one affine map per volume that inference (and export's serving_raw) can repeat.
+    """
+    if mask is not None and image.ndim == 4:
+        mask = np.broadcast_to(mask[..., None], image.shape)
+    sample = image if mask is None else image[mask]
+    p_low, p_high = (float(v) for v in np.percentile(sample, clip_percentiles))
+    clipped_sample = np.clip(sample, p_low, p_high)
+    mean = float(clipped_sample.mean(dtype=np.float64))
+    std = float(clipped_sample.std(dtype=np.float64))
     stats = {"p_low": p_low, "p_high": p_high, "mean": mean, "std": std}
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
+    offset, scale = intensity_transform(stats, normalization)
+    out = ((np.clip(image, p_low, p_high) - offset) / scale).astype(np.float32)
     return out, stats
 
 
@@ -101,192 +182,189 @@ def intensity_transform(intensity: dict, normalization: str) -> tuple[float, flo
         offset, scale = intensity["p_low"], intensity["p_high"] - intensity["p_low"]
     else:
         offset, scale = intensity["mean"], intensity["std"]
+    # A constant volume has no range; keep it finite (all zeros) instead of dividing by 0.
     return offset, (scale if scale > 0 else 1.0)
 
 
-def _grid_map(n_in: int, spacing_in: float, n_out: int, spacing_out: float):
-    """(zoom, offset) such that input index = zoom * output index + offset, centres aligned."""
-    zoom = spacing_out / spacing_in
-    return zoom, (n_in - 1) / 2.0 - zoom * (n_out - 1) / 2.0
+def _preprocess(image: io.Volume, label: io.Volume | None, roi: io.Volume | None,
+                config: PreprocessConfig):
+    """(prepared image, prepared label, prepared roi, record) of one case."""
+    array, label_array = image.array, None if label is None else label.array
+    roi_array = None if roi is None else roi.array
+    mask = None
+    if config.crop_foreground or config.normalize_in_foreground:
+        mask = foreground_mask(array, config, roi_array)
+        if not mask.any():
+            raise io.NiftiError(f"image has no foreground voxels (foreground={config.foreground})")
+    bbox = None
+    if config.crop_foreground:
+        bbox = foreground_bbox(mask)
+        box = tuple(slice(a, b) for a, b in bbox)
+        array, mask = array[box], mask[box]
+        label_array = None if label_array is None else label_array[box]
+        roi_array = None if roi_array is None else roi_array[box]
+    normalized, intensity = normalize_intensity(
+        array, config.clip_percentiles, config.normalization,
+        mask if config.normalize_in_foreground else None)
+    order = INTERPOLATIONS[config.image_interpolation]
+    resampled = resample(normalized, image.spacing, config.spacing, order=order)
+    axes = slice_axes(config.slice_axis)
+    moved = to_slice_axis(resampled, axes)
+    plan = crop_pad_plan(moved.shape[: len(config.size)], config.size)
+    # Pad with the normalised value of the clip floor: background, whatever the scaling.
+    offset, scale = intensity_transform(intensity, config.normalization)
+    pad_value = float(np.float32((intensity["p_low"] - offset) / scale))
+    prepared = apply_crop_pad(moved, plan, pad_value).astype(np.float32)
 
+    def prepare_mask(values):
+        resampled_mask = resample_labels(values, image.spacing, config.spacing)
+        return apply_crop_pad(to_slice_axis(resampled_mask, axes), plan, 0).astype(np.uint8)
 
-def resampled_shape(shape, spacing_in, spacing_out) -> tuple[int, int, int]:
-    return tuple(
-        max(1, int(np.round(n * s_in / s_out)))
-        for n, s_in, s_out in zip(shape, spacing_in, spacing_out)
-    )
-
-
-def resample(array: np.ndarray, spacing_in, spacing_out, order: int, shape_out=None) -> np.ndarray:
-    """Resamples a 3D array to `spacing_out` (order 1 linear, 0 nearest), centres aligned."""
-    shape_out = tuple(shape_out or resampled_shape(array.shape, spacing_in, spacing_out))
-    maps = [
-        _grid_map(n_in, s_in, n_out, s_out)
-        for n_in, s_in, n_out, s_out in zip(array.shape, spacing_in, shape_out, spacing_out)
-    ]
-    if all(abs(z - 1) < 1e-9 and abs(o) < 1e-9 for z, o in maps) and shape_out == array.shape:
-        return array.copy()
-    # A diagonal (1-D) matrix takes scipy's separable fast path.
-    return ndimage.affine_transform(
-        array,
-        matrix=np.array([z for z, _ in maps]),
-        offset=np.array([o for _, o in maps]),
-        output_shape=shape_out,
-        order=order,
-        mode="nearest",
-        prefilter=False,
-    )
-
-
-def resample_labels(labels: np.ndarray, spacing_in, spacing_out, shape_out=None) -> np.ndarray:
-    """Resamples a label map by linear interpolation of each label's mask, then argmax.
-
-    Nearest neighbour would pick one side at every exact midpoint (an even downsampling
-    factor), shifting labels by half an input voxel against the linearly resampled image;
-    interpolating one-hot masks, as nnU-Net does, keeps both on the same geometry."""
-    values = np.unique(labels)
-    if len(values) == 1:
-        shape_out = tuple(shape_out or resampled_shape(labels.shape, spacing_in, spacing_out))
-        return np.full(shape_out, values[0], labels.dtype)
-    best = score = None
-    for value in values:
-        mask = resample((labels == value).astype(np.float32), spacing_in, spacing_out, order=1,
-                        shape_out=shape_out)
-        if best is None:
-            best, score = np.full(mask.shape, value, labels.dtype), mask
-        else:
-            better = mask > score
-            best[better] = value
-            score = np.maximum(score, mask)
-    return best
-
-
-def crop_pad_plan(shape_hw, size) -> dict:
-    """Centre crop/pad amounts per in-plane axis: {"pad": [[before, after]]*2, "crop": ...}."""
-    pad, crop = [], []
-    for n, target in zip(shape_hw, size):
-        extra = target - n
-        if extra >= 0:
-            pad.append([extra // 2, extra - extra // 2])
-            crop.append([0, 0])
-        else:
-            pad.append([0, 0])
-            crop.append([-extra // 2, -extra - (-extra // 2)])
-    return {"pad": pad, "crop": crop}
-
-
-def apply_crop_pad(array: np.ndarray, plan: dict, pad_value: float) -> np.ndarray:
-    (ch0, ch1), (cw0, cw1) = plan["crop"]
-    cropped = array[ch0 : array.shape[0] - ch1, cw0 : array.shape[1] - cw1]
-    widths = [tuple(plan["pad"][0]), tuple(plan["pad"][1])] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(cropped, widths, mode="constant", constant_values=pad_value)
-
-
-def undo_crop_pad(array: np.ndarray, plan: dict, fill: float = 0) -> np.ndarray:
-    """Back to the resampled in-plane shape; what the crop removed is set to `fill`."""
-    (ph0, ph1), (pw0, pw1) = plan["pad"]
-    (ch0, ch1), (cw0, cw1) = plan["crop"]
-    inner = array[ph0 : array.shape[0] - ph1, pw0 : array.shape[1] - pw1]
-    widths = [(ch0, ch1), (cw0, cw1)] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(inner, widths, mode="constant", constant_values=fill)
-
-
-def prepared_affine(ras_affine, ras_shape, ras_spacing, config: PreprocessConfig, plan) -> list:
-    """voxel -> world mm of the prepared volume, so predictions can be saved in that grid."""
-    out_shape = resampled_shape(ras_shape, ras_spacing, config.spacing)
-    maps = [
-        _grid_map(n_in, s_in, n_out, s_out)
-        for n_in, s_in, n_out, s_out in zip(ras_shape, ras_spacing, out_shape, config.spacing)
-    ]
-    to_input = np.eye(4)
-    to_input[:3, :3] = np.diag([z for z, _ in maps])
-    to_input[:3, 3] = [o for _, o in maps]
-    shift = np.eye(4)  # prepared index -> resampled index
-    shift[0, 3] = plan["crop"][0][0] - plan["pad"][0][0]
-    shift[1, 3] = plan["crop"][1][0] - plan["pad"][1][0]
-    return (np.asarray(ras_affine) @ to_input @ shift).tolist()
+    prepared_label = None if label_array is None else prepare_mask(label_array)
+    prepared_roi = None if roi_array is None else prepare_mask(roi_array)
+    spacing = [float(config.spacing[a]) for a in axes]
+    record = {
+        "has_label": label is not None,
+        "original_shape": [int(n) for n in image.original_shape],
+        "original_spacing": [float(s) for s in image.original_spacing],
+        "original_affine": np.asarray(image.original_affine).tolist(),
+        "foreground_bbox": bbox,
+        "resampled_shape": [int(n) for n in resampled.shape[:3]],
+        "axes": list(axes),
+        "crop_pad": {**plan, "pad_value": pad_value},
+        "prepared_shape": [int(n) for n in prepared.shape],
+        "prepared_spacing": spacing,
+        "num_slices": int(prepared.shape[2]),
+        "prepared_affine": prepared_affine(
+            image.affine, array.shape[:3], image.spacing, config.spacing, plan, axes,
+            None if bbox is None else [a for a, _ in bbox]),
+        "intensity": intensity,
+    }
+    return prepared, prepared_label, prepared_roi, record
 
 
 def preprocess_volumes(
     image: io.Volume, label: io.Volume | None, config: PreprocessConfig
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Image (and label) volumes -> prepared arrays and the per-case manifest record."""
-    normalized, intensity = normalize_intensity(
-        image.array, config.clip_percentiles, config.normalization
-    )
-    resampled = resample(normalized, image.spacing, config.spacing, order=1)
-    plan = crop_pad_plan(resampled.shape[:2], config.size)
-    # Pad with the normalised value of the clip floor: background, whatever the scaling.
-    offset, scale = intensity_transform(intensity, config.normalization)
-    pad_value = float(np.float32((intensity["p_low"] - offset) / scale))
-    prepared = apply_crop_pad(resampled, plan, pad_value).astype(np.float32)
-    prepared_label = None
-    if label is not None:
-        prepared_label = apply_crop_pad(
-            resample_labels(label.array, label.spacing, config.spacing), plan, 0
-        ).astype(np.uint8)
-    record = {
-        "has_label": label is not None,
-        "original_shape": [int(n) for n in image.original_shape],
-        "original_spacing": [float(s) for s in image.original_spacing],
-        "original_affine": np.asarray(image.original_affine).tolist(),
-        "resampled_shape": [int(n) for n in resampled.shape],
-        "crop_pad": {**plan, "pad_value": pad_value},
-        "num_slices": int(prepared.shape[2]),
-        "prepared_affine": prepared_affine(
-            image.affine, image.array.shape, image.spacing, config, plan
-        ),
-        "intensity": intensity,
-    }
+    prepared, prepared_label, _, record = _preprocess(image, label, None, config)
     return prepared, prepared_label, record
 
 
-def _check_label_grid(image: io.Volume, label: io.Volume, label_path: str) -> None:
-    if label.array.shape != image.array.shape or not np.allclose(
-        label.affine, image.affine, atol=1e-3
-    ):
+def apply_geometry(array: np.ndarray, spacing, case: dict, preprocessing: dict, *,
+                   order: int = 1, fill: float = 0.0) -> np.ndarray:
+    """The recorded geometric steps (foreground crop, resampling, slice axis, crop/pad) applied
+    to another array on the same RAS grid, e.g. raw intensities for export's serving_raw.
+    `spacing` is the RAS voxel spacing of `array`; order 0 resamples labels."""
+    config = PreprocessConfig.from_manifest(preprocessing)
+    bbox = case.get("foreground_bbox")
+    if bbox:
+        array = array[tuple(slice(a, b) for a, b in bbox)]
+    if order == 0:
+        resampled = resample_labels(array, spacing, config.spacing)
+    else:
+        resampled = resample(array, spacing, config.spacing, order=order)
+    moved = to_slice_axis(resampled, case.get("axes", (0, 1, 2)))
+    return apply_crop_pad(moved, case["crop_pad"], fill)
+
+
+def slices_with_context(prepared: np.ndarray, context: int = 0) -> np.ndarray:
+    """[D, H, W, (2k+1)C] slices of a prepared [H, W, D(, C)] volume, each with its k
+    neighbours on either side as extra channels (2.5D input; edge slices repeat), ordered
+    from offset -k to +k. context=0 gives the plain slices with a channel axis."""
+    volume = prepared if prepared.ndim == 4 else prepared[..., None]
+    depth = volume.shape[2]
+    offsets = np.arange(-context, context + 1)
+    index = np.clip(np.arange(depth)[:, None] + offsets[None, :], 0, depth - 1)  # [D, 2k+1]
+    stacked = volume[:, :, index]  # [H, W, D, 2k+1, C]
+    stacked = stacked.reshape(*volume.shape[:2], depth, -1)
+    return np.ascontiguousarray(np.moveaxis(stacked, 2, 0))
+
+
+def _check_grid(image: io.Volume, other: io.Volume, image_path: str, other_path: str,
+                what: str) -> None:
+    if tuple(other.array.shape[:3]) != tuple(image.array.shape[:3]):
         raise io.NiftiError(
-            f"label {label_path} is not on its image's grid: shape {label.original_shape} vs "
-            f"{image.original_shape}, or a different affine"
+            f"{what} {other_path} has shape {tuple(other.original_shape)} but its image "
+            f"{image_path} has shape {tuple(image.original_shape)}"
+        )
+    difference = float(np.abs(np.asarray(other.affine) - np.asarray(image.affine)).max())
+    if difference > 1e-3:
+        raise io.NiftiError(
+            f"{what} {other_path} has a different affine from its image {image_path} "
+            f"(largest difference {difference:.4g} mm): they are not on the same grid"
+        )
+
+
+def _check_image(image: io.Volume, path: str) -> None:
+    if image.array.size == 0:
+        raise io.NiftiError(f"image {path} is empty (shape {tuple(image.original_shape)})")
+    low, high = float(image.array.min()), float(image.array.max())
+    if low == high:
+        raise io.NiftiError(f"image {path} is empty: every voxel is {low:g}")
+
+
+def _check_label_values(label: io.Volume, path: str, label_values: int) -> None:
+    present = np.unique(label.array)
+    outside = [int(v) for v in present if v >= label_values]
+    if outside:
+        raise io.NiftiError(
+            f"label {path} has values {outside} outside the declared labels "
+            f"0..{label_values - 1}: dataset.json/the layout declares only {label_values} labels"
         )
 
 
 def prepare_case(case: CaseRecord, config: PreprocessConfig, label_values: int) -> PreparedCase:
-    """Reads and preprocesses one case; picklable, so it runs in worker processes."""
-    image = io.read_volume(case.image_path)
-    label = None
+    """Reads, checks and preprocesses one case; picklable, so it runs in worker processes.
+    Every problem is an io.NiftiError (or FileNotFoundError) naming the file."""
+    image = io.read_volume(case.image_path, color=config.color)
+    _check_image(image, case.image_path)
+    label = roi = None
     if case.label_path is not None:
-        label = io.read_volume(case.label_path, is_label=True)
-        _check_label_grid(image, label, case.label_path)
-        if label.array.size and int(label.array.max()) >= label_values:
-            raise io.NiftiError(
-                f"label {case.label_path} has value {int(label.array.max())} but dataset.json "
-                f"declares only {label_values} labels (0..{label_values - 1})"
-            )
-    prepared, prepared_label, record = preprocess_volumes(image, label, config)
-    return PreparedCase(case.case_id, case.domain, prepared, prepared_label, record)
+        label = io.read_volume(case.label_path, is_label=True, binarize=case.binarize_label)
+        _check_grid(image, label, case.image_path, case.label_path, "label")
+        _check_label_values(label, case.label_path, label_values)
+    if case.mask_path is not None:
+        roi = io.read_volume(case.mask_path, is_label=True, binarize=True)
+        _check_grid(image, roi, case.image_path, case.mask_path, "region-of-interest mask")
+    try:
+        prepared, prepared_label, prepared_roi, record = _preprocess(image, label, roi, config)
+    except io.NiftiError as e:
+        raise io.NiftiError(f"{case.image_path}: {e}") from e
+    record["has_roi"] = roi is not None
+    return PreparedCase(case.case_id, case.domain, prepared, prepared_label, record,
+                        prepared_roi)
 
 
 def restore_to_original(
     prepared: np.ndarray, case: dict, preprocessing: dict, order: int = 0, fill: float = 0
 ) -> np.ndarray:
-    """Maps a prepared volume [H, W, D] (e.g. a predicted label map) back onto the on-disk grid
-    of the original file, so it can be saved with `case["original_affine"]`.
+    """Maps a prepared volume [H, W, D] (e.g. a predicted label map; [H, W, D, K] with
+    order >= 1 for probabilities) back onto the on-disk grid of the original file, so it can
+    be saved with `case["original_affine"]`.
 
     `case` and `preprocessing` are the manifest's entries. Use order=0 for labels. Voxels the
-    in-plane crop removed get `fill`.
+    crops removed (in-plane crop, foreground crop) get `fill`.
     """
     config = PreprocessConfig.from_manifest(preprocessing)
-    if tuple(prepared.shape[:2]) != tuple(config.size):
+    n = len(case["crop_pad"]["pad"])
+    if tuple(prepared.shape[:n]) != tuple(config.size[:n]):
         raise ValueError(f"expected a prepared volume of size {config.size}, got {prepared.shape}")
-    uncropped = undo_crop_pad(prepared, case["crop_pad"], fill)
+    axes = case.get("axes", (0, 1, 2))
+    uncropped = from_slice_axis(undo_crop_pad(prepared, case["crop_pad"], fill), axes)
     ras_shape, ras_spacing = io.canonical_geometry(
         tuple(case["original_shape"]), np.asarray(case["original_affine"])
     )
+    bbox = case.get("foreground_bbox")
+    inner_shape = tuple(b - a for a, b in bbox) if bbox else ras_shape
     # Map each original voxel into the resampled grid (the inverse of `resample`'s mapping).
     if order == 0:
-        restored = resample_labels(uncropped, config.spacing, ras_spacing, shape_out=ras_shape)
+        restored = resample_labels(uncropped, config.spacing, ras_spacing, shape_out=inner_shape)
     else:
         restored = resample(uncropped, config.spacing, ras_spacing, order=order,
-                            shape_out=ras_shape)
+                            shape_out=inner_shape)
+    if bbox:
+        widths = [(a, n - b) for (a, b), n in zip(bbox, ras_shape)]
+        widths += [(0, 0)] * (restored.ndim - 3)
+        restored = np.pad(restored, widths, mode="constant", constant_values=fill)
     return io.ras_to_original(restored, np.asarray(case["original_affine"]))

@@ -1,0 +1,93 @@
+"""An interrupted `prepare` re-run with the same arguments keeps its finished shards, prepares
+only the rest, and ends with the same shards and manifest as an uninterrupted run."""
+import hashlib
+import os
+
+import pytest
+
+from tests.helpers import make_msd
+from uda_tf import prepare as prepare_mod
+from uda_tf.data import sharding
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _files(out):
+    """{relative path: sha256} of everything in the output directory."""
+    found = {}
+    for directory, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, out)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    return make_msd(tmp_path_factory.mktemp("raw"))
+
+
+CASES = [
+    # 2D slices, 4 per shard: shard boundaries fall inside cases (10 or 15 slices each)
+    dict(size=(16, 24), records_per_shard=4),
+    # 3D volumes, float16, GZIP shards
+    dict(size=(16, 24, 8), records_per_shard=1, output="volumes", image_dtype="float16",
+         compression="gzip"),
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=["slices", "volumes_gzip"])
+@pytest.mark.parametrize("stop_after", [1, 5])
+def test_interrupted_run_resumes_to_identical_output(raw, tmp_path, monkeypatch, kwargs,
+                                                     stop_after):
+    reference = prepare_mod.prepare(str(raw), str(tmp_path / "ref"), workers=1, verbose=False,
+                                    **kwargs)
+    out = tmp_path / "out"
+    written = []
+
+    def interrupt(shard):
+        written.append(shard["file"])
+        if len(written) == stop_after:
+            raise Interrupted(f"stopped after {shard['file']}")
+
+    monkeypatch.setattr(sharding, "AFTER_SHARD_HOOK", interrupt)
+    with pytest.raises(Interrupted):
+        prepare_mod.prepare(str(raw), str(out), workers=1, verbose=False, **kwargs)
+    monkeypatch.setattr(sharding, "AFTER_SHARD_HOOK", None)
+    assert not (out / "manifest.json").exists()  # incomplete until the manifest lands
+    assert not [f for f in os.listdir(out / "shards") if ".tmp-" in f]
+    # a stale temporary file, as a killed process would leave
+    (out / "shards" / "dom_b-train-00000.tfrecord.tmp-99999").write_bytes(b"partial")
+
+    prepared = []
+    original = prepare_mod._prepare_or_error
+    monkeypatch.setattr(prepare_mod, "_prepare_or_error",
+                        lambda case, **kw: prepared.append(case.case_id) or original(case, **kw))
+    resumed = prepare_mod.prepare(str(raw), str(out), workers=1, verbose=False, **kwargs)
+    assert resumed == reference
+    assert _files(out) == _files(tmp_path / "ref")  # same shard bytes, same manifest
+    assert len(reference["shards"]) > stop_after
+    if stop_after == 5:  # whole cases lie in the first five shards: not prepared again
+        assert len(prepared) < 6
+
+
+def test_progress_of_other_parameters_is_discarded(raw, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def interrupt(shard):
+        raise Interrupted()
+
+    monkeypatch.setattr(sharding, "AFTER_SHARD_HOOK", interrupt)
+    with pytest.raises(Interrupted):
+        prepare_mod.prepare(str(raw), str(out), size=(16, 24), records_per_shard=4, workers=1,
+                            verbose=False)
+    monkeypatch.setattr(sharding, "AFTER_SHARD_HOOK", None)
+    other = prepare_mod.prepare(str(raw), str(out), size=(16, 24), records_per_shard=4,
+                                normalization="zscore", workers=1, verbose=False)
+    fresh = prepare_mod.prepare(str(raw), str(tmp_path / "fresh"), size=(16, 24),
+                                records_per_shard=4, normalization="zscore", workers=1,
+                                verbose=False)
+    assert other == fresh
+    assert not (out / sharding.PROGRESS_DIR).exists()  # removed once the manifest is written
