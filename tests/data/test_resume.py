@@ -91,3 +91,24 @@ def test_progress_of_other_parameters_is_discarded(raw, tmp_path, monkeypatch):
                                 verbose=False)
     assert other == fresh
     assert not (out / sharding.PROGRESS_DIR).exists()  # removed once the manifest is written
+
+
+def test_output_of_the_previous_version_is_recognised(raw, tmp_path, capsys):
+    """A manifest without the keys added since (output, layout_options, ...) and with the old
+    preprocessing entry reads as prepared with today's defaults, not as other parameters."""
+    from uda_tf.data import manifest as manifest_lib
+    out = tmp_path / "out"
+    current = prepare_mod.prepare(str(raw), str(out), size=(16, 24), records_per_shard=8,
+                                  workers=1, verbose=False)
+    old = {k: v for k, v in current.items()
+           if k not in ("output", "layout_options", "skip_bad_cases", "skipped_cases")}
+    old["split"] = {k: v for k, v in current["split"].items() if k != "file_sha256"}
+    old["preprocessing"] = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0],
+                            "interpolation": {"image": "linear", "label": "nearest"},
+                            "clip_percentiles": [1.0, 99.0], "normalization": "minmax",
+                            "size": [16, 24]}
+    manifest_lib.write_manifest(str(out), old)
+    again = prepare_mod.prepare(str(raw), str(out), size=(16, 24), records_per_shard=8,
+                                workers=1)
+    assert "nothing to do" in capsys.readouterr().out
+    assert again["preprocessing"] == old["preprocessing"]  # left as it was
