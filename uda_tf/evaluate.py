@@ -1,105 +1,199 @@
-"""Volume evaluation of a model on a prepared split.
+"""Volume evaluation: every metric of uda_tf.metrics per case and class, in millimetres.
 
-Slices are predicted in batches, reassembled into volumes by (case_id, slice_index), and
-scored per case and class in 3D. Writes `metrics.csv` (one row per case and class) and
-`summary.json` (per class and over foreground classes: {"mean", "std", "n"}) as specified in
-shared/ARCHITECTURE.md. First version: Dice only, on the prepared (resampled) grid.
+Two sources of volumes:
+
+* a model on a prepared split (`--data_dir --domain --split --model`): slices are predicted in
+  batches and reassembled by (case_id, slice_index) (3D records: whole volumes), and scored on
+  the prepared grid with the prepared spacing of the manifest;
+* NIfTI predictions against NIfTI labels in the original geometry (`--predictions=<dir>
+  --labels=<dir>`, files `<case>.nii.gz`, as `python -m uda_tf.predict` writes them), scored
+  with the spacing of the files.
+
+Writes `metrics.csv` (one row per case and foreground class: dice, surface_dice, assd, hd95,
+precision, recall, fscore, both_empty, one_empty), `summary.json` (per class and averaged over
+foreground classes: {"mean", "std", "n"} per metric, NaN rows left out of n; the surface Dice
+tolerance, distance convention and cap; shared/ARCHITECTURE.md), `boxplot.png` and
+`overlays/<case>.png`; with `--mlflow_run_id` all of it is logged as artifacts of that run.
 
     python -m uda_tf.evaluate --data_dir=demo_out/prepared --domain=scanner_b \
         --model=demo_out/runs/grl/export/uda_demo/1 --output_dir=/tmp/eval
+    python -m uda_tf.evaluate --predictions=preds --labels=raw/labelsTr --output_dir=/tmp/eval
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from collections import defaultdict
 
 import numpy as np
 
-from uda_tf.metrics import volume_dice
+from uda_tf import metrics
+from uda_tf.metrics import volume_dice  # noqa: F401  (kept importable from here)
 
-METRIC_NAMES = ("dice",)
+METRIC_NAMES = metrics.METRICS
+FLAGS_OF_ROW = ("both_empty", "one_empty")
 
 
-def predict_volumes(predict_fn, dataset):
-    """Run `predict_fn(images) -> int labels [N,H,W]` over a metadata dataset and reassemble
-    {case_id: (prediction, reference)} volumes [H, W, num_slices]."""
-    slices = defaultdict(dict)
-    sizes = {}
+# -- volumes --------------------------------------------------------------------------------
+def _outputs(result) -> tuple[np.ndarray, np.ndarray | None]:
+    """predict_fn may return labels, or a dict with `labels` (and optionally `entropy`)."""
+    if isinstance(result, dict):
+        entropy = result.get("entropy")
+        return np.asarray(result["labels"]), None if entropy is None else np.asarray(entropy)
+    return np.asarray(result), None
+
+
+def predict_volumes(predict_fn, dataset, *, keep_images: bool = False) -> dict[str, dict]:
+    """Run `predict_fn(images)` over a metadata dataset (`eval_dataset(..., with_metadata=
+    True)`) and reassemble {case_id: {"pred", "ref"[, "image", "entropy"]}} volumes
+    [H, W, D]. `keep_images` keeps the centre image channel and the entropy (for overlays).
+    Cases stored without a label are left out: their zero labels are no reference."""
+    slices, sizes = defaultdict(dict), {}
+    volumes = {}
     for batch in dataset:
-        pred = np.asarray(predict_fn(batch["image"]))
+        labels, entropy = _outputs(predict_fn(batch["image"]))
+        images = batch["image"].numpy() if keep_images else None
         for i, case in enumerate(batch["case_id"].numpy()):
             case = case.decode()
-            k = int(batch["slice_index"][i])
-            slices[case][k] = (pred[i], batch["label"][i].numpy())
+            if "has_label" in batch and not int(batch["has_label"][i]):
+                continue
+            item = {"pred": labels[i], "ref": batch["label"][i].numpy()}
+            if keep_images:
+                item["image"] = images[i][..., images.shape[-1] // 2]
+                if entropy is not None:
+                    item["entropy"] = entropy[i]
+            if "slice_index" not in batch:  # 3D records: one whole volume per element
+                volumes[case] = item
+                continue
+            slices[case][int(batch["slice_index"][i])] = item
             sizes[case] = int(batch["num_slices"][i])
-    volumes = {}
     for case, by_index in slices.items():
         missing = sorted(set(range(sizes[case])) - set(by_index))
         if missing:
             raise ValueError(f"case {case}: slices {missing[:5]} missing from the shards")
-        pred = np.stack([by_index[k][0] for k in range(sizes[case])], axis=-1)
-        ref = np.stack([by_index[k][1] for k in range(sizes[case])], axis=-1)
-        volumes[case] = (pred, ref)
+        ordered = [by_index[k] for k in range(sizes[case])]
+        volumes[case] = {key: np.stack([s[key] for s in ordered], axis=-1)
+                         for key in ordered[0]}
     return volumes
 
 
-def score_volumes(volumes, label_names: dict[int, str]):
-    """One row per (case, foreground class)."""
+def prepared_spacing(manifest: dict, case: str) -> tuple[float, float, float]:
+    """mm per axis of a prepared volume [H, W, D]: the case's `prepared_spacing`, else the
+    manifest's preprocessing spacing in the case's slice-axis order."""
+    record = manifest.get("cases", {}).get(case, {})
+    if record.get("prepared_spacing"):
+        return tuple(float(s) for s in record["prepared_spacing"])
+    spacing = manifest["preprocessing"]["spacing"]
+    return tuple(float(spacing[a]) for a in record.get("axes", (0, 1, 2)))
+
+
+# -- scores ---------------------------------------------------------------------------------
+def score_volumes(volumes, label_names: dict[int, str], spacing=1.0, *,
+                  tolerance_mm: float = metrics.DEFAULT_TOLERANCE_MM,
+                  convention: str = "medpy", cap_mm: float | None = metrics.DEFAULT_CAP_MM):
+    """One row per (case, foreground class). `volumes`: {case: (pred, ref)} or {case: {"pred",
+    "ref", ...}}; `spacing`: mm per axis, one for all cases or {case: spacing}."""
     rows = []
     for case in sorted(volumes):
-        pred, ref = volumes[case]
+        item = volumes[case]
+        pred, ref = (item["pred"], item["ref"]) if isinstance(item, dict) else item
+        case_spacing = spacing[case] if isinstance(spacing, dict) else spacing
         for label, name in sorted(label_names.items()):
             if label == 0:
                 continue
-            dice, both_empty = volume_dice(pred, ref, label)
-            rows.append({"case": case, "class": name, "label": label, "dice": dice,
-                         "both_empty": both_empty})
+            values = metrics.binary_metrics(pred == label, ref == label, case_spacing,
+                                            tolerance_mm=tolerance_mm, convention=convention,
+                                            cap_mm=cap_mm)
+            rows.append({"case": case, "class": name, "label": label,
+                         **{m: values[m] for m in METRIC_NAMES},
+                         **{f: values[f] for f in FLAGS_OF_ROW}})
     return rows
 
 
 def _stats(values):
-    values = np.asarray(values, dtype=np.float64)
-    return {"mean": float(values.mean()) if values.size else float("nan"),
-            "std": float(values.std()) if values.size else float("nan"),
-            "n": int(values.size)}
+    """{"mean", "std", "n"} over the values; NaN (not defined) rows are left out of all three.
+    JSON has no NaN: a statistic of nothing is null."""
+    values = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if not values.size:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
 
 
-def summarise(rows, label_names: dict[int, str]) -> dict:
-    """Per class over cases; `foreground` averages the per-case mean over foreground classes."""
-    summary = {"classes": {}, "foreground": {}, "cases": sorted({r["case"] for r in rows})}
+def summarise(rows, label_names: dict[int, str], *,
+              tolerance_mm: float = metrics.DEFAULT_TOLERANCE_MM, convention: str = "medpy",
+              cap_mm: float | None = metrics.DEFAULT_CAP_MM) -> dict:
+    """Per class over cases; `foreground`: per case the mean over foreground classes with a
+    value (NaN classes left out), then statistics over cases; `both_empty`: per class, the
+    cases where the class is in neither prediction nor reference."""
+    cases = sorted({r["case"] for r in rows})
+    summary = {"classes": {}, "foreground": {}, "cases": cases, "both_empty": {},
+               "surface_dice_tolerance_mm": float(tolerance_mm),
+               "distance_convention": convention,
+               "distance_cap_mm": None if cap_mm is None else float(cap_mm)}
     for label, name in sorted(label_names.items()):
         if label == 0:
             continue
         mine = [r for r in rows if r["label"] == label]
         summary["classes"][name] = {m: _stats([r[m] for r in mine]) for m in METRIC_NAMES}
+        summary["both_empty"][name] = sum(bool(r["both_empty"]) for r in mine)
     for m in METRIC_NAMES:
-        per_case = [np.mean([r[m] for r in rows if r["case"] == c]) for c in summary["cases"]]
+        per_case = []
+        for case in cases:
+            values = [r[m] for r in rows if r["case"] == case and not math.isnan(r[m])]
+            per_case.append(float(np.mean(values)) if values else math.nan)
         summary["foreground"][m] = _stats(per_case)
     return summary
+
+
+def _atomic_text(path: str, write) -> None:
+    tmp = f"{path}.partial"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_results(rows, summary, output_dir: str) -> None:
     """metrics.csv and summary.json, each written to a temporary name then renamed."""
     os.makedirs(output_dir, exist_ok=True)
-    csv_path = os.path.join(output_dir, "metrics.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
+
+    def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=["case", "class", "label", *METRIC_NAMES,
-                                               "both_empty"])
+                                               *FLAGS_OF_ROW])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
-    json_path = os.path.join(output_dir, "summary.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
+
+    _atomic_text(os.path.join(output_dir, "metrics.csv"), write_csv)
+    _atomic_text(os.path.join(output_dir, "summary.json"),
+                 lambda f: json.dump(summary, f, indent=2, allow_nan=False))
+
+
+def _finish(volumes, label_names, spacing, output_dir, options, figures, extra) -> dict:
+    """Score, summarise, write the files (and figures); returns the summary."""
+    rows = score_volumes(volumes, label_names, spacing, **options)
+    summary = {**summarise(rows, label_names, **options), **extra}
+    write_results(rows, summary, output_dir)
+    if figures:
+        from uda_tf import evaluate_figures
+        evaluate_figures.box_plot(rows, [n for k, n in sorted(label_names.items()) if k],
+                                  os.path.join(output_dir, "boxplot.png"))
+        for case, item in sorted(volumes.items()):
+            evaluate_figures.overlay(case, item, len(label_names),
+                                     os.path.join(output_dir, "overlays", f"{case}.png"))
+    return summary
 
 
 def evaluate_model(predict_fn, data_dir, manifest, domain, split, output_dir, *,
-                   batch_size=32, oracle=False) -> dict:
-    """Predict, score and write results for one domain/split; returns the summary.
+                   batch_size=32, oracle=False, tolerance_mm=metrics.DEFAULT_TOLERANCE_MM,
+                   convention="medpy", cap_mm=metrics.DEFAULT_CAP_MM, figures=True) -> dict:
+    """Predict, score and write results for one domain/split of a prepared dataset; returns
+    the summary. `predict_fn(images)` returns labels, or {"labels", "entropy"}.
 
     `oracle` marks numbers computed from target-domain labels: reported, never used to pick a
     checkpoint."""
@@ -107,39 +201,174 @@ def evaluate_model(predict_fn, data_dir, manifest, domain, split, output_dir, *,
     label_names = {int(k): v for k, v in manifest["label_names"].items()}
     ds = eval_dataset(data_dir, manifest, domain, split, batch_size=batch_size,
                       with_metadata=True)
-    volumes = predict_volumes(predict_fn, ds)
-    rows = score_volumes(volumes, label_names)
-    summary = summarise(rows, label_names)
-    summary.update({"domain": domain, "split": split, "oracle": bool(oracle)})
-    write_results(rows, summary, output_dir)
-    return summary
+    volumes = predict_volumes(predict_fn, ds, keep_images=figures)
+    if not volumes:
+        raise ValueError(f"domain {domain!r}, split {split!r} of {data_dir} has no labelled "
+                         "case to evaluate against")
+    spacing = {case: prepared_spacing(manifest, case) for case in volumes}
+    options = {"tolerance_mm": tolerance_mm, "convention": convention, "cap_mm": cap_mm}
+    extra = {"domain": domain, "split": split, "oracle": bool(oracle), "grid": "prepared"}
+    return _finish(volumes, label_names, spacing, output_dir, options, figures, extra)
 
 
-def saved_model_predictor(path: str):
+# -- NIfTI predictions against NIfTI labels ------------------------------------------------
+def _nifti_cases(directory: str, flag: str) -> dict[str, str]:
+    """{case_id: path} of the <case>.nii(.gz) files in `directory` (maps such as
+    <case>_entropy.nii.gz and hidden temporary files left out)."""
+    from uda_tf.predict import MAP_SUFFIXES, NIFTI_ENDINGS, case_id_of
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{flag}={directory} is not a directory")
+    found = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(".") or not name.endswith(NIFTI_ENDINGS):
+            continue
+        case = case_id_of(name)
+        if case.endswith(MAP_SUFFIXES):
+            continue
+        found[case] = os.path.join(directory, name)
+    if not found:
+        raise FileNotFoundError(f"{flag}={directory} holds no .nii/.nii.gz files")
+    return found
+
+
+def read_nifti_pairs(predictions_dir: str, labels_dir: str, *, images_dir: str | None = None,
+                     keep_images: bool = True) -> tuple[dict, dict]:
+    """({case: {"pred", "ref"[, "image", "entropy"]}} RAS arrays, {case: spacing}) for every
+    prediction, with its label on the same grid (an error names the file otherwise)."""
+    from uda_tf.data import io
+    predictions = _nifti_cases(predictions_dir, "--predictions")
+    labels = _nifti_cases(labels_dir, "--labels")
+    missing = sorted(set(predictions) - set(labels))
+    if missing:
+        raise FileNotFoundError(f"--labels={labels_dir} has no label for predicted cases "
+                                f"{missing[:5]} (expected <case>.nii.gz)")
+    volumes, spacing = {}, {}
+    for case, path in predictions.items():
+        pred, ref = io.read_volume(path, is_label=True), io.read_volume(labels[case],
+                                                                       is_label=True)
+        if pred.array.shape != ref.array.shape or not np.allclose(pred.affine, ref.affine,
+                                                                  atol=1e-3):
+            raise ValueError(f"prediction {path} (shape {pred.original_shape}) is not on the "
+                             f"grid of its label {labels[case]} (shape {ref.original_shape}, "
+                             "or another affine); predict writes the input's geometry")
+        item = {"pred": pred.array, "ref": ref.array}
+        if keep_images:
+            stem = os.path.join(predictions_dir, case)
+            for suffix in (".nii.gz", ".nii"):
+                if os.path.isfile(stem + "_entropy" + suffix):
+                    item["entropy"] = io.read_volume(stem + "_entropy" + suffix).array
+            if images_dir:
+                for name in (f"{case}_0000.nii.gz", f"{case}.nii.gz", f"{case}_0000.nii",
+                             f"{case}.nii"):
+                    if os.path.isfile(os.path.join(images_dir, name)):
+                        image = io.read_volume(os.path.join(images_dir, name))
+                        item["image"] = image.array[..., 0] if image.array.ndim == 4 \
+                            else image.array
+                        break
+        volumes[case], spacing[case] = item, tuple(pred.spacing)
+    return volumes, spacing
+
+
+def evaluate_niftis(predictions_dir: str, labels_dir: str, output_dir: str, *,
+                    label_names: dict[int, str] | None = None, images_dir: str | None = None,
+                    tolerance_mm=metrics.DEFAULT_TOLERANCE_MM, convention="medpy",
+                    cap_mm=metrics.DEFAULT_CAP_MM, figures=True, oracle=False) -> dict:
+    """Scores NIfTI predictions against NIfTI labels on the files' own grid and spacing.
+    Without `label_names`, the classes are the label values found in either."""
+    volumes, spacing = read_nifti_pairs(predictions_dir, labels_dir, images_dir=images_dir,
+                                        keep_images=figures)
+    if label_names is None:
+        values = set()
+        for item in volumes.values():
+            values |= set(np.unique(item["pred"]).tolist()) | set(np.unique(item["ref"]).tolist())
+        label_names = {int(v): str(v) for v in sorted(values | {0})}
+    options = {"tolerance_mm": tolerance_mm, "convention": convention, "cap_mm": cap_mm}
+    extra = {"predictions": os.path.abspath(predictions_dir),
+             "labels": os.path.abspath(labels_dir), "oracle": bool(oracle), "grid": "original"}
+    return _finish(volumes, label_names, spacing, output_dir, options, figures, extra)
+
+
+def log_to_mlflow(output_dir: str, run_id: str, tracking_uri: str,
+                  artifact_path: str = "evaluation") -> None:
+    """Every file under `output_dir` as artifacts of an existing MLflow run."""
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"--mlflow_run_id={run_id}: no such run at --mlflow_tracking_uri="
+                         f"{tracking_uri} ({e})") from e
+    client.log_artifacts(run_id, output_dir, artifact_path=artifact_path)
+
+
+# -- command line ---------------------------------------------------------------------------
+def saved_model_predictor(path: str, *, tta: bool = False):
+    """predict_fn of a SavedModel: prepared slices -> {"labels", "entropy"}."""
+    from uda_tf import inference
     from uda_tf.export import load_serving_fn
-    fn = load_serving_fn(path)
-    return lambda images: fn(image=images)["labels"]
+    fn = inference.saved_model_fn(load_serving_fn(path))
+    fn = inference.flip_tta(fn, (1, 2)) if tta else fn
+
+    def predict(images):
+        probs = fn(np.asarray(images))
+        return {"labels": probs.argmax(-1), "entropy": inference.normalized_entropy(probs)}
+    return predict
+
+
+def _print_summary(summary, output_dir):
+    def show(stats):
+        return "   n/a" if stats["mean"] is None else f"{stats['mean']:6.3f}"
+
+    print(f"{'class':>12s}  {'dice':>6s}  {'sDice':>6s}  {'ASSD':>6s}  {'HD95':>6s}  n")
+    for name, stats in [*summary["classes"].items(), ("foreground", summary["foreground"])]:
+        print(f"{name:>12s}  {show(stats['dice'])}  {show(stats['surface_dice'])}  "
+              f"{show(stats['assd'])}  {show(stats['hd95'])}  {stats['dice']['n']}")
+    print(f"surface Dice at {summary['surface_dice_tolerance_mm']:g} mm, distances in mm "
+          f"({summary['distance_convention']}); wrote {output_dir}/metrics.csv, summary.json")
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    from uda_tf.data.manifest import load_manifest
-    manifest = load_manifest(FLAGS.data_dir)
-    if FLAGS.domain not in manifest["domains"]:
-        raise SystemExit(f"--domain={FLAGS.domain!r} is not in {FLAGS.data_dir}; "
-                         f"domains there: {sorted(manifest['domains'])}")
-    if not os.path.isdir(FLAGS.model):
-        raise SystemExit(f"--model={FLAGS.model!r}: no SavedModel directory there")
-    summary = evaluate_model(saved_model_predictor(FLAGS.model), FLAGS.data_dir, manifest,
-                             FLAGS.domain, FLAGS.split, FLAGS.output_dir)
-    for name, stats in summary["classes"].items():
-        print(f"{name:>12s}  dice {stats['dice']['mean']:.4f} ± {stats['dice']['std']:.4f}"
-              f"  (n={stats['dice']['n']})")
-    print(f"{'foreground':>12s}  dice {summary['foreground']['dice']['mean']:.4f}")
-    print(f"wrote {FLAGS.output_dir}/metrics.csv and summary.json")
+        raise SystemExit(f"evaluate: unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    prepared = [f for f in ("data_dir", "domain", "model") if FLAGS[f].value]
+    nifti = [f for f in ("predictions", "labels") if FLAGS[f].value]
+    if bool(prepared) == bool(nifti) or (prepared and len(prepared) < 3) or len(nifti) == 1:
+        raise SystemExit("evaluate: pass either --data_dir, --domain and --model (a model on a "
+                         "prepared split) or --predictions and --labels (NIfTI directories)")
+    if bool(FLAGS.mlflow_run_id) and not FLAGS.mlflow_tracking_uri:
+        raise SystemExit("evaluate: --mlflow_run_id needs --mlflow_tracking_uri")
+    options = {"tolerance_mm": FLAGS.tolerance_mm, "convention": FLAGS.distance_convention,
+               "cap_mm": FLAGS.distance_cap_mm or None, "figures": FLAGS.figures,
+               "oracle": FLAGS.oracle}
+    try:
+        if prepared:
+            from uda_tf.data.manifest import load_manifest
+            manifest = load_manifest(FLAGS.data_dir)
+            if FLAGS.domain not in manifest["domains"]:
+                raise ValueError(f"--domain={FLAGS.domain!r} is not in {FLAGS.data_dir}; "
+                                 f"domains there: {sorted(manifest['domains'])}")
+            if not os.path.isfile(os.path.join(FLAGS.model, "saved_model.pb")):
+                raise ValueError(f"--model={FLAGS.model!r}: no SavedModel directory there")
+            summary = evaluate_model(saved_model_predictor(FLAGS.model, tta=FLAGS.tta),
+                                     FLAGS.data_dir, manifest, FLAGS.domain, FLAGS.split,
+                                     FLAGS.output_dir, batch_size=FLAGS.batch_size, **options)
+        else:
+            names = None
+            if FLAGS.manifest:
+                from uda_tf.predict import _load_manifest
+                names = {int(k): v for k, v in
+                         _load_manifest(FLAGS.manifest, "--manifest")["label_names"].items()}
+            summary = evaluate_niftis(FLAGS.predictions, FLAGS.labels, FLAGS.output_dir,
+                                      label_names=names, images_dir=FLAGS.images, **options)
+        if FLAGS.mlflow_run_id:
+            log_to_mlflow(FLAGS.output_dir, FLAGS.mlflow_run_id, FLAGS.mlflow_tracking_uri,
+                          FLAGS.mlflow_artifact_path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"evaluate: error: {e}") from e
+    _print_summary(summary, FLAGS.output_dir)
 
 
 def define_flags():
@@ -148,9 +377,31 @@ def define_flags():
     flags.DEFINE_string("domain", None, "Domain to evaluate.")
     flags.DEFINE_enum("split", "test", ["train", "val", "test"], "Split to evaluate.")
     flags.DEFINE_string("model", None, "SavedModel directory (<name>/<version>).")
-    flags.DEFINE_string("output_dir", None, "Where metrics.csv and summary.json go.")
-    for name in ("data_dir", "domain", "model", "output_dir"):
-        flags.mark_flag_as_required(name)
+    flags.DEFINE_integer("batch_size", 32, "Slices per model call.", lower_bound=1)
+    flags.DEFINE_bool("tta", False, "Average the model over flips (test-time augmentation).")
+    flags.DEFINE_string("predictions", None, "Directory of NIfTI predictions <case>.nii.gz "
+                        "(python -m uda_tf.predict).")
+    flags.DEFINE_string("labels", None, "Directory of NIfTI labels <case>.nii.gz on the same "
+                        "grids (e.g. labelsTr of an MSD/nnU-Net dataset).")
+    flags.DEFINE_string("images", None, "Directory of the scans (<case>_0000.nii.gz), shown "
+                        "in the overlays of --predictions.")
+    flags.DEFINE_string("manifest", None, "manifest.json (or its directory) naming the classes "
+                        "of --predictions (default: the label values found).")
+    flags.DEFINE_string("output_dir", None, "Where metrics.csv, summary.json and figures go.")
+    flags.DEFINE_float("tolerance_mm", metrics.DEFAULT_TOLERANCE_MM,
+                       "Surface Dice tolerance in mm.", lower_bound=0.0)
+    flags.DEFINE_enum("distance_convention", "medpy", list(metrics.CONVENTIONS),
+                      "HD95/ASSD definition: medpy (boundary voxels) or deepmind (surfels).")
+    flags.DEFINE_float("distance_cap_mm", metrics.DEFAULT_CAP_MM, "ASSD/HD95 cap in mm, also "
+                       "the value when a class is missing from the prediction or the label "
+                       "(0: no cap).", lower_bound=0.0)
+    flags.DEFINE_bool("figures", True, "Write boxplot.png and overlays/<case>.png.")
+    flags.DEFINE_bool("oracle", False, "Mark the numbers as computed from target-domain "
+                      "labels (reported, never used for model selection).")
+    flags.DEFINE_string("mlflow_run_id", None, "Log the outputs as artifacts of this run.")
+    flags.DEFINE_string("mlflow_tracking_uri", None, "Tracking URI of --mlflow_run_id.")
+    flags.DEFINE_string("mlflow_artifact_path", "evaluation", "Artifact directory in the run.")
+    flags.mark_flag_as_required("output_dir")
 
 
 def run():

@@ -1,0 +1,311 @@
+"""Predict NIfTI scans with a trained model and write the predictions in each scan's geometry.
+
+    python -m uda_tf.predict --model=runs/grl/export/uda_segmentor/1 \
+        --input='scans/*.nii.gz' --output_dir=predictions [--save_probabilities --save_entropy]
+    python -m uda_tf.predict --model=runs/grl/checkpoints/best.weights.h5 \
+        --layout=msd --input_dir=/data/MyDataset --output_dir=predictions --tta
+
+Each scan gets the preprocessing the model's training data had (read from the prepared
+dataset's manifest: `--manifest`, else the SavedModel's assets.extra/manifest.json, else the
+manifest.json next to a checkpoint): reorientation to RAS, foreground crop, intensity clip and
+scaling, resampling, slice axis, pad/crop. The model predicts slices in batches (2D) or
+Gaussian-weighted sliding-window patches (3D, uda_tf.inference), optionally averaged over flips
+(`--tta`); then `restore_to_original` undoes the pad/crop, slice axis, resampling and
+reorientation, so `<output_dir>/<case>.nii.gz` (uint8 labels) has the input's shape and affine.
+`--save_probabilities` / `--save_entropy` add `<case>_probabilities.nii.gz` ([X, Y, Z, K]
+float32) and `<case>_entropy.nii.gz` (float32, normalised to [0, 1]). Files are written under a
+temporary name and renamed, so a file that exists is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+
+from uda_tf import inference
+from uda_tf.data import io
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+MAP_SUFFIXES = ("_probabilities", "_entropy")
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A model ready for whole volumes: `predict_fn(batch) -> probabilities` on prepared
+    slices [N, H, W, C] (kind "slices") or patches [N, h, w, d, C] (kind "volumes")."""
+
+    predict_fn: object
+    manifest: dict
+    kind: str = "slices"
+    batch_size: int = 32
+    context: int = 0
+    patch_size: tuple | None = None
+    overlap: float = 0.5
+
+
+def _load_manifest(where: str, flag: str) -> dict:
+    from uda_tf.data.manifest import load_manifest
+    directory = os.path.dirname(where) if os.path.isfile(where) else where
+    try:
+        return load_manifest(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{flag}={where}: {e}") from e
+
+
+def _is_saved_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path: str | None = None,
+                   tta: bool = False, batch_size: int = 32, patch_size=None,
+                   overlap: float = 0.5) -> Predictor:
+    """A SavedModel directory (`serving_default`, as uda_tf.export writes it) or a
+    `.weights.h5` checkpoint with its run's flags.cfg (`flags_path`, default next to it)."""
+    import tensorflow as tf
+    if isinstance(manifest, str):
+        manifest = _load_manifest(manifest, "--manifest")
+    if _is_saved_model(model):
+        from uda_tf.export import load_serving_fn
+        if manifest is None:
+            assets = os.path.join(model, "assets.extra")
+            if not os.path.isfile(os.path.join(assets, "manifest.json")):
+                raise ValueError(f"--model={model} carries no assets.extra/manifest.json; pass "
+                                 "--manifest=<prepared dir>/manifest.json of its training data")
+            manifest = _load_manifest(assets, "--model")
+        serving = load_serving_fn(model)
+        predict_fn = inference.saved_model_fn(serving)
+        spec = serving.structured_input_signature[1]["image"]
+        model_shape = [d for d in spec.shape.as_list()[1:]]
+    elif model.endswith(".weights.h5") and os.path.isfile(model):
+        from uda_tf.export import read_flagfile
+        from uda_tf.models import segmentor_from_flags
+        here = os.path.dirname(os.path.abspath(model))
+        flags_path = flags_path or os.path.join(here, "flags.cfg")
+        if not os.path.isfile(flags_path):
+            raise ValueError(f"--model={model} is a checkpoint but --flags={flags_path} does not "
+                             "exist; pass the flags.cfg of the run that trained it")
+        values = read_flagfile(flags_path)
+        if manifest is None:
+            candidates = [here, values.get("data_dir") or ""]
+            found = [c for c in candidates if os.path.isfile(os.path.join(c, "manifest.json"))]
+            if not found:
+                raise ValueError(f"no manifest.json next to --model={model} or in the run's "
+                                 f"--data_dir; pass --manifest")
+            manifest = _load_manifest(found[0], "--manifest")
+        segmentor = segmentor_from_flags(values, manifest)
+        try:
+            segmentor.load_weights(model)
+        except Exception as e:  # keras raises ValueError/KeyError for mismatched layers
+            raise ValueError(f"--model={model} does not fit the segmentor that --flags="
+                             f"{flags_path} describes: {e}") from e
+
+        def predict_fn(batch):
+            logits = segmentor(tf.constant(batch, tf.float32), training=False)["logits"]
+            return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+        model_shape = list(segmentor.input_shape[1:])
+    else:
+        raise ValueError(f"--model={model} is neither a SavedModel directory (with "
+                         "saved_model.pb) nor a .weights.h5 checkpoint")
+    kind = manifest.get("output", {}).get("records", "slices")
+    expected = list(manifest["image_shape"])
+    if kind == "slices" and model_shape != expected:
+        raise ValueError(f"--model={model} takes slices {model_shape} but the manifest's "
+                         f"image_shape is {expected}: pass the --manifest it was trained on")
+    if kind == "volumes":
+        patch_size = patch_size or (model_shape[:3] if None not in model_shape[:3] else None)
+        if not patch_size:
+            raise ValueError("--patch_size is required: the 3D model takes patches of any size")
+    if tta:
+        axes = (1, 2) if kind == "slices" else (1, 2, 3)
+        predict_fn = inference.flip_tta(predict_fn, axes)
+    return Predictor(predict_fn, manifest, kind, int(batch_size),
+                     int(manifest.get("output", {}).get("context_slices", 0)),
+                     None if patch_size is None else tuple(int(p) for p in patch_size),
+                     float(overlap))
+
+
+def predict_volume(predictor: Predictor, volume: io.Volume) -> tuple[np.ndarray, dict]:
+    """Probabilities [H, W, D, K] on the prepared grid of one scan, and its preprocessing
+    record (the manifest's per-case entry, which `restore_to_original` reads)."""
+    from uda_tf.data import preprocess
+    config = preprocess.PreprocessConfig.from_manifest(predictor.manifest["preprocessing"])
+    prepared, _, record = preprocess.preprocess_volumes(volume, None, config)
+    prepared = prepared[..., None] if prepared.ndim == 3 else prepared
+    if predictor.kind == "slices":
+        probs = inference.predict_slices(predictor.predict_fn, prepared,
+                                         batch_size=predictor.batch_size,
+                                         context=predictor.context)
+    else:
+        probs = inference.sliding_window(predictor.predict_fn, prepared, predictor.patch_size,
+                                         overlap=predictor.overlap,
+                                         batch_size=predictor.batch_size,
+                                         pad_value=record["crop_pad"]["pad_value"])
+    return probs, record
+
+
+def predict_file(predictor: Predictor, path: str, *, probabilities: bool = False,
+                 entropy: bool = False) -> dict:
+    """{"labels": uint8, ["probabilities": float32 [.., K]], ["entropy": float32]} on the
+    on-disk grid of `path`, plus "affine" (the file's)."""
+    from uda_tf.data.preprocess import restore_to_original
+    volume = io.read_volume(path)
+    probs, record = predict_volume(predictor, volume)
+    preprocessing = predictor.manifest["preprocessing"]
+    labels = np.argmax(probs, axis=-1).astype(np.uint8)
+    out = {"labels": restore_to_original(labels, record, preprocessing, order=0)
+           .astype(np.uint8), "affine": np.asarray(volume.original_affine)}
+    if probabilities:
+        restored = restore_to_original(probs, record, preprocessing, order=1, fill=0.0)
+        # Voxels outside the prepared field of view (cropped away) are certain background.
+        restored[..., 0][restored.sum(axis=-1) <= 0] = 1.0
+        out["probabilities"] = restored.astype(np.float32)
+    if entropy:
+        out["entropy"] = restore_to_original(inference.normalized_entropy(probs), record,
+                                             preprocessing, order=1, fill=0.0).astype(np.float32)
+    return out
+
+
+def write_nifti(path: str, array: np.ndarray, affine, like: str | None = None) -> None:
+    """Writes a NIfTI atomically (a hidden temporary name in the same directory, then
+    os.replace); with `like`, keeps that file's qform/sform codes and units."""
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
+    if like is not None:
+        header = nib.load(like).header
+        image.set_sform(image.affine, code=int(header["sform_code"]) or 2)
+        image.set_qform(image.affine, code=int(header["qform_code"]) or 1)
+        image.header.set_xyzt_units(*header.get_xyzt_units())
+    directory, name = os.path.split(path)
+    ending = next((e for e in NIFTI_ENDINGS if name.endswith(e)), ".nii.gz")
+    tmp = os.path.join(directory, f".{name[:-len(ending)]}.partial{ending}")
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def case_id_of(path: str) -> str:
+    """File name without .nii(.gz) and without nnU-Net's channel suffix _0000."""
+    name = os.path.basename(path)
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+            break
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+
+
+def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None = None):
+    """[(case_id, path)] from file paths/globs, or from every case of a raw dataset layout."""
+    if layout and input_dir:
+        from uda_tf.data.layouts import read_layout
+        listing = read_layout(layout, input_dir)
+        return [(c.case_id, c.image_path) for c in listing.cases]
+    found = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"--input={pattern} matches no file")
+        for path in matches:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--input: {path} is not a file")
+            if not path.endswith(NIFTI_ENDINGS):
+                raise ValueError(f"--input: {path} is not a NIfTI file (.nii or .nii.gz)")
+            found.append((case_id_of(path), path))
+    seen = {}
+    for case_id, path in found:
+        if case_id in seen and seen[case_id] != path:
+            raise ValueError(f"--input: {seen[case_id]} and {path} both give case id {case_id!r}")
+        seen[case_id] = path
+    if not seen:
+        raise ValueError("no input: pass --input=<files or globs> or --layout with --input_dir")
+    return sorted(seen.items())
+
+
+def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabilities=False,
+                  save_entropy=False, say=print) -> list[str]:
+    """Predicts every (case_id, path) and writes <output_dir>/<case_id>[suffix].nii.gz."""
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for n, (case_id, path) in enumerate(cases, 1):
+        start = time.time()
+        result = predict_file(predictor, path, probabilities=save_probabilities,
+                              entropy=save_entropy)
+        for key, suffix in (("labels", ""), ("probabilities", MAP_SUFFIXES[0]),
+                            ("entropy", MAP_SUFFIXES[1])):
+            if key in result:
+                target = os.path.join(output_dir, f"{case_id}{suffix}.nii.gz")
+                write_nifti(target, result[key], result["affine"], like=path)
+                written.append(target)
+        say(f"[{n}/{len(cases)}] {case_id}: {path} -> {output_dir} "
+            f"({time.time() - start:.1f} s)")
+    return written
+
+
+def define_flags():
+    from absl import flags
+
+    from uda_tf.data.layouts import LAYOUTS
+    flags.DEFINE_string("model", None, "SavedModel directory (<name>/<version>) or a "
+                        ".weights.h5 checkpoint.")
+    flags.DEFINE_string("flags", None, "flags.cfg of the run, for a .weights.h5 --model "
+                        "(default: the one next to the checkpoint).")
+    flags.DEFINE_string("manifest", None, "manifest.json (or its directory) of the prepared "
+                        "training data (default: the SavedModel's assets.extra/manifest.json, "
+                        "or next to the checkpoint).")
+    flags.DEFINE_list("input", [], "NIfTI files or glob patterns to predict.")
+    flags.DEFINE_enum("layout", None, sorted(LAYOUTS), "Raw dataset layout to read with "
+                      "--input_dir instead of --input (every case is predicted).")
+    flags.DEFINE_string("input_dir", None, "Raw dataset directory for --layout.")
+    flags.DEFINE_string("output_dir", None, "Where <case>.nii.gz predictions go.")
+    flags.DEFINE_bool("save_probabilities", False, "Also write <case>_probabilities.nii.gz.")
+    flags.DEFINE_bool("save_entropy", False, "Also write <case>_entropy.nii.gz.")
+    flags.DEFINE_bool("tta", False, "Average over flips of every spatial axis (test-time "
+                      "augmentation: 4x the work in 2D, 8x in 3D).")
+    flags.DEFINE_integer("batch_size", 32, "Slices (2D) or patches (3D) per model call.",
+                         lower_bound=1)
+    flags.DEFINE_float("overlap", 0.5, "3D sliding window: overlap of neighbouring patches, "
+                       "as a fraction of the patch size.", lower_bound=0.0, upper_bound=0.95)
+    flags.DEFINE_list("patch_size", None, "3D sliding window patch size h,w,d (default: the "
+                      "model's fixed input size).")
+    flags.mark_flags_as_required(["model", "output_dir"])
+
+
+def main(argv):
+    from absl import flags, logging
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise SystemExit(f"predict: unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    if bool(FLAGS.layout) != bool(FLAGS.input_dir):
+        raise SystemExit("predict: --layout and --input_dir go together")
+    if bool(FLAGS.input) == bool(FLAGS.input_dir):
+        raise SystemExit("predict: pass either --input=<files or globs> or --layout with "
+                         "--input_dir")
+    try:
+        patch = None if not FLAGS.patch_size else [int(p) for p in FLAGS.patch_size]
+        cases = resolve_inputs(FLAGS.input, FLAGS.layout, FLAGS.input_dir)
+        predictor = load_predictor(FLAGS.model, manifest=FLAGS.manifest, flags_path=FLAGS.flags,
+                                   tta=FLAGS.tta, batch_size=FLAGS.batch_size,
+                                   patch_size=patch, overlap=FLAGS.overlap)
+        predict_cases(predictor, cases, FLAGS.output_dir,
+                      save_probabilities=FLAGS.save_probabilities,
+                      save_entropy=FLAGS.save_entropy)
+    except (ValueError, OSError) as e:  # NiftiError, LayoutError are ValueErrors
+        raise SystemExit(f"predict: error: {e}") from e
+    print(f"wrote {len(cases)} prediction(s) to {FLAGS.output_dir}")
+
+
+def run():
+    from absl import app
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
