@@ -34,18 +34,8 @@ def write_manifest(out_dir: str, manifest: dict) -> dict:
     """
     stamped = dict(manifest, format=FORMAT, version=VERSION)
     stamped["content_hash"] = content_hash(stamped)
-    path = os.path.join(out_dir, FILENAME)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(stamped, f, indent=1, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from uda_tf.data.sharding import write_json_atomic
+    write_json_atomic(os.path.join(out_dir, FILENAME), stamped)
     return stamped
 
 
