@@ -24,7 +24,7 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path):
                   "--method=grl", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
                   "--base_filters=2", "--num_cpu_devices=2", f"--output_dir={tmp_path}/runs",
                   "--run_name=tiny", f"--mlflow_tracking_uri={uri}", "--model_name=tiny",
-                  "--mlflow_experiment=test")
+                  "--mlflow_experiment=test", "--select_on=target_entropy")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     result = json.loads((run_dir / "result.json").read_text())
@@ -55,9 +55,42 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path):
     history = client.get_metric_history(run.info.run_id, "seg_loss")
     assert [m.step for m in history] == [0, 1]
     assert np.isfinite([m.value for m in history]).all()
-    assert "oracle/target_test/dice_mean" in run.data.metrics
+    # every volume metric of the test evaluations; target numbers only under oracle/
+    for metric in ("dice", "surface_dice", "assd", "hd95"):
+        assert f"oracle/target_test/{metric}_mean" in run.data.metrics
+        assert f"source_test/{metric}_mean" in run.data.metrics
+    assert not any(k.startswith("target_test") for k in run.data.metrics)
+    # the checkpoint followed the label-free target criterion, recorded with its epoch
+    selection = result["selection"]
+    assert selection["select_on"] == "target_entropy" and selection["monitor"] == "target_entropy"
+    entropies = [m.value for m in client.get_metric_history(run.info.run_id, "target_entropy")]
+    assert len(entropies) == 2 and 0.0 <= min(entropies) <= 1.0
+    assert selection["best"] == pytest.approx(min(entropies), rel=1e-6)
+    assert selection["best_epoch"] == int(np.argmin(entropies))
+    assert result["best_val_dice"] == selection["epoch_logs"]["val_dice"]
+    # target validation labels exist here, so oracle/val_dice is reported (not used)
+    assert len(client.get_metric_history(run.info.run_id, "oracle/val_dice")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"flags.cfg", "manifest.json", "eval"} <= artifacts
+
+
+def test_selection_needs_what_it_reads():
+    from absl import app
+    from types import SimpleNamespace
+    from uda_tf.train import check_selection
+    manifest = {"domains": {"a": {"cases": {"val": ["a1"]}}, "b": {"cases": {"val": ["b1"]}},
+                            "c": {"cases": {"test": ["c1"]}}},
+                "cases": {"a1": {"has_label": True}, "b1": {"has_label": False},
+                          "c1": {"has_label": True}}}
+    cfg = lambda **kw: SimpleNamespace(**{"select_on": "source_dice", "target_domain": "b",  # noqa: E731
+                                          **kw})
+    check_selection(manifest, cfg())
+    check_selection(manifest, cfg(select_on="target_entropy"))
+    with pytest.raises(app.UsageError, match="--select_on=oracle needs target validation labels"):
+        check_selection(manifest, cfg(select_on="oracle"))
+    with pytest.raises(app.UsageError, match="--select_on=target_agreement needs --target_domain"):
+        check_selection(manifest, cfg(select_on="target_agreement", target_domain="c"))
+    check_selection(manifest, cfg(select_on="oracle", target_domain="a"))
 
 
 @pytest.mark.parametrize("args,expected", [

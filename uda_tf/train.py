@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from uda_tf.methods import METHODS
 from uda_tf.models.layers import NORMALIZATIONS
 from uda_tf.training.schedules import LAMBDA_SCHEDULES
+from uda_tf.training.selection import SELECT_ON
 
 FLAGS = flags.FLAGS
 _NAMES: list[str] = []  # the flags this CLI defines, in order: resolved, logged and saved
@@ -91,6 +92,17 @@ def define_flags():
             "Model Registry under this name (empty: do not register).")
     _define("string", "register_alias", "", "Alias (e.g. champion) for the registered version; "
             "needs --register_model_name.")
+    # model selection
+    _define("enum", "select_on", "source_dice", "Which epoch's segmentor is kept and exported: "
+            "source_dice (Dice on source validation labels), target_entropy (lowest mean "
+            "prediction entropy on target validation images), target_agreement (highest Dice "
+            "between predictions of flipped copies of target validation images) or oracle (Dice "
+            "on target validation labels: only when you have them and say so).",
+            enum_values=list(SELECT_ON))
+    _define("bool", "target_criteria", True, "Also compute the label-free target criteria "
+            "(target_entropy, target_agreement) and, where target validation labels exist, "
+            "oracle/val_dice every epoch, for the record; they cost three forward passes over the "
+            "target validation split.")
     _define("integer", "mlflow_sample_slices", 4, "Target validation slices in the logged "
             "sample-segmentation figure (0: none).", lower_bound=0)
     flags.register_multi_flags_validator(
@@ -147,6 +159,26 @@ def check_domains(manifest, source, target, method_cls):
         raise app.UsageError("--target_domain must differ from --source_domain")
 
 
+def labelled_cases(manifest, domain, split) -> list[str]:
+    """Cases of `domain`'s `split` stored with a label."""
+    if domain is None:
+        return []
+    cases = manifest["domains"][domain]["cases"].get(split, [])
+    return [c for c in cases if manifest["cases"].get(c, {}).get("has_label", True)]
+
+
+def check_selection(manifest, cfg):
+    """--select_on needs what it reads: target validation images, and labels for oracle."""
+    if cfg.select_on == "source_dice":
+        return
+    if cfg.target_domain is None or not manifest["domains"][cfg.target_domain]["cases"].get("val"):
+        raise app.UsageError(f"--select_on={cfg.select_on} needs --target_domain with a "
+                             "validation split (the target domain has no val cases)")
+    if cfg.select_on == "oracle" and not labelled_cases(manifest, cfg.target_domain, "val"):
+        raise app.UsageError(f"--select_on=oracle needs target validation labels; domain "
+                             f"{cfg.target_domain!r} has no labelled val case")
+
+
 def make_run_dir(cfg) -> str:
     name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.output_dir, name)
@@ -170,11 +202,12 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.methods import get_method
     from uda_tf.models import segmentor_from_flags
     from uda_tf.training import devices, figures, tracking
-    from uda_tf.training.callbacks import BestSegmentorCheckpoint
+    from uda_tf.training.selection import selection_callbacks, selection_monitor
 
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
+    check_selection(manifest, cfg)
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
@@ -230,7 +263,18 @@ def train(cfg: SimpleNamespace) -> dict:
     status = "FAILED"
     try:
         ckpt_path = os.path.join(run_dir, "checkpoints", "best.weights.h5")
-        checkpoint = BestSegmentorCheckpoint(ckpt_path, monitor="val_dice", mode="max")
+        # Target validation images feed the label-free criteria (and oracle/val_dice when the
+        # user has target labels); the checkpoint follows --select_on only.
+        target_val = cfg.target_domain is not None and bool(
+            manifest["domains"][cfg.target_domain]["cases"].get("val"))
+        dataset_fn = None
+        if target_val and (cfg.target_criteria or cfg.select_on != "source_dice"):
+            dataset_fn = lambda: pipeline.eval_dataset(  # noqa: E731
+                cfg.data_dir, manifest, cfg.target_domain, "val",
+                batch_size=cfg.global_batch_size, with_metadata=True)
+        selection = selection_callbacks(cfg.select_on, ckpt_path, dataset_fn=dataset_fn,
+                                        class_names=class_names)
+        checkpoint = selection[-1]
         os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
         shutil.copy(flags_path, os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
         # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
@@ -239,7 +283,7 @@ def train(cfg: SimpleNamespace) -> dict:
         start = time.time()
         model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                   validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
-                  callbacks=[checkpoint, epoch_logger, keras.callbacks.TerminateOnNaN()])
+                  callbacks=[*selection, epoch_logger, keras.callbacks.TerminateOnNaN()])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
@@ -249,20 +293,17 @@ def train(cfg: SimpleNamespace) -> dict:
         export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
                                        cfg.model_name, manifest=manifest)
         serve = load_serving_fn(export_path)
-        predict = lambda images: serve(image=images)["labels"]  # noqa: E731
+        predict = lambda images: serve(image=images)  # noqa: E731  labels + entropy
         evaluations = {}
         for role, domain in (("source", cfg.source_domain), ("target", cfg.target_domain)):
-            if domain is None or not manifest["domains"][domain]["cases"].get("test"):
-                continue
+            if not labelled_cases(manifest, domain, "test"):
+                continue  # nothing to score against (an unlabelled target is the UDA norm)
             oracle = role == "target"
             out = os.path.join(run_dir, "eval", f"{role}_test")
             summary = evaluate_model(predict, cfg.data_dir, manifest, domain, "test", out,
                                      oracle=oracle)
-            prefix = f"{'oracle/' if oracle else ''}{role}_test"
-            metrics = {f"{prefix}/dice_{c}": s["dice"]["mean"]
-                       for c, s in summary["classes"].items()}
-            metrics[f"{prefix}/dice_mean"] = summary["foreground"]["dice"]["mean"]
-            tracker.log_metrics(metrics, flush=False)
+            tracker.log_metrics(summary_metrics(summary, f"{'oracle/' if oracle else ''}"
+                                                         f"{role}_test"), flush=False)
             tracker.log_artifact(out, artifact_path=f"eval/{role}_test")
             evaluations[role] = {"domain": domain, "dir": out, "summary": summary}
         # Learning curves, sample target slices with entropy (no target labels read), model.
@@ -275,14 +316,22 @@ def train(cfg: SimpleNamespace) -> dict:
             tracker.log_artifact(sample, artifact_path="samples")
         tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
                                 alias=cfg.register_alias)
-        tracker.log_metrics({"best_val_dice": checkpoint.best,
+        monitor, _ = selection_monitor(cfg.select_on)
+        at_best = {name: dict(values).get(checkpoint.best_epoch)
+                   for name, values in epoch_logger.history.items()}
+        best_val_dice = at_best.get("val_dice")  # source val Dice of the kept epoch
+        tracker.log_metrics({f"best_{monitor}": checkpoint.best,
+                             "best_epoch": checkpoint.best_epoch,
                              "train_seconds": train_seconds})  # sends all of the above
         result = {"run_dir": run_dir, "run_name": cfg.run_name, "method": cfg.method,
                   "mlflow": {"tracking_uri": tracking_uri, "run_id": tracker.run_id,
                              "experiment": cfg.mlflow_experiment,
                              "model": tracker.model_info,
                              "ui": tracking.ui_command(tracking_uri)},
-                  "best_epoch": checkpoint.best_epoch, "best_val_dice": checkpoint.best,
+                  "selection": {"select_on": cfg.select_on, "monitor": monitor,
+                                "best": checkpoint.best, "best_epoch": checkpoint.best_epoch,
+                                "epoch_logs": at_best},
+                  "best_epoch": checkpoint.best_epoch, "best_val_dice": best_val_dice,
                   "checkpoint": ckpt_path, "saved_model": export_path,
                   "train_seconds": train_seconds, "evaluations": evaluations}
         with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
@@ -294,12 +343,26 @@ def train(cfg: SimpleNamespace) -> dict:
         tracker.finish(status)  # flushes; if MLflow is unreachable: <run_dir>/mlflow_unsent.json
 
 
+def summary_metrics(summary, prefix) -> dict:
+    """MLflow metrics of an evaluation summary: each volume metric per class and averaged over
+    foreground classes (NaN where no case counted, e.g. distances when all masks are empty)."""
+    out = {}
+    for metric in ("dice", "surface_dice", "assd", "hd95"):
+        for name, stats in summary["classes"].items():
+            out[f"{prefix}/{metric}_{name}"] = stats[metric]["mean"]
+        out[f"{prefix}/{metric}_mean"] = summary["foreground"][metric]["mean"]
+    return out
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every file at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     result = train(SimpleNamespace(**resolved_flags()))
     print(f"run directory: {result['run_dir']}")
+    sel = result["selection"]
+    print(f"kept epoch {sel['best_epoch']} by --select_on={sel['select_on']} "
+          f"({sel['monitor']} = {sel['best']:.4f})")
     for role, ev in result["evaluations"].items():
         fg = ev["summary"]["foreground"]["dice"]
         tag = " (oracle: target labels, not used for selection)" if role == "target" else ""
