@@ -62,6 +62,17 @@ def define_flags():
             "the bottleneck, or every encoder level (skip connections) and the bottleneck.",
             enum_values=["bottleneck", "encoder"])
     _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
+    _define("string", "init_checkpoint", "", "Start the segmentor from these weights (a "
+            "<run>/checkpoints/best.weights.h5 of an earlier run, e.g. source-only) instead of a "
+            "random initialisation.")
+    _define("string", "freeze_layers", "", "Regular expression (matched at the start of layer "
+            "names, e.g. 'enc0|enc1' or 'dec|logits'): matching segmentor layers are not "
+            "trained. Empty: train all.")
+    _define("bool", "adabn", False, "AdaBN: after training, re-estimate every BatchNorm layer's "
+            "statistics on target training images before export (needs --norm=batch and "
+            "--target_domain; works with any --method).")
+    _define("integer", "adabn_batches", 100, "AdaBN: target batches of --global_batch_size "
+            "slices to average the statistics over.", lower_bound=1)
     # optimisation
     _define("integer", "epochs", 10, "Epochs.", lower_bound=1)
     _define("integer", "steps_per_epoch", 100, "Training steps per epoch.", lower_bound=1)
@@ -159,6 +170,15 @@ def check_domains(manifest, source, target, method_cls):
         raise app.UsageError("--target_domain must differ from --source_domain")
 
 
+def check_adaptation_flags(cfg):
+    if cfg.adabn and cfg.target_domain is None:
+        raise app.UsageError("--adabn needs --target_domain: the images whose BatchNorm "
+                             "statistics replace the source ones")
+    if cfg.adabn and cfg.norm != "batch":
+        raise app.UsageError(f"--adabn re-estimates BatchNorm statistics; --norm={cfg.norm} has "
+                             "none: use --norm=batch")
+
+
 def labelled_cases(manifest, domain, split) -> list[str]:
     """Cases of `domain`'s `split` stored with a label."""
     if domain is None:
@@ -201,13 +221,14 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
     from uda_tf.models import segmentor_from_flags
-    from uda_tf.training import devices, figures, tracking
+    from uda_tf.training import adapt, devices, figures, tracking
     from uda_tf.training.selection import selection_callbacks, selection_monitor
 
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     check_selection(manifest, cfg)
+    check_adaptation_flags(cfg)
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
@@ -242,8 +263,16 @@ def train(cfg: SimpleNamespace) -> dict:
         raise app.UsageError(f"--source_domain={cfg.source_domain!r} has no validation slices; "
                              "checkpoints are chosen on source validation Dice")
     with strategy.scope():
-        model = method_cls.from_flags(
-            make_segmentor(sync_batchnorm=strategy.num_replicas_in_sync > 1), class_names, cfg)
+        segmentor = make_segmentor(sync_batchnorm=strategy.num_replicas_in_sync > 1)
+        try:
+            if cfg.init_checkpoint:
+                adapt.load_init_checkpoint(segmentor, cfg.init_checkpoint)
+            if cfg.freeze_layers:
+                frozen = adapt.freeze_layers(segmentor, cfg.freeze_layers)
+                logging.warning("frozen segmentor layers: %s", ", ".join(frozen))
+        except (ValueError, FileNotFoundError) as err:
+            raise app.UsageError(str(err)) from None
+        model = method_cls.from_flags(segmentor, class_names, cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
 
@@ -290,6 +319,19 @@ def train(cfg: SimpleNamespace) -> dict:
         # plain variables, then evaluate what was exported.
         segmentor = make_segmentor()
         segmentor.load_weights(ckpt_path)
+        exported_weights = ckpt_path
+        if cfg.adabn:
+            target_images = pipeline.domain_stream(
+                cfg.data_dir, manifest, cfg.target_domain, "train",
+                batch_size=cfg.global_batch_size, labelled=False,
+                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, augment_data=False)
+            used = adapt.reestimate_batchnorm(segmentor, target_images, cfg.adabn_batches)
+            tracker.log_metrics({"adabn_batches_used": used}, flush=False)
+            # Kept beside the source-statistics checkpoint, so uda-export can rebuild either.
+            exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
+            tmp = exported_weights.replace(".weights.h5", ".partial.weights.h5")
+            segmentor.save_weights(tmp)
+            os.replace(tmp, exported_weights)
         export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
                                        cfg.model_name, manifest=manifest)
         serve = load_serving_fn(export_path)
@@ -332,7 +374,8 @@ def train(cfg: SimpleNamespace) -> dict:
                                 "best": checkpoint.best, "best_epoch": checkpoint.best_epoch,
                                 "epoch_logs": at_best},
                   "best_epoch": checkpoint.best_epoch, "best_val_dice": best_val_dice,
-                  "checkpoint": ckpt_path, "saved_model": export_path,
+                  "checkpoint": ckpt_path, "exported_weights": exported_weights,
+                  "saved_model": export_path,
                   "train_seconds": train_seconds, "evaluations": evaluations}
         with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
             json.dump(result, f, indent=2)
