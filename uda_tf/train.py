@@ -62,6 +62,16 @@ def define_flags():
             "the bottleneck, or every encoder level (skip connections) and the bottleneck.",
             enum_values=["bottleneck", "encoder"])
     _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
+    _define("enum", "pseudo_label_criterion", "confidence", "self_training: which target "
+            "pixels keep their pseudo-label: max probability >= --pseudo_label_threshold "
+            "(confidence) or entropy/log C <= it (entropy).", enum_values=["confidence", "entropy"])
+    _define("float", "pseudo_label_threshold", 0.9, "self_training: the filter's threshold.",
+            lower_bound=0, upper_bound=1)
+    _define("float", "pseudo_label_weight", 1.0, "self_training: weight of the pseudo-label "
+            "cross-entropy on target.", lower_bound=0)
+    _define("integer", "self_training_round_epochs", 1, "self_training: epochs per round; the "
+            "teacher that makes the pseudo-labels takes the student's weights at each round.",
+            lower_bound=1)
     _define("string", "init_checkpoint", "", "Start the segmentor from these weights (a "
             "<run>/checkpoints/best.weights.h5 of an earlier run, e.g. source-only) instead of a "
             "random initialisation.")
@@ -312,7 +322,8 @@ def train(cfg: SimpleNamespace) -> dict:
         start = time.time()
         model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                   validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
-                  callbacks=[*selection, epoch_logger, keras.callbacks.TerminateOnNaN()])
+                  callbacks=[*model.training_callbacks(cfg), *selection, epoch_logger,
+                             keras.callbacks.TerminateOnNaN()])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds

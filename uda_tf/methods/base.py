@@ -56,6 +56,11 @@ class SegmentationMethod(keras.Model):
         """Create optimizer slots now, inside the strategy scope, before `fit` (keras #20164)."""
         self.seg_optimizer.build(self.segmentor.trainable_variables)
 
+    def training_callbacks(self, cfg) -> list:
+        """Callbacks the method's update rule needs during fit (e.g. self-training's teacher
+        rounds); train.py adds them."""
+        return []
+
     def call(self, images, training=False):
         return self.segmentor(images, training=training)["logits"]
 
