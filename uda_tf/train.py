@@ -47,6 +47,13 @@ def define_flags():
     _define("string", "source_domain", None, "Labelled source domain (a domain in the manifest).")
     _define("string", "target_domain", None, "Unlabelled target domain; its labels are never read "
             "for training or checkpoint choice.")
+    _define("string", "target_labelled_cases", "", "Semi-supervised: target training cases "
+            "whose labels may train the segmentor (comma list of case ids, or a count N for the "
+            "first N in sorted order). Empty (default): no target label is ever read for "
+            "training.")
+    _define("integer", "target_labelled_per_batch", 0, "Semi-supervised: labelled target "
+            "samples in each batch, in place of as many source ones (0: a quarter of "
+            "--global_batch_size, at least 1).", lower_bound=0)
     _define("integer", "shuffle_buffer", 2048, "Slices in each domain's shuffle buffer.", lower_bound=1)
     _define("bool", "augment", True, "Flip and intensity-jitter training batches.")
     # method and model
@@ -180,6 +187,36 @@ def check_domains(manifest, source, target, method_cls):
         raise app.UsageError("--target_domain must differ from --source_domain")
 
 
+def labelled_target_cases(cfg, manifest) -> list[str]:
+    """Semi-supervised: the target cases --target_labelled_cases names (checked at start-up)."""
+    from uda_tf.data import semi_supervised
+    if not cfg.target_labelled_cases:
+        return []
+    if cfg.target_domain is None:
+        raise app.UsageError("--target_labelled_cases needs --target_domain")
+    per_batch = cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
+    if per_batch >= cfg.global_batch_size:
+        raise app.UsageError(f"--target_labelled_per_batch={per_batch} must be smaller than "
+                             f"--global_batch_size={cfg.global_batch_size}")
+    try:
+        return semi_supervised.resolve_cases(manifest, cfg.target_domain,
+                                             cfg.target_labelled_cases)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+
+
+def with_labelled_target(cfg, manifest, cases, train_ds):
+    """Semi-supervised: the named target cases' labelled samples in every batch."""
+    from uda_tf.data import pipeline, semi_supervised
+    per_batch = cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
+    logging.warning("semi-supervised: labels of target cases %s enter training", cases)
+    labelled = pipeline.domain_stream(
+        cfg.data_dir, manifest, cfg.target_domain, "train", batch_size=per_batch, labelled=True,
+        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 2, augment_data=cfg.augment,
+        cases=cases)
+    return semi_supervised.mix_labelled(train_ds, labelled, per_batch)
+
+
 def check_adaptation_flags(cfg):
     if cfg.adabn and cfg.target_domain is None:
         raise app.UsageError("--adabn needs --target_domain: the images whose BatchNorm "
@@ -239,6 +276,7 @@ def train(cfg: SimpleNamespace) -> dict:
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     check_selection(manifest, cfg)
     check_adaptation_flags(cfg)
+    target_labelled = labelled_target_cases(cfg, manifest)
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
@@ -263,6 +301,8 @@ def train(cfg: SimpleNamespace) -> dict:
         target=cfg.target_domain if method_cls.uses_target else None,
         global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed, augment_data=cfg.augment)
+    if target_labelled:
+        train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds)
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice once (and Keras does not hit the end of a finite dataset).
     val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
@@ -289,6 +329,7 @@ def train(cfg: SimpleNamespace) -> dict:
     tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
     tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
             "dataset_content_hash": manifest.get("content_hash"), "method": cfg.method,
+            "target_labels_in_training": str(bool(cfg.target_labelled_cases)).lower(),
             **tracking.environment_tags(strategy)}
     tracking.set_http_defaults()
     tracker = tracking.RunTracker(tracking_uri, run_dir, cfg.mlflow_experiment, cfg.run_name,

@@ -121,16 +121,30 @@ def _patch_size(manifest, patch_size):
     return tuple(fixed)
 
 
+def only_cases(ds, cases):
+    """Keep the serialized records whose case_id is one of `cases` (slices or volumes)."""
+    wanted = tf.constant(sorted(cases))
+    spec = {"case_id": tf.io.FixedLenFeature([], tf.string)}
+
+    def keep(record):
+        case = tf.io.parse_single_example(record, spec)["case_id"]
+        return tf.reduce_any(tf.equal(case, wanted))
+    return ds.filter(keep)
+
+
 def domain_stream(data_dir, manifest, domain, split, *, batch_size, labelled, shuffle_buffer,
                   seed, augment_data, augmentations=None, augment_params=None, patch_size=None,
-                  foreground_fraction=1 / 3, patches_per_volume=1, cycle_length=4):
+                  foreground_fraction=1 / 3, patches_per_volume=1, cycle_length=4, cases=None):
     """Endless shuffled batches of one domain: (images, labels) if `labelled`, else images.
 
     `augmentations` (a preset or op names, see uda_tf.data.augment) applies when
-    `augment_data`; None means the "default" preset (flips and intensity jitter)."""
+    `augment_data`; None means the "default" preset (flips and intensity jitter). `cases`
+    restricts the stream to those case ids."""
     files = shard_files(manifest, data_dir, domain, split)
     ds = _records(files, shuffle_files=True, seed=seed, compression=_compression(manifest),
                   cycle_length=cycle_length)
+    if cases is not None:
+        ds = only_cases(ds, cases)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     if record_kind(manifest) == "volumes":
         fn = _volume_patches(manifest, labelled=labelled,
