@@ -7,7 +7,9 @@ Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Si
 
 * `serving_default`: `image` [N, H, W, C] float32, slices already preprocessed as by
   `python -m uda_tf.prepare` -> `probabilities` [N, H, W, K] float32, `labels` [N, H, W] int32,
-  `entropy` [N, H, W] float32 (normalised to [0, 1]).
+  `entropy` [N, H, W] float32 (normalised to [0, 1]). 3D models take patches [N, h, w, d, C]
+  of their training patch size and return [N, h, w, d, ...] alike; a sigmoid head's one logit
+  is returned as K = 2 probabilities.
 * `serving_raw` (exported when the manifest is given): `image` [N, H, W, C] float32 raw
   intensities already on the prepared grid (the recorded crop, resampling, slice axis and
   pad/crop, padding with a value <= p_low: `uda_tf.data.preprocess.apply_geometry(raw,

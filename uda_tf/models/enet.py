@@ -66,13 +66,16 @@ def _bottleneck(x, filters, kind, norm, sync, name, *, rank, dilation=1, dropout
 
 
 def enet(input_shape, num_classes: int, *, base_filters: int = 16, norm: str = "batch",
-         sync_batchnorm: bool = False, dropout: float = 0.1, name: str = "segmentor"
-         ) -> keras.Model:
+         sync_batchnorm: bool = False, dropout: float = 0.1, stage1_blocks: int = 4,
+         stage2=_STAGE2, stage3: bool = True, name: str = "segmentor") -> keras.Model:
     """ENet for slices (H, W, C) or patches (H, W, D, C); every spatial size divisible by 8.
 
     Outputs: `logits` at full resolution; `features`, the stage-3 output [N, */8, 8 b];
     `encoder0` (initial block, */2, b), `encoder1` (stage 1, */4, 4 b), `encoder2` (stage 2,
-    */8, 8 b), with b = base_filters. `dropout` is the paper's 0.1 (0.01 in stage 1)."""
+    */8, 8 b), with b = base_filters. `dropout` is the paper's 0.1 (0.01 in stage 1).
+    `stage1_blocks`, `stage2` ((kind, dilation) per bottleneck) and `stage3` (repeat stage 2)
+    default to the paper's layout; smaller values make a shallower ENet (the tests use one,
+    since tracing the full 3D network on two replicas takes minutes on a CPU)."""
     rank = spatial_rank(input_shape)
     check_divisible(input_shape, 8, "ENet (three downsamplings)")
     sync = sync_batchnorm
@@ -87,15 +90,15 @@ def enet(input_shape, num_classes: int, *, base_filters: int = 16, norm: str = "
     encoder = {"encoder0": x}
     wide, widest = 4 * base_filters, 8 * base_filters
     x = _bottleneck(x, wide, "down", norm, sync, "b1_0", rank=rank, dropout=dropout / 10)
-    for i in range(1, 5):
+    for i in range(1, stage1_blocks + 1):
         x = _bottleneck(x, wide, "regular", norm, sync, f"b1_{i}", rank=rank, dropout=dropout / 10)
     encoder["encoder1"] = x
     x = _bottleneck(x, widest, "down", norm, sync, "b2_0", rank=rank, dropout=dropout)
-    for stage in (2, 3):
-        for i, (kind, dilation) in enumerate(_STAGE2, start=1):
+    for stage in (2, 3) if stage3 else (2,):
+        for i, (kind, dilation) in enumerate(stage2, start=1):
             x = _bottleneck(x, widest, kind, norm, sync, f"b{stage}_{i}", rank=rank,
                             dilation=dilation, dropout=dropout)
-        if stage == 2:
+        if stage == 2 and stage3:
             encoder["encoder2"] = x
     features = x
     x = _bottleneck(x, wide, "up", norm, sync, "b4_0", rank=rank, dropout=dropout)
