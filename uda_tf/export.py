@@ -7,7 +7,9 @@ Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Si
 
 * `serving_default`: `image` [N, H, W, C] float32, slices already preprocessed as by
   `python -m uda_tf.prepare` -> `probabilities` [N, H, W, K] float32, `labels` [N, H, W] int32,
-  `entropy` [N, H, W] float32 (normalised to [0, 1]).
+  `entropy` [N, H, W] float32 (normalised to [0, 1]). 3D models take patches [N, h, w, d, C]
+  of their training patch size and return [N, h, w, d, ...] alike; a sigmoid head's one logit
+  is returned as K = 2 probabilities.
 * `serving_raw` (exported when the manifest is given): `image` [N, H, W, C] float32 raw
   intensities already on the prepared grid (the recorded crop, resampling, slice axis and
   pad/crop, padding with a value <= p_low: `uda_tf.data.preprocess.apply_geometry(raw,
@@ -35,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from uda_tf.losses import entropy_map
+from uda_tf.models.heads import class_probabilities
 
 SERVING_DEFAULT = "serving_default"
 SERVING_RAW = "serving_raw"
@@ -44,6 +47,9 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 # one of them, so warming each one up moves its one-off cost (graph optimisation, oneDNN or
 # cuDNN kernel choice per shape) from the first user request to load time.
 SERVING_BATCH_SIZES = (1, 4, 16, 64)
+# A warm-up request holds its whole batch: 64 patches of 128^3 voxels would be 512 MiB in
+# assets.extra. Batch sizes whose request exceeds this are not warmed up (size 1 always is).
+WARMUP_MAX_BYTES = 64 << 20
 
 
 def next_version(model_dir: str) -> int:
@@ -144,7 +150,7 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
 
     def serve(image):
         logits = segmentor(image, training=False)["logits"]
-        probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        probs = class_probabilities(logits)  # softmax or sigmoid head, always K channels
         return {"probabilities": probs,
                 "labels": tf.argmax(probs, axis=-1, output_type=tf.int32),
                 "entropy": entropy_map(probs)}
@@ -173,10 +179,13 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
             _write_json(os.path.join(extra, "manifest.json"), manifest)
             _write_json(os.path.join(extra, "label_names.json"), manifest["label_names"])
         if None not in shape:  # a model taking any patch size has no one request to replay
+            request_bytes = 4 * int(np.prod(shape))
+            sizes = [n for n in warmup_batch_sizes
+                     if n == min(warmup_batch_sizes) or n * request_bytes <= WARMUP_MAX_BYTES]
             write_warmup_requests(
                 os.path.join(extra, WARMUP_FILE), model_name,
                 [(sig, warmup_inputs(sig, shape, normalization, n))
-                 for sig in signatures for n in warmup_batch_sizes])
+                 for sig in signatures for n in sizes])
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -138,6 +138,21 @@ def sliding_window(predict_fn, volume, patch_size, *, overlap: float = 0.5,
     return total[tuple(slice(b, b + n) for b, n in zip(before, spatial))]
 
 
+def volume_predict_fn(predict_fn, patch_size, *, overlap: float = 0.5, batch_size: int = 2):
+    """A predict_fn for whole prepared volumes, as `uda_tf.evaluate.evaluate_model` passes 3D
+    records: images [B, H, W, D, C] -> {"labels" [B, H, W, D] int32, "entropy" [B, H, W, D]},
+    each volume by `sliding_window` over patches of `patch_size` with `predict_fn`."""
+    def predict(images):
+        images = np.asarray(images, np.float32)
+        if images.ndim != 5:
+            raise ValueError(f"expected volumes [B, H, W, D, C], got shape {images.shape}")
+        probs = np.stack([sliding_window(predict_fn, v, patch_size, overlap=overlap,
+                                         batch_size=batch_size) for v in images])
+        return {"labels": probs.argmax(-1).astype(np.int32), "entropy": normalized_entropy(probs)}
+
+    return predict
+
+
 def normalized_entropy(probabilities, eps: float = 1e-12) -> np.ndarray:
     """Entropy of the class distribution over the last axis divided by log K, in [0, 1] (the
     numpy twin of `uda_tf.losses.entropy_map`)."""

@@ -64,8 +64,11 @@ def _streaming_dice_class():
                 setattr(self, name, self.add_variable((n,), initializer="zeros", name=name))
 
         def update_state(self, labels, logits, sample_weight=None):
+            from uda_tf.models.heads import class_probabilities
             n = len(self.class_names)
-            pred = tf.one_hot(tf.argmax(logits, axis=-1), n, dtype=tf.float32)
+            # Through the head's probabilities: a sigmoid head has one logit, not n.
+            pred = tf.one_hot(tf.argmax(class_probabilities(logits), axis=-1), n,
+                              dtype=tf.float32)
             true = tf.one_hot(tf.cast(labels, tf.int32), n, dtype=tf.float32)
             axes = list(range(len(pred.shape) - 1))
             self.intersection.assign_add(tf.reduce_sum(pred * true, axes))

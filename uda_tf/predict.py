@@ -84,6 +84,7 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
     elif model.endswith(".weights.h5") and os.path.isfile(model):
         from uda_tf.export import read_flagfile
         from uda_tf.models import segmentor_from_flags
+        from uda_tf.models.heads import class_probabilities
         here = os.path.dirname(os.path.abspath(model))
         flags_path = flags_path or os.path.join(here, "flags.cfg")
         if not os.path.isfile(flags_path):
@@ -106,7 +107,7 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
 
         def predict_fn(batch):
             logits = segmentor(tf.constant(batch, tf.float32), training=False)["logits"]
-            return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+            return class_probabilities(logits).numpy()
         model_shape = list(segmentor.input_shape[1:])
     else:
         raise ValueError(f"--model={model} is neither a SavedModel directory (with "

@@ -21,8 +21,10 @@ from types import SimpleNamespace
 from absl import app, flags, logging
 
 from uda_tf.methods import METHODS
+from uda_tf.models import MODELS
+from uda_tf.models.heads import HEADS
 from uda_tf.models.layers import NORMALIZATIONS
-from uda_tf.training.schedules import LAMBDA_SCHEDULES
+from uda_tf.training.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
 from uda_tf.training.selection import SELECT_ON
 
 FLAGS = flags.FLAGS
@@ -58,10 +60,21 @@ def define_flags():
     _define("bool", "augment", True, "Flip and intensity-jitter training batches.")
     # method and model
     _define("enum", "method", "source_only", "Adaptation method.", enum_values=sorted(METHODS))
-    _define("integer", "base_filters", 16, "Filters of the first U-Net block (doubles per block).",
-            lower_bound=1)
-    _define("enum", "norm", "instance", "Normalisation layers.", enum_values=list(NORMALIZATIONS))
+    _define("enum", "model", "unet2d", "Segmentor: " + "; ".join(
+        f"{n}: {s.about}" for n, s in MODELS.items()) + ". 2D models train on slices, 3D "
+        "models on patches of volumes (prepare --output=volumes).", enum_values=list(MODELS))
+    _define("integer", "base_filters", 16, "Filters of the first block of the segmentor (U-Nets "
+            "double them per level).", lower_bound=1)
+    _define("enum", "norm", "instance", "Normalisation layers (batch norm is synchronised across "
+            "replicas when there are several).", enum_values=list(NORMALIZATIONS))
+    _define("list", "patch_size", None, "3D models: training patch h,w,d cropped from the volumes "
+            "(also the exported model's input; whole volumes are evaluated by sliding window). "
+            "Default: the prepared volume size.")
+    _define("enum", "head", "softmax", "Softmax over num_classes logits, or one sigmoid logit "
+            "(two-class datasets only).", enum_values=list(HEADS))
     _define("float", "dice_weight", 1.0, "Weight of the soft Dice term in Dice + CE.", lower_bound=0)
+    _define("list", "class_weights", None, "Per-class weights of the CE and Dice terms, one per "
+            "class, background first (e.g. 0.5,1,2); default: all 1.")
     _define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
     _define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
             "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
@@ -98,6 +111,15 @@ def define_flags():
     _define("float", "learning_rate", 1e-3, "Adam learning rate of the segmentor.", lower_bound=0)
     _define("float", "disc_learning_rate", 1e-3, "Adam learning rate of the domain classifier.",
             lower_bound=0)
+    _define("enum", "lr_schedule", "constant", "Learning-rate schedule of the segmentor: constant, "
+            "step (x--lr_decay per epoch), poly ((1 - t/T)^0.9, nnU-Net) or cosine.",
+            enum_values=list(LR_SCHEDULES))
+    _define("enum", "disc_lr_schedule", "same", "Schedule of the domain classifier's learning "
+            "rate (same: --lr_schedule).", enum_values=["same", *LR_SCHEDULES])
+    _define("float", "lr_decay", 0.75, "Step schedule: factor per epoch.", lower_bound=0,
+            upper_bound=1)
+    _define("integer", "warmup_steps", 0, "Linear learning-rate warm-up over this many steps "
+            "(every schedule).", lower_bound=0)
     _define("integer", "seed", 0, "Random seed (weights, shuffling, augmentation).")
     _define("bool", "jit_compile", False, "Compile train/test steps with XLA.")
     # devices
@@ -152,6 +174,8 @@ def flagfile_text(values: dict) -> str:
     for name, value in values.items():
         if isinstance(value, bool):
             lines.append(f"--{name}" if value else f"--no{name}")
+        elif isinstance(value, (list, tuple)):  # list flags: comma form, as on the command line
+            lines.append(f"--{name}={','.join(str(v) for v in value)}")
         elif value is not None:
             lines.append(f"--{name}={value}")
     return "\n".join(lines) + "\n"
@@ -267,16 +291,24 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.evaluate import evaluate_model
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
-    from uda_tf.models import segmentor_from_flags
+    from uda_tf import inference
+    from uda_tf.models import check_flags, input_shape_from_flags, segmentor_from_flags
     from uda_tf.training import adapt, devices, figures, tracking
     from uda_tf.training.selection import selection_callbacks, selection_monitor
 
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
+    try:
+        check_flags(vars(cfg), manifest)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     check_selection(manifest, cfg)
     check_adaptation_flags(cfg)
     target_labelled = labelled_target_cases(cfg, manifest)
+    volumes = pipeline.record_kind(manifest) == "volumes"
+    # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
+    patch_size = input_shape_from_flags(vars(cfg), manifest)[:3] if volumes else None
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
@@ -300,15 +332,21 @@ def train(cfg: SimpleNamespace) -> dict:
         cfg.data_dir, manifest, source=cfg.source_domain,
         target=cfg.target_domain if method_cls.uses_target else None,
         global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed, augment_data=cfg.augment)
+        seed=cfg.seed, augment_data=cfg.augment, patch_size=patch_size)
     if target_labelled:
         train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds)
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
-    # source-validation slice once (and Keras does not hit the end of a finite dataset).
-    val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                   batch_size=cfg.global_batch_size).repeat()
-    val_steps = math.ceil(pipeline.num_records(manifest, cfg.source_domain, "val")
-                          / cfg.global_batch_size)
+    # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
+    # the end of a finite dataset).
+    if volumes:
+        val_ds = pipeline.eval_patches(cfg.data_dir, manifest, cfg.source_domain, "val",
+                                       patch_size, batch_size=cfg.global_batch_size).repeat()
+        val_count = pipeline.num_eval_patches(manifest, cfg.source_domain, "val", patch_size)
+    else:
+        val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
+                                       batch_size=cfg.global_batch_size).repeat()
+        val_count = pipeline.num_records(manifest, cfg.source_domain, "val")
+    val_steps = math.ceil(val_count / cfg.global_batch_size)
     if val_steps == 0:
         raise app.UsageError(f"--source_domain={cfg.source_domain!r} has no validation slices; "
                              "checkpoints are chosen on source validation Dice")
@@ -349,9 +387,14 @@ def train(cfg: SimpleNamespace) -> dict:
             manifest["domains"][cfg.target_domain]["cases"].get("val"))
         dataset_fn = None
         if target_val and (cfg.target_criteria or cfg.select_on != "source_dice"):
-            dataset_fn = lambda: pipeline.eval_dataset(  # noqa: E731
-                cfg.data_dir, manifest, cfg.target_domain, "val",
-                batch_size=cfg.global_batch_size, with_metadata=True)
+            if volumes:  # the model takes patches: target volumes cut into its input size
+                dataset_fn = lambda: pipeline.eval_patches(  # noqa: E731
+                    cfg.data_dir, manifest, cfg.target_domain, "val", patch_size,
+                    batch_size=cfg.global_batch_size, with_metadata=True)
+            else:
+                dataset_fn = lambda: pipeline.eval_dataset(  # noqa: E731
+                    cfg.data_dir, manifest, cfg.target_domain, "val",
+                    batch_size=cfg.global_batch_size, with_metadata=True)
         selection = selection_callbacks(cfg.select_on, ckpt_path, dataset_fn=dataset_fn,
                                         class_names=class_names)
         checkpoint = selection[-1]
@@ -387,7 +430,10 @@ def train(cfg: SimpleNamespace) -> dict:
         export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
                                        cfg.model_name, manifest=manifest)
         serve = load_serving_fn(export_path)
-        predict = lambda images: serve(image=images)  # noqa: E731  labels + entropy
+        if volumes:  # whole volumes by Gaussian sliding window over patches of the model's size
+            predict = inference.volume_predict_fn(inference.saved_model_fn(serve), patch_size)
+        else:
+            predict = lambda images: serve(image=images)  # noqa: E731  labels + entropy
         evaluations = {}
         for role, domain in (("source", cfg.source_domain), ("target", cfg.target_domain)):
             if not labelled_cases(manifest, domain, "test"):

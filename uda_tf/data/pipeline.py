@@ -18,6 +18,7 @@ can change without preparing the data again (docs/CONTRACTS.md).
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from uda_tf.data import augment
@@ -227,3 +228,60 @@ def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata
     if not with_metadata:
         ds = ds.map(lambda e: (e["image"], e["label"]))
     return ds.prefetch(AUTOTUNE)
+
+
+def tile_volume(image, label, patch_size, pad_value=0.0):
+    """Non-overlapping patches covering a volume [H, W, D, C] (label [H, W, D]): padded at the
+    far end of each axis to a multiple of the patch (image with `pad_value`, label with
+    background), then cut into [n, *patch_size, C] and [n, *patch_size], in C order."""
+    channels = image.shape[-1]
+    patch = tf.constant(patch_size, tf.int32)
+    shape = tf.shape(label)
+    counts = (shape + patch - 1) // patch
+    widths = tf.stack([tf.zeros([3], tf.int32), counts * patch - shape], axis=1)
+    image = tf.pad(image, tf.concat([widths, [[0, 0]]], 0), constant_values=pad_value)
+    label = tf.pad(label, widths)
+
+    def tiles(x, extra):
+        # [n0 p0, n1 p1, n2 p2, ...] -> [n0, n1, n2, p0, p1, p2, ...] -> [n, p0, p1, p2, ...]
+        split = tf.stack([counts[0], patch[0], counts[1], patch[1], counts[2], patch[2]])
+        x = tf.reshape(x, tf.concat([split, extra], 0))
+        x = tf.transpose(x, [0, 2, 4, 1, 3, 5] + ([6] if extra.shape[0] else []))
+        return tf.reshape(x, tf.concat([[-1], patch, extra], 0))
+
+    image = tiles(image, tf.constant([channels], tf.int32))
+    label = tiles(label, tf.zeros([0], tf.int32))
+    image.set_shape([None, *patch_size, channels])
+    label.set_shape([None, *patch_size])
+    return image, label
+
+
+def eval_patches(data_dir, manifest, domain, split, patch_size, *, batch_size,
+                 with_metadata=False):
+    """One ordered pass over a 3D split as (patches, labels) batches: every volume cut into
+    non-overlapping patches of the model's input size (`tile_volume`). Validation of a 3D
+    model during training uses these: fixed shapes, so they distribute over replicas and need
+    no retracing; Dice pooled over the tiles is the Dice of the whole volumes (the padding is
+    background). Whole-volume evaluation uses `uda_tf.inference.sliding_window`.
+    `with_metadata`: dicts with `image`, `label` and each patch's `has_label` (the label-free
+    target criteria read them; a case stored without a label gives zero labels)."""
+    if record_kind(manifest) != "volumes":
+        raise ValueError("eval_patches needs a 3D dataset (prepared with --output=volumes)")
+    patch_size = tuple(int(p) for p in patch_size)
+    ds = eval_dataset(data_dir, manifest, domain, split, batch_size=1, with_metadata=True)
+    def tiles(v):
+        images, labels = tile_volume(v["image"][0], v["label"][0], patch_size, v["pad_value"][0])
+        if not with_metadata:
+            return images, labels
+        return {"image": images, "label": labels,
+                "has_label": tf.fill(tf.shape(images)[:1], v["has_label"][0])}
+    return ds.map(tiles).unbatch().batch(batch_size).prefetch(AUTOTUNE)
+
+
+def num_eval_patches(manifest, domain, split, patch_size) -> int:
+    """How many patches `eval_patches` yields, from the prepared shapes in the manifest."""
+    total = 0
+    for case in manifest["domains"][domain]["cases"].get(split, []):
+        shape = manifest["cases"][case]["prepared_shape"][:3]
+        total += int(np.prod([-(-int(n) // int(p)) for n, p in zip(shape, patch_size)]))
+    return total

@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.metrics import StreamingDice
+from uda_tf.models.heads import parse_class_weights
+from uda_tf.training.schedules import learning_rates_from_flags
 
 
 def split_batch(data):
@@ -27,11 +29,12 @@ class SegmentationMethod(keras.Model):
     uses_target = False
 
     def __init__(self, segmentor: keras.Model, class_names, *, dice_weight: float = 1.0,
-                 **kwargs):
+                 class_weights=None, **kwargs):
         super().__init__(**kwargs)
         self.segmentor = segmentor
         self.class_names = list(class_names)
         self.dice_weight = float(dice_weight)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.seg_loss_tracker = keras.metrics.Mean(name="seg_loss")
         self.val_dice = StreamingDice(self.class_names, name="dice")
         # Sub-networks are functional and already built; marking the wrapper built stops Keras
@@ -42,10 +45,18 @@ class SegmentationMethod(keras.Model):
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
         """Build the method around `segmentor` from resolved flag values `cfg`."""
-        return cls(segmentor, class_names, dice_weight=cfg.dice_weight)
+        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names))
+
+    @staticmethod
+    def supervised_kwargs(cfg, class_names) -> dict:
+        """The supervised-loss settings every method takes from the flags."""
+        return {"dice_weight": cfg.dice_weight,
+                "class_weights": parse_class_weights(getattr(cfg, "class_weights", None),
+                                                     len(class_names))}
 
     def compile_from_flags(self, cfg):
-        self.compile(keras.optimizers.Adam(cfg.learning_rate), jit_compile=cfg.jit_compile)
+        seg_lr, _ = learning_rates_from_flags(cfg)
+        self.compile(keras.optimizers.Adam(seg_lr), jit_compile=cfg.jit_compile)
 
     # -- keras plumbing -----------------------------------------------------------------
     def compile(self, seg_optimizer, **kwargs):
@@ -70,8 +81,10 @@ class SegmentationMethod(keras.Model):
 
     # -- shared pieces ------------------------------------------------------------------
     def supervised_loss(self, labels, logits):
-        """Per-sample Dice + CE (loss.py); reduce with losses.replica_mean."""
-        return losses.dice_ce_loss(labels, logits, dice_weight=self.dice_weight)
+        """Per-sample Dice + CE (loss.py; softmax or sigmoid head, 2D or 3D); reduce with
+        losses.replica_mean."""
+        return losses.dice_ce_loss(labels, logits, dice_weight=self.dice_weight,
+                                   class_weights=self.class_weights)
 
     def test_step(self, data):
         images, labels = data[0], data[1]

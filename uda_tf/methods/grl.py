@@ -15,7 +15,7 @@ from uda_tf import losses
 from uda_tf.methods.base import SegmentationMethod, split_batch
 from uda_tf.models.discriminators import domain_classifier
 from uda_tf.models.layers import GradientReversal
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.training.schedules import LambdaSchedule, learning_rates_from_flags
 
 
 GRL_FEATURES = ("bottleneck", "encoder")
@@ -50,15 +50,16 @@ class GRL(SegmentationMethod):
     def from_flags(cls, segmentor, class_names, cfg):
         keys = feature_keys(segmentor, cfg.grl_features)
         shapes = [segmentor.output[k].shape[1:] for k in keys]
-        return cls(segmentor, class_names, dice_weight=cfg.dice_weight,
+        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
                    domain_classifier=domain_classifier(shapes), feature_keys=keys,
                    lambda_schedule=LambdaSchedule(cfg.lambda_schedule, cfg.grl_lambda,
                                                   cfg.epochs * cfg.steps_per_epoch),
                    domain_loss_weight=cfg.domain_loss_weight)
 
     def compile_from_flags(self, cfg):
-        self.compile(keras.optimizers.Adam(cfg.learning_rate),
-                     keras.optimizers.Adam(cfg.disc_learning_rate), jit_compile=cfg.jit_compile)
+        seg_lr, disc_lr = learning_rates_from_flags(cfg)
+        self.compile(keras.optimizers.Adam(seg_lr), keras.optimizers.Adam(disc_lr),
+                     jit_compile=cfg.jit_compile)
 
     def compile(self, seg_optimizer, disc_optimizer, **kwargs):
         super().compile(seg_optimizer, **kwargs)

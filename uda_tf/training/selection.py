@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from uda_tf.losses import entropy_map
+from uda_tf.models.heads import class_probabilities
 from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
 SELECT_ON = ("source_dice", "target_entropy", "target_agreement", "oracle")
@@ -108,7 +109,7 @@ class TargetCriteria(keras.callbacks.Callback):
         def probabilities(images):
             out = segmentor(images, training=False)
             logits = out["logits"] if isinstance(out, dict) else out
-            return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+            return class_probabilities(logits)
 
         @tf.function(reduce_retracing=True)
         def step(images):
