@@ -229,7 +229,7 @@ def labelled_target_cases(cfg, manifest) -> list[str]:
         raise app.UsageError(str(err)) from None
 
 
-def with_labelled_target(cfg, manifest, cases, train_ds):
+def with_labelled_target(cfg, manifest, cases, train_ds, patch_size=None):
     """Semi-supervised: the named target cases' labelled samples in every batch."""
     from uda_tf.data import pipeline, semi_supervised
     per_batch = cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
@@ -237,7 +237,7 @@ def with_labelled_target(cfg, manifest, cases, train_ds):
     labelled = pipeline.domain_stream(
         cfg.data_dir, manifest, cfg.target_domain, "train", batch_size=per_batch, labelled=True,
         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 2, augment_data=cfg.augment,
-        cases=cases)
+        cases=cases, patch_size=patch_size)
     return semi_supervised.mix_labelled(train_ds, labelled, per_batch)
 
 
@@ -334,7 +334,7 @@ def train(cfg: SimpleNamespace) -> dict:
         global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed, augment_data=cfg.augment, patch_size=patch_size)
     if target_labelled:
-        train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds)
+        train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds, patch_size)
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
     # the end of a finite dataset).
@@ -419,7 +419,8 @@ def train(cfg: SimpleNamespace) -> dict:
             target_images = pipeline.domain_stream(
                 cfg.data_dir, manifest, cfg.target_domain, "train",
                 batch_size=cfg.global_batch_size, labelled=False,
-                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, augment_data=False)
+                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, augment_data=False,
+                patch_size=patch_size)
             used = adapt.reestimate_batchnorm(segmentor, target_images, cfg.adabn_batches)
             tracker.log_metrics({"adabn_batches_used": used}, flush=False)
             # Kept beside the source-statistics checkpoint, so uda-export can rebuild either.
