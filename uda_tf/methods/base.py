@@ -18,6 +18,16 @@ def split_batch(data):
     return x_s, y_s, None
 
 
+def check_minent_weight(weight, uses_target: bool, method: str) -> float:
+    weight = float(weight)
+    if weight < 0:
+        raise ValueError(f"--minent_weight must be >= 0, got {weight}")
+    if weight > 0 and not uses_target:
+        raise ValueError(f"--minent_weight={weight} needs a method that sees target images; "
+                         f"{method} does not (use --method=minent for MinEnt alone)")
+    return weight
+
+
 class SegmentationMethod(keras.Model):
     """Base class. A subclass's `train_step` is its method's update rule; `test_step` (Dice and
     supervised loss on labelled source validation slices) is shared, since checkpoints are
@@ -27,12 +37,15 @@ class SegmentationMethod(keras.Model):
     uses_target = False
 
     def __init__(self, segmentor: keras.Model, class_names, *, dice_weight: float = 1.0,
-                 **kwargs):
+                 minent_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.segmentor = segmentor
         self.class_names = list(class_names)
         self.dice_weight = float(dice_weight)
+        self.minent_weight = check_minent_weight(minent_weight, self.uses_target,
+                                                 type(self).__name__)
         self.seg_loss_tracker = keras.metrics.Mean(name="seg_loss")
+        self.ent_loss_tracker = keras.metrics.Mean(name="ent_loss")
         self.val_dice = StreamingDice(self.class_names, name="dice")
         # Sub-networks are functional and already built; marking the wrapper built stops Keras
         # from calling it on the (source, target) tuple at fit time (ARCHITECTURE.md).
@@ -42,7 +55,12 @@ class SegmentationMethod(keras.Model):
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
         """Build the method around `segmentor` from resolved flag values `cfg`."""
-        return cls(segmentor, class_names, dice_weight=cfg.dice_weight)
+        return cls(segmentor, class_names, **cls.common_kwargs(cfg))
+
+    @staticmethod
+    def common_kwargs(cfg) -> dict:
+        """Constructor arguments every method takes from the flags (subclasses pass them on)."""
+        return {"dice_weight": cfg.dice_weight, "minent_weight": cfg.minent_weight}
 
     def compile_from_flags(self, cfg):
         self.compile(keras.optimizers.Adam(cfg.learning_rate), jit_compile=cfg.jit_compile)
@@ -61,12 +79,22 @@ class SegmentationMethod(keras.Model):
 
     @property
     def metrics(self):
-        return [self.seg_loss_tracker, self.val_dice]
+        target = [self.ent_loss_tracker] if self.uses_target else []
+        return [self.seg_loss_tracker, self.val_dice] + target
 
     # -- shared pieces ------------------------------------------------------------------
     def supervised_loss(self, labels, logits):
         """Per-sample Dice + CE (loss.py); reduce with losses.replica_mean."""
         return losses.dice_ce_loss(labels, logits, dice_weight=self.dice_weight)
+
+    def minent_loss(self, target_logits):
+        """Per-sample MinEnt term on the target batch, minent_weight x mean normalised entropy
+        (Vu et al., CVPR 2019, eq. 3); reduce with losses.replica_mean. Every method that sees
+        target images adds it to its segmentor loss, so --minent_weight combines with any of
+        them. Logs the unweighted target entropy as `ent_loss` even at weight 0."""
+        ent = losses.mean_entropy(target_logits)
+        self.ent_loss_tracker.update_state(tf.reduce_mean(ent))
+        return self.minent_weight * ent
 
     def test_step(self, data):
         images, labels = data[0], data[1]
