@@ -50,13 +50,14 @@ def _conv_stack(x, filters, prefix):
     return x
 
 
-def _head(x, hidden, patch):
+def _head(x, hidden, patch, prefix):
     if patch:
-        return keras.layers.Conv2D(1, 3, padding="same", name="logit", dtype="float32")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
+        return keras.layers.Conv2D(1, 3, padding="same", name=f"{prefix}logit",
+                                   dtype="float32")(x)
+    x = keras.layers.Flatten(name=f"{prefix}flatten")(x)
     for i, units in enumerate(hidden):
-        x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
-    return keras.layers.Dense(1, name="logit", dtype="float32")(x)
+        x = keras.layers.Dense(units, activation="relu", name=f"{prefix}dense{i}")(x)
+    return keras.layers.Dense(1, name=f"{prefix}logit", dtype="float32")(x)
 
 
 def feature_discriminator(feature_shape, *, filters=(64, 64, 64), hidden=(64,), patch=False,
@@ -67,8 +68,8 @@ def feature_discriminator(feature_shape, *, filters=(64, 64, 64), hidden=(64,), 
     if len(filters) != 3:
         raise ValueError(f"the feature discriminator has 3 conv layers, got filters={filters}")
     x = inp = keras.Input(shape=tuple(feature_shape), name="features")
-    x = _conv_stack(x, filters, "")
-    return keras.Model(inp, _head(x, hidden, patch), name=name)
+    x = _conv_stack(x, filters, f"{name}_")
+    return keras.Model(inp, _head(x, hidden, patch, f"{name}_"), name=name)
 
 
 def entropy_discriminator(map_shape, *, filters=(16, 32, 64, 64, 64), hidden=(512, 64),
@@ -80,8 +81,8 @@ def entropy_discriminator(map_shape, *, filters=(16, 32, 64, 64, 64), hidden=(51
     if len(filters) != 5:
         raise ValueError(f"the entropy discriminator has 5 conv layers, got filters={filters}")
     x = inp = keras.Input(shape=tuple(map_shape), name="entropy")
-    x = _conv_stack(x, filters, "")
-    return keras.Model(inp, _head(x, hidden, patch), name=name)
+    x = _conv_stack(x, filters, f"{name}_")
+    return keras.Model(inp, _head(x, hidden, patch, f"{name}_"), name=name)
 
 
 def output_domain_classifier(output_shape, *, filters=(16, 32, 64, 64), hidden=(64,),
@@ -89,5 +90,5 @@ def output_domain_classifier(output_shape, *, filters=(16, 32, 64, 64), hidden=(
     """Softmax maps [H, W, C] -> domain logit: strided conv + ReLU, dense, logit (the CNN domain
     classifier on segmentation outputs of Javanmardi & Tasdizen, ISBI 2018)."""
     x = inp = keras.Input(shape=tuple(output_shape), name="probabilities")
-    x = _conv_stack(x, filters, "")
-    return keras.Model(inp, _head(x, hidden, False), name=name)
+    x = _conv_stack(x, filters, f"{name}_")
+    return keras.Model(inp, _head(x, hidden, False, f"{name}_"), name=name)
