@@ -86,7 +86,8 @@ class Adversarial(SegmentationMethod):
         if "entropy" in names:
             discs["entropy"] = entropy_discriminator(
                 tuple(segmentor.output["logits"].shape[1:-1]) + (1,), patch=patch)
-        return cls(segmentor, class_names, **cls.common_kwargs(cfg), discriminators=discs,
+        return cls(segmentor, class_names, dice_weight=cfg.dice_weight,
+                   **cls.target_kwargs(cfg), discriminators=discs,
                    adv_weights={"feature": cfg.adv_feature_weight,
                                 "entropy": cfg.adv_entropy_weight},
                    adv_loss=cfg.adv_loss, both_domains=cfg.adv_both_domains,

@@ -55,12 +55,14 @@ class SegmentationMethod(keras.Model):
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
         """Build the method around `segmentor` from resolved flag values `cfg`."""
-        return cls(segmentor, class_names, **cls.common_kwargs(cfg))
+        return cls(segmentor, class_names, dice_weight=cfg.dice_weight,
+                   **cls.target_kwargs(cfg))
 
     @staticmethod
-    def common_kwargs(cfg) -> dict:
-        """Constructor arguments every method takes from the flags (subclasses pass them on)."""
-        return {"dice_weight": cfg.dice_weight, "minent_weight": cfg.minent_weight}
+    def target_kwargs(cfg) -> dict:
+        """Target-domain terms every method takes from the flags (subclasses pass them on):
+        the MinEnt weight, applied by `minent_loss`."""
+        return {"minent_weight": cfg.minent_weight}
 
     def compile_from_flags(self, cfg):
         self.compile(keras.optimizers.Adam(cfg.learning_rate), jit_compile=cfg.jit_compile)

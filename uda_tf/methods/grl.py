@@ -59,7 +59,8 @@ class GRL(SegmentationMethod):
             classifier = output_domain_classifier(segmentor.output["logits"].shape[1:])
         else:
             classifier = domain_classifier([segmentor.output[k].shape[1:] for k in keys])
-        return cls(segmentor, class_names, **cls.common_kwargs(cfg),
+        return cls(segmentor, class_names, dice_weight=cfg.dice_weight,
+                   **cls.target_kwargs(cfg),
                    domain_classifier=classifier, feature_keys=keys,
                    lambda_schedule=LambdaSchedule(cfg.lambda_schedule, cfg.grl_lambda,
                                                   cfg.epochs * cfg.steps_per_epoch),
