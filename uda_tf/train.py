@@ -123,6 +123,11 @@ def define_flags():
         ["method", "minent_weight"], lambda v: v["method"] != "minent" or v["minent_weight"] > 0,
         message="--method=minent needs --minent_weight > 0 (AdvEnt used 1e-3)")
     flags.register_multi_flags_validator(
+        ["adv_both_domains", "adv_discriminators"],
+        lambda v: not v["adv_both_domains"] or v["adv_discriminators"] != "entropy",
+        message="--adv_both_domains applies to the feature discriminator, which "
+                "--adv_discriminators=entropy leaves out")
+    flags.register_multi_flags_validator(
         ["resume", "run_name"], lambda v: not v["resume"] or bool(v["run_name"]),
         message="--resume needs --run_name: the run directory to continue")
     flags.register_multi_flags_validator(
