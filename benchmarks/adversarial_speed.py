@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/adversarial_speed.py [--size=96,112] [--batch=8] [--steps=15]
 
-Times `fit` steps (median of per-batch wall times after warm-up) of the demo-size segmentor
+Times `fit` steps (medians of per-batch wall and process-CPU times after warm-up, variants
+interleaved round by round) of the demo-size segmentor
 (residual U-Net, --base_filters) with random data, and reports milliseconds per step and per
 processed slice: source-only processes B slices a step, the others B source + B target. The
 issue's target for the adversarial method is <= 1.3x source-only per processed slice, which
@@ -61,24 +62,37 @@ def _cfg(**overrides):
     return SimpleNamespace(**values)
 
 
-def time_variant(method, overrides, size, batch, base_filters, steps, warmup):
+class StepTimer:
+    """Keras callback factory: wall and process-CPU seconds of each training batch. CPU time
+    (all of this process's threads) is steadier than wall time on a machine shared with other
+    jobs."""
+
+    @staticmethod
+    def make():
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.wall, self.cpu = [], []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                self._w, self._c = time.perf_counter(), time.process_time()
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.wall.append(time.perf_counter() - self._w)
+                self.cpu.append(time.process_time() - self._c)
+
+        return _Timer()
+
+
+def build_variant(method, overrides, size, batch, base_filters):
     import keras
     import numpy as np
     import tensorflow as tf
 
     from uda_tf.methods import get_method
     from uda_tf.models.unet import residual_unet_2d
-
-    class StepTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self.start)
 
     keras.utils.set_random_seed(0)
     cls = get_method(method)
@@ -93,12 +107,7 @@ def time_variant(method, overrides, size, batch, base_filters, steps, warmup):
     x_t = rng.random((batch, *size, 1), dtype=np.float32)
     element = ((x_s, y_s), x_t) if cls.uses_target else (x_s, y_s)
     ds = tf.data.Dataset.from_tensors(element).repeat()
-    timer = StepTimer()
-    model.fit(ds, epochs=1, steps_per_epoch=warmup + steps, verbose=0, callbacks=[timer])
-    step = float(np.median(timer.times[warmup:]))
-    slices = batch * (2 if cls.uses_target else 1)
-    return {"ms_per_step": 1000 * step, "slices_per_step": slices,
-            "ms_per_slice": 1000 * step / slices}
+    return model, ds, batch * (2 if cls.uses_target else 1)
 
 
 def main(argv):
@@ -107,21 +116,37 @@ def main(argv):
     unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
     if unknown:
         raise app.UsageError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
-    rows = {}
+    import numpy as np
+    built, timers = {}, {}
     for name in FLAGS.variants:
         method, overrides = VARIANTS[name]
-        rows[name] = time_variant(method, overrides, size, FLAGS.batch, FLAGS.base_filters,
-                                  FLAGS.steps, FLAGS.warmup)
-        print(f"  {name}: {rows[name]['ms_per_step']:.1f} ms/step", file=sys.stderr, flush=True)
+        built[name] = build_variant(method, overrides, size, FLAGS.batch, FLAGS.base_filters)
+        built[name][0].fit(built[name][1], epochs=1, steps_per_epoch=FLAGS.warmup, verbose=0)
+        timers[name] = StepTimer.make()
+        print(f"  built and traced {name}", file=sys.stderr, flush=True)
+    # Interleaved rounds, so a change in the machine's load hits every variant alike.
+    for _ in range(FLAGS.steps // 3):
+        for name, (model, ds, _) in built.items():
+            model.fit(ds, epochs=1, steps_per_epoch=3, verbose=0, callbacks=[timers[name]])
+    rows = {}
+    for name, (_, _, slices) in built.items():
+        wall, cpu = float(np.median(timers[name].wall)), float(np.median(timers[name].cpu))
+        rows[name] = {"ms_per_step": 1000 * wall, "cpu_ms_per_step": 1000 * cpu,
+                      "slices_per_step": slices, "ms_per_slice": 1000 * wall / slices,
+                      "cpu_ms_per_slice": 1000 * cpu / slices}
     base = rows.get("source_only", {}).get("ms_per_slice")
+    cpu_base = rows.get("source_only", {}).get("cpu_ms_per_slice")
     print(f"\n{size[0]}x{size[1]} slices, batch {FLAGS.batch} (+{FLAGS.batch} target), "
           f"base_filters {FLAGS.base_filters}, median of {FLAGS.steps} steps, "
           f"{os.cpu_count()} CPUs")
-    print(f"{'variant':<20}{'ms/step':>10}{'ms/slice':>10}{'x source_only/slice':>22}")
+    print(f"{'variant':<20}{'ms/step':>9}{'ms/slice':>10}{'x/slice':>9}"
+          f"{'cpu ms/step':>13}{'cpu x/slice':>13}")
     for name, r in rows.items():
-        ratio = r["ms_per_slice"] / base if base else float("nan")
-        r["ratio_per_slice"] = ratio
-        print(f"{name:<20}{r['ms_per_step']:>10.1f}{r['ms_per_slice']:>10.2f}{ratio:>22.2f}")
+        r["ratio_per_slice"] = r["ms_per_slice"] / base if base else float("nan")
+        r["cpu_ratio_per_slice"] = r["cpu_ms_per_slice"] / cpu_base if cpu_base else float("nan")
+        print(f"{name:<20}{r['ms_per_step']:>9.1f}{r['ms_per_slice']:>10.2f}"
+              f"{r['ratio_per_slice']:>9.2f}{r['cpu_ms_per_step']:>13.1f}"
+              f"{r['cpu_ratio_per_slice']:>13.2f}")
     os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
     import tensorflow as tf
     with open(FLAGS.output, "w") as f:
