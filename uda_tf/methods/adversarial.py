@@ -138,9 +138,10 @@ class Adversarial(SegmentationMethod):
         x_s, y_s, x_t = split_batch(data)
         n_s = tf.shape(x_s)[0]
         with tf.GradientTape() as tape:
+            # The step's only segmentor pass: step 1 reads it detached, step 2 differentiates it.
             out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
             inputs = self.disc_inputs(out)
-            with tape.stop_recording():
+            with tape.stop_recording():  # step 1 is no part of the segmentor's objective
                 self._update_discriminators(inputs, n_s)                 # step 1
             seg = self.supervised_loss(y_s, out["logits"][:n_s])         # step 2
             ent = self.minent_loss(out["logits"][n_s:])
