@@ -86,3 +86,77 @@ def entropy_map(probs, eps: float = 1e-12):
     num_classes = probs.shape[-1]
     ent = -tf.reduce_sum(probs * tf.math.log(probs + eps), axis=-1)
     return ent / math.log(num_classes)
+
+
+# -- adversarial losses (issue 4) -------------------------------------------------------------
+# A discriminator's output is a logit or score per sample ([N, 1]) or, for a fully
+# convolutional patch discriminator, a map of them ([N, h, w, 1]); `label` is 1 for "source"
+# and 0 for "target". The same function serves both players: the discriminator update passes
+# the true domain, the segmentor update passes flipped labels (target presented as source).
+
+ADVERSARIAL_LOSSES = ("bce", "lsgan", "wgan-gp")
+
+
+def _per_sample_map_mean(values):
+    """Mean over every axis but the first: one value per sample for global or patch outputs."""
+    values = tf.cast(values, tf.float32)
+    return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
+
+
+def adversarial_loss(outputs, label, kind: str):
+    """Per-sample adversarial loss of discriminator `outputs` against domain `label` (0 or 1).
+
+    - `bce`: sigmoid cross-entropy, the original minimax GAN game (Goodfellow et al., NeurIPS
+      2014, eq. 1), as used for the feature and entropy discriminators of entropy-guided UDA
+      (Zeng et al., MICCAI 2020) and AdvEnt (Vu et al., CVPR 2019, eqs. 7-8).
+    - `lsgan`: least squares (D(x) - label)^2 (Mao et al., ICCV 2017, eq. 2 with a = 0,
+      b = c = 1; the 1/2 factors are dropped).
+    - `wgan-gp`: the critic's Wasserstein terms (Gulrajani et al., NeurIPS 2017, eq. 3, without
+      the penalty, which is `gradient_penalty`): -D(x) for label 1 and +D(x) for label 0, so the
+      critic loss is E_t[D] - E_s[D] and the segmentor's flipped loss is -E_t[D], as in
+      PnP-AdaNet (Dou et al., IEEE Access 2019).
+    For patch outputs the value is averaged over the map of each sample.
+    """
+    outputs = tf.cast(outputs, tf.float32)
+    label = tf.cast(label, tf.float32)
+    if kind == "bce":
+        values = tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=tf.broadcast_to(label, tf.shape(outputs)), logits=outputs)
+    elif kind == "lsgan":
+        values = tf.square(outputs - label)
+    elif kind == "wgan-gp":
+        values = (1.0 - 2.0 * label) * outputs
+    else:
+        raise ValueError(f"unknown adversarial loss {kind!r}; expected one of "
+                         f"{ADVERSARIAL_LOSSES}")
+    return _per_sample_map_mean(values)
+
+
+def gradient_penalty(critic, source, target, epsilon):
+    """WGAN-GP gradient penalty per sample (Gulrajani et al., NeurIPS 2017, eq. 3):
+    (||grad_x D(x_hat)||_2 - 1)^2 at x_hat = eps * source + (1 - eps) * target.
+
+    `critic` maps [N, ...] to [N, 1] or a patch map [N, h, w, 1] (averaged per sample);
+    `source` and `target` are paired samples of the same shape; `epsilon` [N] in [0, 1] is
+    passed in so that the caller can draw it replica-invariantly. Samples must not interact
+    inside the critic (no batch normalisation), so the gradient of the summed scores with
+    respect to x_hat is each sample's own gradient.
+    """
+    source = tf.cast(source, tf.float32)
+    target = tf.cast(target, tf.float32)
+    eps = tf.reshape(tf.cast(epsilon, tf.float32), [-1] + [1] * (source.shape.rank - 1))
+    mixed = eps * source + (1.0 - eps) * target
+    with tf.GradientTape() as tape:
+        tape.watch(mixed)
+        scores = tf.reduce_sum(_per_sample_map_mean(critic(mixed)))
+    grads = tape.gradient(scores, mixed)
+    norms = tf.sqrt(tf.reduce_sum(tf.reshape(tf.square(grads), [tf.shape(grads)[0], -1]), 1)
+                    + 1e-12)
+    return tf.square(norms - 1.0)
+
+
+def mean_entropy(logits):
+    """Per-sample mean of the normalised entropy map: the MinEnt loss of AdvEnt (Vu et al.,
+    CVPR 2019, eq. 3, with entropy divided by log C so that it lies in [0, 1])."""
+    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    return _per_sample_map_mean(entropy_map(probs))

@@ -80,8 +80,29 @@ def define_flags():
             "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
     _define("enum", "grl_features", "bottleneck", "GRL: features the domain classifier sees: "
             "the bottleneck, or every encoder level (skip connections) and the bottleneck.",
-            enum_values=["bottleneck", "encoder"])
+            enum_values=["bottleneck", "encoder", "output"])
     _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
+    _define("float", "minent_weight", 0.0, "Weight of target entropy minimisation (MinEnt, Vu et "
+            "al. 2019), added by every method that sees target images; --method=minent needs it "
+            "> 0.", lower_bound=0)
+    _define("enum", "adv_discriminators", "both", "adversarial: which discriminators: on the "
+            "bottleneck features, on the entropy map, or both.",
+            enum_values=["feature", "entropy", "both"])
+    _define("bool", "patch_discriminators", False, "adversarial: fully convolutional patch "
+            "discriminators (a logit map) instead of dense heads.")
+    _define("enum", "adv_loss", "bce", "adversarial: GAN loss: bce, least squares (lsgan) or "
+            "Wasserstein with gradient penalty (wgan-gp; discriminator Adam betas 0, 0.9).",
+            enum_values=["bce", "lsgan", "wgan-gp"])
+    _define("float", "adv_feature_weight", 1e-3, "adversarial: lambda of the feature "
+            "discriminator's loss in the segmentor objective.", lower_bound=0)
+    _define("float", "adv_entropy_weight", 1e-3, "adversarial: lambda of the entropy "
+            "discriminator's loss in the segmentor objective.", lower_bound=0)
+    _define("bool", "adv_both_domains", False, "adversarial: the feature discriminator's "
+            "segmentor loss also presents source as target (both domains flipped).")
+    _define("integer", "disc_steps", 1, "adversarial: discriminator updates per segmentor "
+            "update (on the same batch).", lower_bound=1)
+    _define("float", "gp_weight", 10.0, "adversarial: gradient penalty weight for "
+            "--adv_loss=wgan-gp.", lower_bound=0)
     _define("enum", "pseudo_label_criterion", "confidence", "self_training: which target "
             "pixels keep their pseudo-label: max probability >= --pseudo_label_threshold "
             "(confidence) or entropy/log C <= it (entropy).", enum_values=["confidence", "entropy"])
@@ -155,6 +176,19 @@ def define_flags():
             "target validation split.")
     _define("integer", "mlflow_sample_slices", 4, "Target validation slices in the logged "
             "sample-segmentation figure (0: none).", lower_bound=0)
+    flags.register_multi_flags_validator(
+        ["minent_weight", "method"],
+        lambda v: v["minent_weight"] == 0 or METHODS[v["method"]].uses_target,
+        message="--minent_weight > 0 needs a --method that sees target images "
+                "(not source_only; --method=minent is MinEnt alone)")
+    flags.register_multi_flags_validator(
+        ["method", "minent_weight"], lambda v: v["method"] != "minent" or v["minent_weight"] > 0,
+        message="--method=minent needs --minent_weight > 0 (AdvEnt used 1e-3)")
+    flags.register_multi_flags_validator(
+        ["adv_both_domains", "adv_discriminators"],
+        lambda v: not v["adv_both_domains"] or v["adv_discriminators"] != "entropy",
+        message="--adv_both_domains applies to the feature discriminator, which "
+                "--adv_discriminators=entropy leaves out")
     flags.register_multi_flags_validator(
         ["resume", "run_name"], lambda v: not v["resume"] or bool(v["run_name"]),
         message="--resume needs --run_name: the run directory to continue")

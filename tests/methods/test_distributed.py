@@ -6,8 +6,10 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import CLASS_NAMES, tiny_batch, tiny_segmentor
-from uda_tf.methods import GRL, SourceOnly
-from uda_tf.models.discriminators import domain_classifier
+from tests.methods.test_adversarial import tiny_discriminators
+from uda_tf.methods import GRL, Adversarial, MinEnt, SourceOnly
+from uda_tf.methods.grl import OUTPUT_KEY
+from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.training.schedules import LambdaSchedule
 
 
@@ -20,6 +22,27 @@ def _build(method, strategy, norm):
             model = GRL(seg, CLASS_NAMES, domain_classifier=clf,
                         lambda_schedule=LambdaSchedule("dann", 1.0, 4))
             model.compile(keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05))
+        elif method == "grl_output_minent":
+            keras.utils.set_random_seed(1)
+            clf = output_domain_classifier(seg.output["logits"].shape[1:], filters=(4, 8),
+                                           hidden=(8,))
+            model = GRL(seg, CLASS_NAMES, domain_classifier=clf, feature_keys=[OUTPUT_KEY],
+                        lambda_schedule=LambdaSchedule("dann", 1.0, 4), minent_weight=0.5)
+            model.compile(keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05))
+        elif method.startswith("adversarial"):
+            wgan = method == "adversarial_wgan"
+            discs = tiny_discriminators(seg, patch=wgan)
+            # WGAN-GP with 2 critic steps and both domains flipped exercises the penalty's
+            # replica-invariant interpolation weights and the unrolled critic loop.
+            model = Adversarial(seg, CLASS_NAMES, discriminators=discs,
+                                adv_weights={"feature": 0.5, "entropy": 0.5},
+                                adv_loss="wgan-gp" if wgan else "bce", both_domains=wgan,
+                                disc_steps=2 if wgan else 1, minent_weight=0.1)
+            model.compile(keras.optimizers.SGD(0.05),
+                          {n: keras.optimizers.SGD(0.05) for n in discs})
+        elif method == "minent":
+            model = MinEnt(seg, CLASS_NAMES, minent_weight=0.5)
+            model.compile(keras.optimizers.SGD(0.05))
         else:
             model = SourceOnly(seg, CLASS_NAMES)
             model.compile(keras.optimizers.SGD(0.05))
@@ -31,14 +54,18 @@ def _weights_after_steps(method, strategy, norm, steps=2):
     model = _build(method, strategy, norm)
     before = [v.numpy() for v in model.trainable_variables]
     x_s, y_s, x_t = tiny_batch(n=4)
-    element = ((x_s, y_s), x_t) if method == "grl" else (x_s, y_s)
+    element = (x_s, y_s) if method == "source_only" else ((x_s, y_s), x_t)
     ds = tf.data.Dataset.from_tensors(element).repeat()
     logs = model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0).history
+    # trainable_variables covers every sub-network: segmentor and discriminators/classifiers
     return before, [v.numpy() for v in model.trainable_variables], logs
 
 
 @pytest.mark.parametrize("method,norm", [("source_only", "instance"), ("grl", "instance"),
-                                         ("source_only", "batch"), ("grl", "batch")])
+                                         ("source_only", "batch"), ("grl", "batch"),
+                                         ("adversarial", "instance"), ("adversarial", "batch"),
+                                         ("adversarial_wgan", "instance"), ("minent", "instance"),
+                                         ("grl_output_minent", "instance")])
 def test_two_replicas_match_one_device(method, norm, one_device, two_replicas):
     b1, w1, logs1 = _weights_after_steps(method, one_device, norm)
     b2, w2, logs2 = _weights_after_steps(method, two_replicas, norm)
@@ -49,3 +76,6 @@ def test_two_replicas_match_one_device(method, norm, one_device, two_replicas):
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(logs1["seg_loss"], logs2["seg_loss"], rtol=1e-5)
+    if method.startswith("adversarial"):
+        for key in ("d_loss_feature", "d_loss_entropy", "adv_loss"):
+            np.testing.assert_allclose(logs1[key], logs2[key], rtol=1e-4, atol=1e-6)

@@ -8,8 +8,8 @@ import tensorflow as tf
 from tests.helpers import CLASS_NAMES, tiny_batch, tiny_segmentor
 from uda_tf import losses
 from uda_tf.methods import GRL
-from uda_tf.methods.grl import feature_keys
-from uda_tf.models.discriminators import domain_classifier
+from uda_tf.methods.grl import OUTPUT_KEY, feature_keys
+from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.training.schedules import LambdaSchedule
 
 LR, LAM = 0.1, 0.5
@@ -94,3 +94,47 @@ def test_grl_logs_lambda_from_schedule():
     logs = model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0).history
     assert abs(logs["lambda"][-1] - LAM) < 1e-6
     assert 0.0 <= logs["domain_acc"][-1] <= 1.0
+
+
+def test_output_space_grl_reverses_the_classifier_gradient_into_the_whole_segmentor():
+    """--grl_features=output (Javanmardi & Tasdizen 2018): softmax maps -> GRL -> CNN. The
+    domain term moves every segmentor weight, decoder included, by +lr*lambda*grad."""
+    x_s, y_s, x_t = tiny_batch()
+    seg0 = tiny_segmentor(seed=0)
+    keys = feature_keys(seg0, "output")
+    assert keys == [OUTPUT_KEY]
+
+    def make(weight):
+        keras.utils.set_random_seed(1)
+        clf = output_domain_classifier(seg0.output["logits"].shape[1:], filters=(4, 8),
+                                       hidden=(8,))
+        model = GRL(tiny_segmentor(seed=0), CLASS_NAMES, domain_classifier=clf,
+                    lambda_schedule=LambdaSchedule("constant", LAM, 10),
+                    domain_loss_weight=weight, feature_keys=keys)
+        model.compile(keras.optimizers.SGD(LR), keras.optimizers.SGD(LR))
+        model.build_optimizers()
+        return model
+
+    adapted, plain = make(1.0), make(0.0)
+    clf = adapted.domain_classifier
+    clf_before = [v.numpy() for v in clf.trainable_variables]
+    is_source = tf.concat([tf.ones([len(x_s)]), tf.zeros([len(x_t)])], 0)
+    with tf.GradientTape(persistent=True) as tape:
+        logits = seg0(tf.concat([x_s, x_t], 0), training=True)["logits"]
+        probs = tf.nn.softmax(logits, axis=-1)
+        dom = tf.reduce_mean(losses.binary_cross_entropy(is_source, clf(probs)))
+    g_seg = tape.gradient(dom, seg0.trainable_variables)
+    g_clf = tape.gradient(dom, clf.trainable_variables)
+    _step(adapted, x_s, y_s, x_t)
+    _step(plain, x_s, y_s, x_t)
+
+    for v, a, p, g in zip(seg0.trainable_variables, adapted.segmentor.trainable_variables,
+                          plain.segmentor.trainable_variables, g_seg):
+        np.testing.assert_allclose(a.numpy() - p.numpy(), LR * LAM * g.numpy(), atol=1e-6,
+                                   rtol=1e-3, err_msg=v.path)
+    decoder = [g for v, g in zip(seg0.trainable_variables, g_seg)
+               if v.path.startswith(("dec", "logits"))]
+    assert sum(float(tf.reduce_sum(g * g)) for g in decoder) > 0  # reaches past the bottleneck
+    for before, after, g in zip(clf_before, clf.trainable_variables, g_clf):
+        np.testing.assert_allclose(after.numpy() - before, -LR * g.numpy(), atol=1e-6,
+                                   rtol=1e-3)

@@ -20,6 +20,16 @@ def split_batch(data):
     return x_s, y_s, None
 
 
+def check_minent_weight(weight, uses_target: bool, method: str) -> float:
+    weight = float(weight)
+    if weight < 0:
+        raise ValueError(f"--minent_weight must be >= 0, got {weight}")
+    if weight > 0 and not uses_target:
+        raise ValueError(f"--minent_weight={weight} needs a method that sees target images; "
+                         f"{method} does not (use --method=minent for MinEnt alone)")
+    return weight
+
+
 class SegmentationMethod(keras.Model):
     """Base class. A subclass's `train_step` is its method's update rule; `test_step` (Dice and
     supervised loss on labelled source validation slices) is shared, since checkpoints are
@@ -29,13 +39,16 @@ class SegmentationMethod(keras.Model):
     uses_target = False
 
     def __init__(self, segmentor: keras.Model, class_names, *, dice_weight: float = 1.0,
-                 class_weights=None, **kwargs):
+                 class_weights=None, minent_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.segmentor = segmentor
         self.class_names = list(class_names)
         self.dice_weight = float(dice_weight)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.minent_weight = check_minent_weight(minent_weight, self.uses_target,
+                                                 type(self).__name__)
         self.seg_loss_tracker = keras.metrics.Mean(name="seg_loss")
+        self.ent_loss_tracker = keras.metrics.Mean(name="ent_loss")
         self.val_dice = StreamingDice(self.class_names, name="dice")
         # Sub-networks are functional and already built; marking the wrapper built stops Keras
         # from calling it on the (source, target) tuple at fit time (ARCHITECTURE.md).
@@ -45,7 +58,8 @@ class SegmentationMethod(keras.Model):
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
         """Build the method around `segmentor` from resolved flag values `cfg`."""
-        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names))
+        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
+                   **cls.target_kwargs(cfg))
 
     @staticmethod
     def supervised_kwargs(cfg, class_names) -> dict:
@@ -53,6 +67,12 @@ class SegmentationMethod(keras.Model):
         return {"dice_weight": cfg.dice_weight,
                 "class_weights": parse_class_weights(getattr(cfg, "class_weights", None),
                                                      len(class_names))}
+
+    @staticmethod
+    def target_kwargs(cfg) -> dict:
+        """Target-domain terms every method takes from the flags (subclasses pass them on):
+        the MinEnt weight, applied by `minent_loss`."""
+        return {"minent_weight": cfg.minent_weight}
 
     def compile_from_flags(self, cfg):
         seg_lr, _ = learning_rates_from_flags(cfg)
@@ -77,7 +97,8 @@ class SegmentationMethod(keras.Model):
 
     @property
     def metrics(self):
-        return [self.seg_loss_tracker, self.val_dice]
+        target = [self.ent_loss_tracker] if self.uses_target else []
+        return [self.seg_loss_tracker, self.val_dice] + target
 
     # -- shared pieces ------------------------------------------------------------------
     def supervised_loss(self, labels, logits):
@@ -85,6 +106,15 @@ class SegmentationMethod(keras.Model):
         losses.replica_mean."""
         return losses.dice_ce_loss(labels, logits, dice_weight=self.dice_weight,
                                    class_weights=self.class_weights)
+
+    def minent_loss(self, target_logits):
+        """Per-sample MinEnt term on the target batch, minent_weight x mean normalised entropy
+        (Vu et al., CVPR 2019, eq. 3); reduce with losses.replica_mean. Every method that sees
+        target images adds it to its segmentor loss, so --minent_weight combines with any of
+        them. Logs the unweighted target entropy as `ent_loss` even at weight 0."""
+        ent = losses.mean_entropy(target_logits)
+        self.ent_loss_tracker.update_state(tf.reduce_mean(ent))
+        return self.minent_weight * ent
 
     def test_step(self, data):
         images, labels = data[0], data[1]

@@ -1,10 +1,12 @@
-"""GRL / DANN on encoder features (Ganin et al., JMLR 2016).
+"""GRL / DANN on encoder features (Ganin et al., JMLR 2016) or on the output space.
 
 One forward pass of the segmentor on the concatenated source and target batch; the bottleneck
 features go through a gradient reversal layer into a domain classifier. Minimising
     supervised(source) + beta * BCE(domain_classifier(GRL_lambda(features)), domain)
 trains the classifier to tell the domains apart while the reversed gradient pushes the encoder
-towards features the classifier cannot separate.
+towards features the classifier cannot separate. With `--grl_features=output` the classifier is
+a CNN on the softmax maps instead (Javanmardi & Tasdizen, ISBI 2018), so the reversed gradient
+reaches the whole segmentor, decoder included.
 """
 from __future__ import annotations
 
@@ -13,21 +15,25 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.methods.base import SegmentationMethod, split_batch
-from uda_tf.models.discriminators import domain_classifier
+from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.models.layers import GradientReversal
 from uda_tf.training.schedules import LambdaSchedule, learning_rates_from_flags
 
 
-GRL_FEATURES = ("bottleneck", "encoder")
+GRL_FEATURES = ("bottleneck", "encoder", "output")
+#: not a segmentor output: the softmax of its logits, computed in train_step
+OUTPUT_KEY = "probabilities"
 
 
 def feature_keys(segmentor, which: str) -> list[str]:
     """Segmentor outputs the domain classifier sees: the bottleneck alone, or every encoder
-    level (each skip connection's features) plus the bottleneck."""
+    level (each skip connection's features) plus the bottleneck, or the softmax output maps."""
     if which == "bottleneck":
         return ["features"]
     if which == "encoder":
         return sorted(k for k in segmentor.output if k.startswith("encoder")) + ["features"]
+    if which == "output":
+        return [OUTPUT_KEY]
     raise ValueError(f"unknown GRL features {which!r}; expected one of {GRL_FEATURES}")
 
 
@@ -49,9 +55,13 @@ class GRL(SegmentationMethod):
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
         keys = feature_keys(segmentor, cfg.grl_features)
-        shapes = [segmentor.output[k].shape[1:] for k in keys]
+        if keys == [OUTPUT_KEY]:
+            classifier = output_domain_classifier(segmentor.output["logits"].shape[1:])
+        else:
+            classifier = domain_classifier([segmentor.output[k].shape[1:] for k in keys])
         return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
-                   domain_classifier=domain_classifier(shapes), feature_keys=keys,
+                   **cls.target_kwargs(cfg),
+                   domain_classifier=classifier, feature_keys=keys,
                    lambda_schedule=LambdaSchedule(cfg.lambda_schedule, cfg.grl_lambda,
                                                   cfg.epochs * cfg.steps_per_epoch),
                    domain_loss_weight=cfg.domain_loss_weight)
@@ -81,14 +91,17 @@ class GRL(SegmentationMethod):
         disc_vars = self.domain_classifier.trainable_variables
         with tf.GradientTape() as tape:
             out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
+            if OUTPUT_KEY in self.feature_keys:
+                out = {**out, OUTPUT_KEY: tf.nn.softmax(out["logits"], axis=-1)}
             seg = self.supervised_loss(y_s, out["logits"][:n_s])
+            ent = self.minent_loss(out["logits"][n_s:])
             reversed_features = [self.grl(out[k], lam=lam) for k in self.feature_keys]
             if len(reversed_features) == 1:
                 reversed_features = reversed_features[0]
             domain_logits = self.domain_classifier(reversed_features, training=True)
             is_source = tf.concat([tf.ones([n_s]), tf.zeros([tf.shape(x_t)[0]])], axis=0)
             dom = losses.binary_cross_entropy(is_source, domain_logits)
-            loss = (losses.replica_mean(seg)
+            loss = (losses.replica_mean(seg) + losses.replica_mean(ent)
                     + self.domain_loss_weight * losses.replica_mean(dom))
         # One backward pass; the reversal already flipped the encoder's share of the domain
         # gradient, so both sub-networks simply descend on the same total.
@@ -105,4 +118,5 @@ class GRL(SegmentationMethod):
         return {"seg_loss": self.seg_loss_tracker.result(),
                 "domain_loss": self.domain_loss_tracker.result(),
                 "domain_acc": self.domain_acc_tracker.result(),
+                "ent_loss": self.ent_loss_tracker.result(),
                 "lambda": lam}

@@ -70,7 +70,8 @@ class SelfTraining(SegmentationMethod):
     @classmethod
     def from_flags(cls, segmentor, class_names, cfg):
         teacher = keras.models.clone_model(segmentor)
-        return cls(segmentor, class_names, dice_weight=cfg.dice_weight, teacher=teacher,
+        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
+                   **cls.target_kwargs(cfg), teacher=teacher,
                    criterion=cfg.pseudo_label_criterion, threshold=cfg.pseudo_label_threshold,
                    pseudo_weight=cfg.pseudo_label_weight,
                    warmup=not getattr(cfg, "init_checkpoint", ""))
@@ -99,7 +100,8 @@ class SelfTraining(SegmentationMethod):
             seg = self.supervised_loss(y_s, logits[:n_s])
             pseudo = masked_cross_entropy(target_labels, logits[n_s:], mask)
             weight = self.pseudo_weight * self.pseudo_active
-            loss = losses.replica_mean(seg) + weight * losses.replica_mean(pseudo)
+            loss = (losses.replica_mean(seg) + weight * losses.replica_mean(pseudo)
+                    + losses.replica_mean(self.minent_loss(logits[n_s:])))
         variables = self.segmentor.trainable_variables
         self.seg_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))

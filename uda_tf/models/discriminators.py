@@ -44,3 +44,61 @@ def domain_classifier(feature_shapes, hidden=(128, 64), reduce_channels=16,
         x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
     logit = keras.layers.Dense(1, name="logit", dtype="float32")(x)
     return keras.Model(inputs[0] if single else inputs, logit, name=name)
+
+
+# -- GAN-style discriminators for the adversarial method (issue 4) ----------------------------
+# Each maps its input to a logit per sample ([N, 1]) or, as a fully convolutional "patch"
+# discriminator, to a map of logits ([N, h, w, 1]) that judges each receptive field on its
+# own. The sigmoid of the papers lives in the loss (losses.adversarial_loss), which keeps BCE
+# numerically stable and lets LSGAN and WGAN-GP use the same networks. No normalisation layers:
+# the WGAN-GP penalty needs samples that do not interact inside the critic.
+
+def _conv_stack(x, filters, prefix):
+    for i, f in enumerate(filters):
+        x = keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu",
+                                name=f"{prefix}conv{i}")(x)
+    return x
+
+
+def _head(x, hidden, patch, prefix):
+    if patch:
+        return keras.layers.Conv2D(1, 3, padding="same", name=f"{prefix}logit",
+                                   dtype="float32")(x)
+    x = keras.layers.Flatten(name=f"{prefix}flatten")(x)
+    for i, units in enumerate(hidden):
+        x = keras.layers.Dense(units, activation="relu", name=f"{prefix}dense{i}")(x)
+    return keras.layers.Dense(1, name=f"{prefix}logit", dtype="float32")(x)
+
+
+def feature_discriminator(feature_shape, *, filters=(64, 64, 64), hidden=(64,), patch=False,
+                          name="feature_disc") -> keras.Model:
+    """Bottleneck features -> domain logit: 3 strided conv + ReLU, dense 64, logit (the
+    feature-map discriminator of entropy-guided UDA, Zeng et al., MICCAI 2020). With `patch`,
+    a 3x3 convolution replaces the dense layers and the output is a logit map."""
+    if len(filters) != 3:
+        raise ValueError(f"the feature discriminator has 3 conv layers, got filters={filters}")
+    x = inp = keras.Input(shape=tuple(feature_shape), name="features")
+    x = _conv_stack(x, filters, f"{name}_")
+    return keras.Model(inp, _head(x, hidden, patch, f"{name}_"), name=name)
+
+
+def entropy_discriminator(map_shape, *, filters=(16, 32, 64, 64, 64), hidden=(512, 64),
+                          patch=False, name="entropy_disc") -> keras.Model:
+    """Entropy map [H, W, 1] -> domain logit: 5 strided conv + ReLU, dense 512, dense 64, logit
+    (the entropy-map discriminator of Zeng et al., MICCAI 2020, after AdvEnt, Vu et al., CVPR
+    2019). With `patch`, a 3x3 convolution replaces the dense layers (AdvEnt's fully
+    convolutional discriminator) and the output is a logit map at 1/32 resolution."""
+    if len(filters) != 5:
+        raise ValueError(f"the entropy discriminator has 5 conv layers, got filters={filters}")
+    x = inp = keras.Input(shape=tuple(map_shape), name="entropy")
+    x = _conv_stack(x, filters, f"{name}_")
+    return keras.Model(inp, _head(x, hidden, patch, f"{name}_"), name=name)
+
+
+def output_domain_classifier(output_shape, *, filters=(16, 32, 64, 64), hidden=(64,),
+                             name="output_classifier") -> keras.Model:
+    """Softmax maps [H, W, C] -> domain logit: strided conv + ReLU, dense, logit (the CNN domain
+    classifier on segmentation outputs of Javanmardi & Tasdizen, ISBI 2018)."""
+    x = inp = keras.Input(shape=tuple(output_shape), name="probabilities")
+    x = _conv_stack(x, filters, f"{name}_")
+    return keras.Model(inp, _head(x, hidden, False, f"{name}_"), name=name)
