@@ -8,8 +8,10 @@ probability and parameters; `build(names, **params)` returns one callable for th
     images, labels = aug(images, labels)     # labelled batch
     images = aug(images)                     # unlabelled batch
 
-Spatial ops run first (flips, then rotation + scaling + elastic fused into one resampling),
-then intensity ops, in registry order. Every op draws one Bernoulli(p) per sample, the
+Spatial ops run first, then intensity ops, in registry order. Rotation, scaling and elastic
+deformation are one resampling pass; when one of them is chosen, the flips are folded into the
+same pass as a mirroring of the affine part (a mirrored-only sample maps voxel centres onto
+voxel centres, so it is exact), instead of separate reversals of the whole batch. Every op draws one Bernoulli(p) per sample, the
 batch-level, vectorised form of nnU-Net's per-sample augmentation probabilities (Isensee et al.
 2021), whose ranges are the defaults here. How the chosen samples are changed depends on the
 op's cost (measured per op by benchmarks/data_pipeline.py): expensive ops (the resampling
@@ -62,14 +64,13 @@ register_op("bias_field", "intensity", 0.3, intensity.bias_field, subset=True,
             bias_strength=0.3, bias_grid=4)
 register_op("blur", "intensity", 0.2, intensity.blur, subset=True, blur_sigma=(0.5, 1.0))
 register_op("jitter", "intensity", 1.0, intensity.jitter, jitter_scale=0.1, jitter_shift=0.1)
-# Gaussian random numbers cost ~13 ns each on a CPU, inside XLA or not: drawing them for the
-# whole batch would cost more than all other intensity ops together, so noise is drawn for the
-# chosen samples only, outside the compiled chain.
-register_op("noise", "intensity", 0.1, intensity.noise, subset=True, xla=False,
-            noise_std=(0.0, 0.1))
+# Noise reads a fixed bank of Gaussian fields at random offsets (augment_intensity.noise):
+# drawing fresh Gaussian numbers cost more than all other intensity ops together.
+register_op("noise", "intensity", 0.1, intensity.noise, noise_std=(0.0, 0.1))
 
 PRESETS = {
     "none": (),
+    "flip": ("flip",),
     "default": ("flip", "jitter"),  # what augment_labelled/augment_unlabelled do
     "full": ("flip", "rotation", "scaling", "elastic", "gamma", "contrast", "brightness",
              "noise", "bias_field", "blur"),
@@ -82,7 +83,8 @@ def resolve_names(names) -> tuple[str, ...]:
     if names is None:
         names = "default"
     if isinstance(names, str):
-        names = PRESETS[names] if names in PRESETS else [n for n in names.split(",") if n]
+        names = PRESETS[names] if names in PRESETS else [
+            n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPS]
     if unknown:
         raise ValueError(f"unknown augmentations {unknown}; available: {', '.join(OPS)} "
@@ -156,14 +158,18 @@ class Augmenter:
         rank = images.shape.rank
         n = tf.shape(images)[0]
         p = self.params
+        fused = [name for name in _FUSED if name in names]
+        flips = {}
         if "flip" in names:
             axes = p["flip_axes"] or range(1, rank - 1)
-            for axis in axes:
-                chosen = tf.random.uniform([n]) < p["p_flip"]
-                images, labels = spatial.flip(images, labels, axis=axis, active=chosen)
-        fused = [name for name in _FUSED if name in names]
+            flips = {axis: tf.random.uniform([n]) < p["p_flip"] for axis in axes}
+            if not fused:  # without a resampling pass, reversing is the cheapest way
+                for axis, chosen in flips.items():
+                    images, labels = spatial.flip(images, labels, axis=axis, active=chosen)
+                flips = {}
         if fused:
             active = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
+            active.update({f"flip{axis}": chosen for axis, chosen in flips.items()})
             chosen = tf.reduce_any(tf.stack(list(active.values())), axis=0)
             kwargs = dict(
                 rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,

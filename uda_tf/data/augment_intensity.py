@@ -10,6 +10,7 @@ source and a target batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -66,10 +67,38 @@ def jitter(images, *, jitter_scale=0.1, jitter_shift=0.1, seed=None, active=None
     return images * (1.0 + a) + b
 
 
+_BANK_VALUES = 1 << 22  # at most ~16 MB of float32 noise per sample shape
+
+
+@functools.lru_cache(maxsize=8)
+def noise_bank(shape: tuple) -> np.ndarray:
+    """[K * 2 * S0, *shape[1:]] independent N(0, 1) values (fixed seed): K fields of twice the
+    sample's first axis, K = 8 or fewer for large samples."""
+    fields = int(max(1, min(8, _BANK_VALUES // (2 * int(np.prod(shape))))))
+    rng = np.random.default_rng(2021)
+    return rng.standard_normal((fields * 2 * shape[0],) + tuple(shape[1:])).astype(np.float32)
+
+
 def noise(images, *, noise_std=(0.0, 0.1), seed=None, active=None):
-    """Additive Gaussian noise with a per-sample std ~ U(noise_std) (normalised units)."""
+    """Additive Gaussian noise with a per-sample std ~ U(noise_std) (normalised units).
+
+    Every sample reads a window of a fixed bank of independent N(0, 1) values (noise_bank) at a
+    random field, offset along the first spatial axis and sign: its noise is independent
+    Gaussian noise voxel to voxel, as with fresh draws, while the batch costs one row copy
+    instead of ~15 ns of Box-Muller per voxel (TF's CPU random_normal; XLA's is slower still).
+    Two samples may share a shifted window, which an augmentation does not need to avoid."""
     sigma = _per_sample(images, *noise_std, seed=seed, active=active, identity=0.0)
-    return images + tf.random.normal(tf.shape(images), seed=seed) * sigma
+    shape = images.shape[1:]
+    if None in shape:  # no bank without a static sample shape: draw fresh numbers
+        return images + tf.random.normal(tf.shape(images), seed=seed) * sigma
+    bank = noise_bank(tuple(int(d) for d in shape))
+    n, size = tf.shape(images)[0], int(shape[0])
+    windows = bank.shape[0] // size - 1  # start rows 0 .. (2K - 1) * size
+    start = tf.random.uniform([n], 0, windows * size, tf.int32, seed=seed)
+    rows = start[:, None] + tf.range(size)[None, :]
+    field = tf.gather(tf.constant(bank), rows)  # [n, *shape]: contiguous row copies
+    sign = _per_sample(images, 0.0, 1.0, seed=seed) < 0.5
+    return images + field * tf.where(sign, -sigma, sigma)
 
 
 def _bspline_matrix(n_out: int, n_in: int) -> np.ndarray:

@@ -149,10 +149,13 @@ def domain_stream(data_dir, manifest, domain, split, *, batch_size, labelled, sh
             return (parsed["image"], parsed["label"]) if labelled else parsed["image"]
 
         # Batch, then parse: one parse_example per batch instead of one per slice.
-        ds = ds.batch(batch_size, drop_remainder=True).map(parse, num_parallel_calls=AUTOTUNE)
+        # deterministic=False: a batch that is slow to augment does not hold back the next
+        # (shuffling already made the order random; the seed still fixes the shuffle).
+        ds = ds.batch(batch_size, drop_remainder=True).map(
+            parse, num_parallel_calls=AUTOTUNE, deterministic=False)
     if augment_data:
         augmenter = augment.build(augmentations or "default", **(augment_params or {}))
-        ds = ds.map(augmenter, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(augmenter, num_parallel_calls=AUTOTUNE, deterministic=False)
     return ds
 
 
