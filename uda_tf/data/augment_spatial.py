@@ -13,7 +13,7 @@ import math
 
 import tensorflow as tf
 
-from uda_tf.data.augment_intensity import smooth_field
+from uda_tf.data.augment_intensity import batch_size, smooth_field
 
 
 def reverse(x, axis: int):
@@ -146,7 +146,7 @@ def spatial_transform(images, labels=None, *, angles=None, scales=None, displace
     spatial_static = images.shape[1:-1]
     if None in spatial_static:
         raise ValueError(f"spatial_transform needs static spatial dims, got {images.shape}")
-    n = tf.shape(images)[0]
+    n = batch_size(images)
     if displacement is not None and not isinstance(displacement, (list, tuple)):
         displacement = tf.unstack(displacement, axis=-1)
     matrix = tf.eye(rank, batch_shape=[n])
@@ -195,7 +195,7 @@ def random_spatial(images, labels=None, *, rotation_degrees=None, scale_range=No
     `flips` (see spatial_transform) mirrors in the same pass; `active` may carry them too, as
     "flip1", "flip2"(, "flip3"): booleans [n] for spatial axis 1, 2(, 3)."""
     rank = images.shape.rank - 2
-    n = tf.shape(images)[0]
+    n = batch_size(images)
     active = active or {}
     flip_keys = [f"flip{axis}" for axis in range(1, rank + 1)]
     if flips is None and any(k in active for k in flip_keys):
