@@ -309,10 +309,7 @@ def build(names="full", *, jit: bool = True, **params) -> Augmenter:
     compile the chain with XLA (see Augmenter).
     """
     names = resolve_names(names)
-    defaults = {}
-    for op in OPS.values():
-        defaults.update(op.params)
-        defaults[f"p_{op.name}"] = op.probability
+    defaults = parameter_defaults()
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ValueError(f"unknown augmentation parameters {unknown}; valid: "
@@ -321,6 +318,15 @@ def build(names="full", *, jit: bool = True, **params) -> Augmenter:
         if key.startswith("p_") and not 0 <= float(value) <= 1:
             raise ValueError(f"{key} must be a probability in [0, 1], got {value}")
     return Augmenter(names, {**defaults, **params}, jit=jit)
+
+
+def parameter_defaults() -> dict:
+    """Every op parameter and `p_<name>` probability `build` accepts, with its default."""
+    defaults = {}
+    for op in OPS.values():
+        defaults.update(op.params)
+        defaults[f"p_{op.name}"] = op.probability
+    return defaults
 
 
 # -- the original two-op augmentation (kept: train.py and tests use these names) ---------------
@@ -352,3 +358,36 @@ def augment_unlabelled(images):
     images = random_flip(images, axis=1)
     images = random_flip(images, axis=2)
     return intensity_jitter(images)
+
+
+def parse_params(items, flag: str = "augment_params") -> dict:
+    """["rotation_degrees=10", "p_noise=0.2", "noise_std=0:0.05", "flip_axes=2"] -> build()
+    keyword arguments, each value typed like its default (a:b for a range, a:b:c for axes).
+    Errors name `flag`, the item and what was expected."""
+    defaults = parameter_defaults()
+    out = {}
+    for item in items or ():
+        key, sep, text = (part.strip() for part in str(item).partition("="))
+        if not sep or key not in defaults:
+            raise ValueError(f"--{flag}: {item!r} must be name=value with name one of "
+                             f"{', '.join(sorted(defaults))}")
+        default = defaults[key]
+        try:
+            values = [float(v) for v in text.split(":")]
+            if key == "flip_axes":  # None by default: every spatial axis
+                value = tuple(int(v) for v in values)
+            elif isinstance(default, tuple):
+                if len(values) != len(default):
+                    raise ValueError
+                value = tuple(values)
+            elif len(values) != 1:
+                raise ValueError
+            else:
+                value = int(values[0]) if isinstance(default, int) else values[0]
+        except ValueError:
+            shape = ("low:high" if isinstance(default, tuple) else
+                     "axes like 1:2" if key == "flip_axes" else "one number")
+            raise ValueError(f"--{flag}: {key}={text!r} must be {shape} "
+                             f"(default {default})") from None
+        out[key] = value
+    return out
