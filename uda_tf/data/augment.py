@@ -175,14 +175,14 @@ class Augmenter:
         if not self.names:
             return images if labels is None else (images, labels)
         if not self.jit:
-            return self._apply(images, labels, self.names, subsets=True)
-        compiled = tuple(n for n in self.names if OPS[n].xla)  # (every op registered here)
+            return self._apply(images, labels, self.names)
+        compiled = tuple(n for n in self.names if OPS[n].xla)
         if compiled:
             out = self._compiled(images, labels, compiled)
             images, labels = (out, None) if labels is None else out
         rest = tuple(n for n in self.names if not OPS[n].xla)
-        if rest:
-            return self._apply(images, labels, rest, subsets=True)
+        if rest:  # ops registered with xla=False run after the compiled chain
+            return self._apply(images, labels, rest)
         return images if labels is None else (images, labels)
 
     def _inline(self, images, labels, names):
@@ -190,29 +190,16 @@ class Augmenter:
         over the samples that any spatial or expensive op chose, with a conditional per op
         (XLA runs only the branch taken, so a sample pays for the ops it drew and nothing
         else, and no gather/scatter copies the batch), then the cheap ops over the batch."""
-        rank = images.shape.rank
         n = tf.shape(images)[0]
         p = self.params
-        fused = [name for name in _FUSED if name in names]
-        flips = {}
-        if "flip" in names:
-            axes = p["flip_axes"] or range(1, rank - 1)
-            flips = {axis: tf.random.uniform([n]) < p["p_flip"] for axis in axes}
-            if not fused:  # flips alone: two cheap passes over the batch
-                for axis, chosen in flips.items():
-                    images, labels = spatial.flip(images, labels, axis=axis, active=chosen)
-                flips = {}
+        images, labels, fused, flips = self._flips(images, labels, names)
         spatial_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
         looped = [name for name in names if OPS[name].kind == "intensity" and OPS[name].subset]
         op_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in looped}
         decisions = [*flips.values(), *spatial_on.values(), *op_on.values()]
         if decisions:
             touched = tf.reduce_any(tf.stack(decisions), axis=0)
-            spatial_kwargs = dict(
-                rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,
-                scale_range=p["scale_range"] if "scaling" in fused else None,
-                elastic_alpha=p["elastic_alpha"] if "elastic" in fused else None,
-                elastic_grid=p["elastic_grid"])
+            spatial_kwargs = self._spatial_kwargs(fused)
 
             def one_sample(i, x, y):
                 """Sample i ([1, ...] slices x, y) through every op it drew."""
@@ -241,38 +228,44 @@ class Augmenter:
             images = OPS[name].fn(images, active=chosen, **kwargs)
         return images if labels is None else (images, labels)
 
-    def _apply(self, images, labels, names, subsets: bool):
-        rank = images.shape.rank
+    def _flips(self, images, labels, names):
+        """(images, labels, fused, flips): the per-axis flip decisions [n], kept to be folded
+        into the resampling pass of the `fused` spatial ops, or applied right away (and {}
+        returned) when there is none: two cheap passes over the batch."""
         n = tf.shape(images)[0]
-        p = self.params
         fused = [name for name in _FUSED if name in names]
         flips = {}
         if "flip" in names:
-            axes = p["flip_axes"] or range(1, rank - 1)
-            flips = {axis: tf.random.uniform([n]) < p["p_flip"] for axis in axes}
-            if not fused:  # without a resampling pass, reversing is the cheapest way
+            axes = self.params["flip_axes"] or range(1, images.shape.rank - 1)
+            flips = {axis: tf.random.uniform([n]) < self.params["p_flip"] for axis in axes}
+            if not fused:
                 for axis, chosen in flips.items():
                     images, labels = spatial.flip(images, labels, axis=axis, active=chosen)
                 flips = {}
+        return images, labels, fused, flips
+
+    def _spatial_kwargs(self, fused):
+        p = self.params
+        return dict(rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,
+                    scale_range=p["scale_range"] if "scaling" in fused else None,
+                    elastic_alpha=p["elastic_alpha"] if "elastic" in fused else None,
+                    elastic_grid=p["elastic_grid"])
+
+    def _apply(self, images, labels, names):
+        """Plain TF ops (jit=False): expensive ops on the gathered chosen samples."""
+        n = tf.shape(images)[0]
+        p = self.params
+        images, labels, fused, flips = self._flips(images, labels, names)
         if fused:
             active = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
             active.update({f"flip{axis}": chosen for axis, chosen in flips.items()})
             chosen = tf.reduce_any(tf.stack(list(active.values())), axis=0)
-            kwargs = dict(
-                rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,
-                scale_range=p["scale_range"] if "scaling" in fused else None,
-                elastic_alpha=p["elastic_alpha"] if "elastic" in fused else None,
-                elastic_grid=p["elastic_grid"])
-            if subsets:
-                index = tf.where(chosen)[:, 0]
-                sub_active = {k: tf.gather(v, index) for k, v in active.items()}
-                images, labels = on_subset(
-                    chosen, lambda x, y: spatial.random_spatial(x, y, active=sub_active,
-                                                                **kwargs), images, labels)
-            else:
-                images, labels = self._when_any(
-                    chosen, lambda x, y: spatial.random_spatial(x, y, active=active, **kwargs),
-                    images, labels)
+            kwargs = self._spatial_kwargs(fused)
+            index = tf.where(chosen)[:, 0]
+            sub_active = {k: tf.gather(v, index) for k, v in active.items()}
+            images, labels = on_subset(
+                chosen, lambda x, y: spatial.random_spatial(x, y, active=sub_active, **kwargs),
+                images, labels)
         for name in names:
             if OPS[name].kind != "intensity":
                 continue
@@ -282,7 +275,7 @@ class Augmenter:
                 images = fn(images, **kwargs)
                 continue
             chosen = tf.random.uniform([n]) < p[f"p_{name}"]
-            if subsets and OPS[name].subset:
+            if OPS[name].subset:
                 images, _ = on_subset(
                     chosen, lambda x, y, fn=fn, kwargs=kwargs: (fn(x, **kwargs), y), images)
             else:
