@@ -6,7 +6,10 @@ dataset sizes.
     .venv/bin/python benchmarks/data_pipeline.py --quick    # smaller, for a smoke run
 
 Prints a table and writes benchmarks/results/data_pipeline.json. Every measurement runs in a
-fresh subprocess so its peak RSS (ru_maxrss) is its own. Synthetic NIfTI volumes (smooth blobs
+fresh subprocess so its peak RSS (ru_maxrss) is its own. Streams also report CPU milliseconds
+per sample (process CPU time over the measured batches): on a shared machine the rate says
+what the pipeline got, the CPU time what it costs. Slices/s of a source/target zip count both
+domains' slices. Synthetic NIfTI volumes (smooth blobs
 and their labels, 256 x 256 in-plane at 1 mm) in the MSD layout, two domains.
 """
 from __future__ import annotations
@@ -90,14 +93,15 @@ def measure_prepare(a: dict) -> dict:
             "peak_rss_worker_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
 
 
-def _drain(ds, batches: int, warmup: int) -> float:
+def _drain(ds, batches: int, warmup: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for `batches` batches after `warmup`."""
     it = iter(ds)
     for _ in range(warmup):
         next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_stream(a: dict) -> dict:
@@ -130,9 +134,13 @@ def measure_stream(a: dict) -> dict:
         else:
             ds = pipeline.train_dataset(a["data"], manifest, source="site_a", **kwargs)
             per_batch = a["batch"]
-    seconds = _drain(ds, a["batches"], a["warmup"])
+    seconds, cpu_seconds = _drain(ds, a["batches"], a["warmup"])
+    # CPU time per sample depends much less on other processes than the wall-clock rate:
+    # on a shared machine it tells what the pipeline costs, the rate what it got.
     return {"samples_per_s": a["batches"] * per_batch / seconds,
-            "steps_per_s": a["batches"] / seconds, "peak_rss_mb": _peak_rss_mb()}
+            "steps_per_s": a["batches"] / seconds,
+            "cpu_ms_per_sample": 1000 * cpu_seconds / (a["batches"] * per_batch),
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def measure_ops(a: dict) -> dict:
@@ -151,7 +159,8 @@ def measure_ops(a: dict) -> dict:
     out = {}
     for label, names in sets.items():
         fn = tf.function(augment.build(names))
-        fn(x, y)
+        for _ in range(3):  # the first call compiles
+            fn(x, y)[0].numpy()
         start = time.perf_counter()
         for _ in range(a["repeats"]):
             r = fn(x, y)
@@ -175,6 +184,10 @@ def run(quick: bool) -> dict:
             entry["prepare_2d"] = _child("prepare", dict(raw=raw, out=out2d, size=[256, 256],
                                                          output="slices", dtype="float32",
                                                          records_per_shard=32))
+            out2d16 = os.path.join(tmp, f"p2d16_{name}")
+            entry["prepare_2d_f16"] = _child("prepare", dict(
+                raw=raw, out=out2d16, size=[256, 256], output="slices", dtype="float16",
+                records_per_shard=32))
             out3d = os.path.join(tmp, f"p3d_{name}")
             entry["prepare_3d"] = _child("prepare", dict(raw=raw, out=out3d, size=[128, 128, 48],
                                                          output="volumes", dtype="float16",
@@ -190,6 +203,10 @@ def run(quick: bool) -> dict:
             entry["source_2d_default"] = _child("stream", dict(common, mode="source",
                                                                augment="default"))
             entry["zip_2d_full"] = _child("stream", dict(common, mode="zip", augment="full"))
+            # The same images stored as float16 (--image_dtype=float16): half the bytes to read
+            # and parse.
+            entry["zip_2d_full_f16"] = _child("stream", dict(common, data=out2d16, mode="zip",
+                                                             augment="full"))
             entry["zip_3d_full"] = _child("stream", dict(
                 data=out3d, batch=BATCH_3D, shuffle_buffer=4, batches=max(10, batches // 2),
                 warmup=3, mode="zip", augment="full", patch_size=[64, 64, 32]))
@@ -205,22 +222,27 @@ def print_table(r: dict) -> None:
           f"{r['machine']['load_avg_1m']:.1f}/{r['machine']['load_avg_1m_end']:.1f} "
           "(shared machine)")
     rows = [("prepare 2D (volumes/s)", "prepare_2d", "volumes_per_s"),
+            ("prepare 2D float16 (volumes/s)", "prepare_2d_f16", "volumes_per_s"),
             ("prepare 3D (volumes/s)", "prepare_3d", "volumes_per_s"),
             ("bare parse+flip reader (slices/s)", "bare_reader_2d", "samples_per_s"),
             ("source only, no aug (slices/s)", "source_2d_no_aug", "samples_per_s"),
             ("source only, default aug (slices/s)", "source_2d_default", "samples_per_s"),
             ("source+target zip, full aug (slices/s)", "zip_2d_full", "samples_per_s"),
             ("source+target zip, full aug (steps/s)", "zip_2d_full", "steps_per_s"),
-            ("3D zip, full aug, 64x64x32 (patches/s)", "zip_3d_full", "samples_per_s")]
+            ("  CPU ms per slice", "zip_2d_full", "cpu_ms_per_sample"),
+            ("same, float16 records (slices/s)", "zip_2d_full_f16", "samples_per_s"),
+            ("  CPU ms per slice", "zip_2d_full_f16", "cpu_ms_per_sample"),
+            ("3D zip, full aug, 64x64x32 (patches/s)", "zip_3d_full", "samples_per_s"),
+            ("  CPU ms per patch", "zip_3d_full", "cpu_ms_per_sample")]
     names = list(r["sizes"])
     header = f"{'measure':44s}" + "".join(
         f"{n + ' (' + str(r['sizes'][n]['volumes_per_domain']) + '/dom)':>18s}" for n in names)
     print(header + "\n" + "-" * len(header))
     for label, key, field in rows:
-        print(f"{label:44s}" + "".join(f"{r['sizes'][n][key][field]:18.1f}" for n in names))
+        print(f"{label:44s}" + "".join(f"{r['sizes'][n][key][field]:18.2f}" for n in names))
     print("peak RSS, MB")
-    for key in ("prepare_2d", "prepare_3d", "bare_reader_2d", "source_2d_default",
-                "zip_2d_full", "zip_3d_full"):
+    for key in ("prepare_2d", "prepare_2d_f16", "prepare_3d", "bare_reader_2d",
+                "source_2d_default", "zip_2d_full", "zip_2d_full_f16", "zip_3d_full"):
         print(f"  {key:42s}" + "".join(f"{r['sizes'][n][key]['peak_rss_mb']:18.0f}" for n in names))
     for key in ("prepare_2d", "prepare_3d"):
         print(f"  {key + ' (largest worker)':42s}" + "".join(

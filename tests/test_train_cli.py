@@ -24,12 +24,16 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path):
                   "--method=grl", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
                   "--base_filters=2", "--num_cpu_devices=2", f"--output_dir={tmp_path}/runs",
                   "--run_name=tiny", f"--mlflow_tracking_uri={uri}", "--model_name=tiny",
-                  "--mlflow_experiment=test", "--select_on=target_entropy")
+                  "--mlflow_experiment=test", "--select_on=target_entropy", "--augment=full",
+                  "--target_augment=flip,gamma",
+                  "--augment_params=rotation_degrees=10,noise_std=0:0.05", "--fda_beta=0.05")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     result = json.loads((run_dir / "result.json").read_text())
     assert (run_dir / "checkpoints" / "best.weights.h5").is_file()
-    assert "--method=grl" in (run_dir / "checkpoints" / "flags.cfg").read_text()
+    saved_flags = (run_dir / "checkpoints" / "flags.cfg").read_text()
+    assert "--method=grl" in saved_flags and "--augment=full" in saved_flags
+    assert "--augment_params=rotation_degrees=10,noise_std=0:0.05" in saved_flags
     assert result["saved_model"] == str(run_dir / "export" / "tiny" / "1")
 
     target = result["evaluations"]["target"]["summary"]
@@ -100,6 +104,9 @@ def test_selection_needs_what_it_reads():
      "--data_dir=/no/such/dir"),
     (["--flagfile=configs/grl_crossmoda.cfg", "--data_dir=/no/crossmoda"],
      "crossmoda-challenge.ml"),
+    (["--augment=flip,warp"], "--augment='flip,warp': expected a preset (none, flip, default"),
+    (["--augment_params=rotation_deg=5"], "--augment_params: 'rotation_deg=5' must be name=value"),
+    (["--patch_size=64,64"], "--patch_size=64,64: expected three positive integers"),
 ])
 def test_bad_input_exits_nonzero_naming_it(args, expected):
     proc = _train(*args, timeout=120)
@@ -107,3 +114,16 @@ def test_bad_input_exits_nonzero_naming_it(args, expected):
     assert expected in proc.stderr
     if "EXAMPLE" in " ".join(args):
         assert "get it from EXAMPLE" in proc.stderr and "manifest.json" in proc.stderr
+
+
+def test_fda_needs_a_method_with_target_batches(tiny_prepared):
+    from types import SimpleNamespace
+
+    from absl import app
+
+    from uda_tf import train
+    data_dir, _ = tiny_prepared
+    cfg = SimpleNamespace(method="source_only", data_dir=data_dir, dataset_source="",
+                          source_domain="dom_a", target_domain="dom_b", fda_beta=0.1)
+    with pytest.raises(app.UsageError, match="--fda_beta=0.1 needs target batches"):
+        train.train(cfg)

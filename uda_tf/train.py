@@ -57,7 +57,23 @@ def define_flags():
             "samples in each batch, in place of as many source ones (0: a quarter of "
             "--global_batch_size, at least 1).", lower_bound=0)
     _define("integer", "shuffle_buffer", 2048, "Slices in each domain's shuffle buffer.", lower_bound=1)
-    _define("bool", "augment", True, "Flip and intensity-jitter training batches.")
+    _define("string", "augment", "default", "Source training augmentation: a preset (none, "
+            "flip, default = flips + intensity jitter, full = flips, rotation, scaling, elastic, "
+            "gamma, contrast, brightness, noise, bias field, blur) or comma-separated op names "
+            "of uda_tf.data.augment.")
+    _define("string", "target_augment", "", "Target training augmentation, as --augment "
+            "(empty: the same as --augment).")
+    _define("list", "augment_params", [], "Augmentation parameters and per-sample "
+            "probabilities, name=value (a range as low:high), e.g. "
+            "rotation_degrees=10,p_elastic=0.3,noise_std=0:0.05.")
+    _define("float", "fda_beta", 0.0, "Fourier domain adaptation of source batches towards the "
+            "paired target batch (Yang & Soatto 2020): half-width of the swapped low-frequency "
+            "band as a fraction of the image size, e.g. 0.01; 0: off. Needs a method that uses "
+            "the target domain.", lower_bound=0, upper_bound=0.5)
+    _define("float", "foreground_fraction", 1 / 3, "3D datasets: share of patches centred on "
+            "a foreground voxel (nnU-Net oversampling).", lower_bound=0, upper_bound=1)
+    _define("integer", "patches_per_volume", 1, "3D datasets: patches cut from each volume "
+            "read.", lower_bound=1)
     # method and model
     _define("enum", "method", "source_only", "Adaptation method.", enum_values=sorted(METHODS))
     _define("enum", "model", "unet2d", "Segmentor: " + "; ".join(
@@ -176,6 +192,10 @@ def define_flags():
             "target validation split.")
     _define("integer", "mlflow_sample_slices", 4, "Target validation slices in the logged "
             "sample-segmentation figure (0: none).", lower_bound=0)
+    for name in ("augment", "target_augment"):
+        flags.register_validator(name, lambda v, name=name: _check_augment(name, v))
+    flags.register_validator("augment_params", _check_augment_params)
+    flags.register_validator("patch_size", _check_patch_size)
     flags.register_multi_flags_validator(
         ["minent_weight", "method"],
         lambda v: v["minent_weight"] == 0 or METHODS[v["method"]].uses_target,
@@ -197,6 +217,40 @@ def define_flags():
         lambda v: not v["register_alias"] or bool(v["register_model_name"]),
         message="--register_alias needs --register_model_name")
 
+
+
+def _check_augment(name, value) -> bool:
+    if name == "target_augment" and not value:
+        return True
+    from uda_tf.data import augment  # (TensorFlow: imported only once flags are parsed)
+    try:
+        augment.resolve_names(value)
+    except ValueError:
+        raise flags.ValidationError(
+            f"--{name}={value!r}: expected a preset ({', '.join(augment.PRESETS)}) or "
+            f"comma-separated names from: {', '.join(augment.OPS)}") from None
+    return True
+
+
+def _check_augment_params(value) -> bool:
+    from uda_tf.data import augment
+    try:
+        params = augment.parse_params(value)
+        augment.build("none", **params)  # checks the probabilities
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    return True
+
+
+def _check_patch_size(value) -> bool:
+    try:
+        ok = not value or (len(value) == 3 and all(int(v) >= 1 for v in value))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise flags.ValidationError(f"--patch_size={','.join(value)}: expected three positive "
+                                    "integers H,W,D, or nothing")
+    return True
 
 
 def resolved_flags() -> dict:
@@ -265,12 +319,13 @@ def labelled_target_cases(cfg, manifest) -> list[str]:
 
 def with_labelled_target(cfg, manifest, cases, train_ds, patch_size=None):
     """Semi-supervised: the named target cases' labelled samples in every batch."""
-    from uda_tf.data import pipeline, semi_supervised
+    from uda_tf.data import augment, pipeline, semi_supervised
     per_batch = cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
     logging.warning("semi-supervised: labels of target cases %s enter training", cases)
     labelled = pipeline.domain_stream(
         cfg.data_dir, manifest, cfg.target_domain, "train", batch_size=per_batch, labelled=True,
-        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 2, augment_data=cfg.augment,
+        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 2, augment_data=True,
+        augmentations=cfg.augment, augment_params=augment.parse_params(cfg.augment_params),
         cases=cases, patch_size=patch_size)
     return semi_supervised.mix_labelled(train_ds, labelled, per_batch)
 
@@ -321,7 +376,7 @@ def train(cfg: SimpleNamespace) -> dict:
     """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json."""
     import keras
 
-    from uda_tf.data import pipeline
+    from uda_tf.data import augment, pipeline
     from uda_tf.evaluate import evaluate_model
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
@@ -333,6 +388,9 @@ def train(cfg: SimpleNamespace) -> dict:
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
+    if cfg.fda_beta and not method_cls.uses_target:
+        raise app.UsageError(f"--fda_beta={cfg.fda_beta} needs target batches, which "
+                             f"--method={cfg.method} does not use; pass --fda_beta=0")
     try:
         check_flags(vars(cfg), manifest)
     except ValueError as e:
@@ -366,7 +424,11 @@ def train(cfg: SimpleNamespace) -> dict:
         cfg.data_dir, manifest, source=cfg.source_domain,
         target=cfg.target_domain if method_cls.uses_target else None,
         global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed, augment_data=cfg.augment, patch_size=patch_size)
+        seed=cfg.seed, augmentations=cfg.augment,
+        target_augmentations=cfg.target_augment or None,
+        augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
+        patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
+        patches_per_volume=cfg.patches_per_volume)
     if target_labelled:
         train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds, patch_size)
     # Validation repeats with a step count of exactly one pass, so every epoch sees every

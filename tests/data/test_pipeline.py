@@ -153,3 +153,19 @@ def test_3d_patches_with_foreground_oversampling(prepared_3d):
     case = manifest["domains"]["dom_b"]["cases"]["test"][0]
     assert volumes[0]["case_id"].numpy()[0].decode() == case
     assert volumes[0]["image"].shape[1:4] == tuple(manifest["cases"][case]["prepared_shape"])
+
+
+def test_target_stream_has_its_own_augmentation(tiny_prepared):
+    data_dir, manifest = tiny_prepared
+    stored = np.concatenate([x.numpy().ravel() for x, _ in pipeline.eval_dataset(
+        data_dir, manifest, "dom_b", "train", batch_size=64)])
+    ds = pipeline.train_dataset(data_dir, manifest, source="dom_a", target="dom_b",
+                                global_batch_size=4, shuffle_buffer=8, augmentations="gamma",
+                                augment_params={"p_gamma": 1.0}, target_augmentations="flip")
+    (x_s, _), x_t = next(iter(ds))
+    assert np.isin(x_t.numpy().ravel(), stored).all()  # flips only move stored values
+    ds = pipeline.train_dataset(data_dir, manifest, source="dom_b", global_batch_size=4,
+                                shuffle_buffer=8, augmentations="gamma",
+                                augment_params={"p_gamma": 1.0})
+    x, _ = next(iter(ds))
+    assert not np.isin(x.numpy().ravel(), stored).all()  # gamma changes them

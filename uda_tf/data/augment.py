@@ -8,16 +8,18 @@ probability and parameters; `build(names, **params)` returns one callable for th
     images, labels = aug(images, labels)     # labelled batch
     images = aug(images)                     # unlabelled batch
 
-Spatial ops run first (flips, then rotation + scaling + elastic fused into one resampling),
-then intensity ops, in registry order. Every op draws one Bernoulli(p) per sample, the
-batch-level, vectorised form of nnU-Net's per-sample augmentation probabilities (Isensee et al.
-2021), whose ranges are the defaults here. How the chosen samples are changed depends on the
-op's cost (measured per op by benchmarks/data_pipeline.py): expensive ops (the resampling
-step, noise, whose random numbers dominate, blur, bias field, gamma) are computed on the chosen
-samples only (gathered, transformed, scattered back), so at p = 0.2 they cost about a fifth
-plus the copies; cheap ones (flips, brightness, contrast, jitter) run over the whole batch with
-identity parameters for the other samples, which is cheaper than those copies. Ops are skipped
-outright when no sample in the batch is chosen.
+Rotation, scaling and elastic deformation are one resampling pass (bilinear images, nearest
+labels); when one of them is in the set, flips are folded into the same pass as a mirroring of
+the affine part (a mirrored-only sample maps voxel centres onto voxel centres and is exact),
+and a sample that drew only flips is reversed instead of resampled. Every op draws one Bernoulli(p) per sample, the batch-level, vectorised form of nnU-Net's
+per-sample augmentation probabilities (Isensee et al. 2021), whose ranges are the defaults here.
+Ops run in registry order: spatial ops, the expensive intensity ops (subset=True), the cheap ones.
+How the chosen samples are changed depends on the op's cost (benchmarks/data_pipeline.py):
+cheap ops (brightness, jitter; flips when nothing is resampled) run over the whole batch with
+identity parameters for the samples they do not touch; the resampling and the expensive ops
+run on the chosen samples only. Under XLA (the default) that is one compiled loop over the
+samples with a conditional per op, so a sample costs what it drew; without XLA (jit=False) the
+chosen samples are gathered, transformed and scattered back.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class AugOp:
     probability: float  # default per-sample probability; `p_<name>` overrides it
     params: dict  # parameter defaults, by the names `build` takes
     fn: object = None  # intensity ops: fn(images, active=None, **params)
-    subset: bool = False  # without XLA: compute on the chosen samples only (module docstring)
+    subset: bool = False  # expensive: computed for the chosen samples only (module docstring)
     xla: bool = True  # False: kept out of the XLA-compiled chain (run last, on a subset)
 
 
@@ -54,22 +56,23 @@ register_op("flip", "spatial", 0.5, flip_axes=None)  # None: every spatial axis,
 register_op("rotation", "spatial", 0.2, rotation_degrees=15.0)
 register_op("scaling", "spatial", 0.2, scale_range=(0.85, 1.25))
 register_op("elastic", "spatial", 0.2, elastic_alpha=4.0, elastic_grid=5)
+# Expensive intensity ops (subset=True) first, in nnU-Net's order (noise, blur, contrast, gamma)
+# plus the bias field: under XLA they run in one loop over the chosen samples; the cheap
+# whole-batch ops (brightness, jitter) come after it.
+register_op("noise", "intensity", 0.1, intensity.noise, subset=True, noise_std=(0.0, 0.1))
+register_op("blur", "intensity", 0.2, intensity.blur, subset=True, blur_sigma=(0.5, 1.0))
+register_op("contrast", "intensity", 0.15, intensity.contrast, subset=True,
+            contrast_range=(0.75, 1.25))
 register_op("gamma", "intensity", 0.3, intensity.gamma, subset=True, gamma_range=(0.7, 1.5))
-register_op("contrast", "intensity", 0.15, intensity.contrast, contrast_range=(0.75, 1.25))
-register_op("brightness", "intensity", 0.15, intensity.brightness,
-            brightness_range=(0.75, 1.25))
 register_op("bias_field", "intensity", 0.3, intensity.bias_field, subset=True,
             bias_strength=0.3, bias_grid=4)
-register_op("blur", "intensity", 0.2, intensity.blur, subset=True, blur_sigma=(0.5, 1.0))
+register_op("brightness", "intensity", 0.15, intensity.brightness,
+            brightness_range=(0.75, 1.25))
 register_op("jitter", "intensity", 1.0, intensity.jitter, jitter_scale=0.1, jitter_shift=0.1)
-# Gaussian random numbers cost ~13 ns each on a CPU, inside XLA or not: drawing them for the
-# whole batch would cost more than all other intensity ops together, so noise is drawn for the
-# chosen samples only, outside the compiled chain.
-register_op("noise", "intensity", 0.1, intensity.noise, subset=True, xla=False,
-            noise_std=(0.0, 0.1))
 
 PRESETS = {
     "none": (),
+    "flip": ("flip",),
     "default": ("flip", "jitter"),  # what augment_labelled/augment_unlabelled do
     "full": ("flip", "rotation", "scaling", "elastic", "gamma", "contrast", "brightness",
              "noise", "bias_field", "blur"),
@@ -82,7 +85,8 @@ def resolve_names(names) -> tuple[str, ...]:
     if names is None:
         names = "default"
     if isinstance(names, str):
-        names = PRESETS[names] if names in PRESETS else [n for n in names.split(",") if n]
+        names = PRESETS[names] if names in PRESETS else [
+            n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPS]
     if unknown:
         raise ValueError(f"unknown augmentations {unknown}; available: {', '.join(OPS)} "
@@ -109,15 +113,47 @@ def on_subset(mask, fn, images, labels=None):
     return (out, None) if labels is None else out
 
 
+def _mirror(x, y, flips: dict):
+    """Reverses spatial axis a of x (and y) where the scalar flips[a] is True."""
+    for axis, chosen in flips.items():
+        x = tf.cond(chosen, lambda x=x, axis=axis: tf.reverse(x, [axis]), lambda x=x: x)
+        if y is not None:
+            y = tf.cond(chosen, lambda y=y, axis=axis: tf.reverse(y, [axis]), lambda y=y: y)
+    return x, y
+
+
+def _each_chosen(chosen, fn, images, labels=None):
+    """fn(i, images[i:i+1], labels[i:i+1]) -> (x, y) written back for every i where `chosen`
+    [n] is True; a loop with in-place updates (XLA keeps the loop-carried batch's buffer)."""
+    n = tf.shape(images)[0]
+
+    def take(t, i):  # t[i:i+1], written so that XLA sees a static size
+        begin = tf.concat([[i], tf.zeros([t.shape.rank - 1], tf.int32)], 0)
+        return tf.slice(t, begin, [1] + t.shape[1:].as_list())
+
+    def body(i, x, *y):
+        xi, yi = take(x, i), (take(y[0], i) if y else None)
+        # The conditional is on the sample, not the batch: a branch that returned the batch
+        # unchanged would make XLA copy it, where the unconditional update stays in place.
+        if y:
+            xi, yi = tf.cond(chosen[i], lambda: fn(i, xi, yi), lambda: (xi, yi))
+            return (i + 1, tf.tensor_scatter_nd_update(x, [[i]], xi),
+                    tf.tensor_scatter_nd_update(y[0], [[i]], yi))
+        xi = tf.cond(chosen[i], lambda: fn(i, xi, None)[0], lambda: xi)
+        return i + 1, tf.tensor_scatter_nd_update(x, [[i]], xi)
+
+    loop_vars = (tf.constant(0), images) + (() if labels is None else (labels,))
+    out = tf.while_loop(lambda i, *_: i < n, body, loop_vars)
+    return out[1], (out[2] if labels is not None else None)
+
+
 class Augmenter:
     """The callable `build` returns; `steps` lists (name, probability) in execution order.
 
-    With `jit` (the default) the chain is one XLA-compiled function: every op runs over the
-    whole batch with identity parameters for the samples it does not touch (XLA needs static
-    shapes, so no gathering of chosen samples), and XLA fuses the elementwise work and the
-    resampling's gathers into a few loops, several times faster than TF's kernels one by one
-    on a CPU. Ops registered with xla=False (noise) run after it, on their chosen samples.
-    `jit=False` runs plain TF ops, computing expensive ops on the chosen samples only.
+    With `jit` (the default) the chain is one XLA-compiled function (`_inline`): XLA fuses the
+    elementwise work and the resampling's gathers into a few loops and runs only the branch of
+    a conditional that is taken, several times faster than TF's CPU kernels one by one.
+    `jit=False` runs plain TF ops, computing expensive ops on gathered chosen samples.
     """
 
     def __init__(self, names, params: dict, jit: bool = True):
@@ -139,47 +175,97 @@ class Augmenter:
         if not self.names:
             return images if labels is None else (images, labels)
         if not self.jit:
-            return self._apply(images, labels, self.names, subsets=True)
+            return self._apply(images, labels, self.names)
         compiled = tuple(n for n in self.names if OPS[n].xla)
         if compiled:
             out = self._compiled(images, labels, compiled)
             images, labels = (out, None) if labels is None else out
         rest = tuple(n for n in self.names if not OPS[n].xla)
-        if rest:
-            return self._apply(images, labels, rest, subsets=True)
+        if rest:  # ops registered with xla=False run after the compiled chain
+            return self._apply(images, labels, rest)
         return images if labels is None else (images, labels)
 
     def _inline(self, images, labels, names):
-        return self._apply(images, labels, names, subsets=False)
-
-    def _apply(self, images, labels, names, subsets: bool):
-        rank = images.shape.rank
+        """The XLA chain: every random decision drawn for the batch up front, then one loop
+        over the samples that any spatial or expensive op chose, with a conditional per op
+        (XLA runs only the branch taken, so a sample pays for the ops it drew and nothing
+        else, and no gather/scatter copies the batch), then the cheap ops over the batch."""
         n = tf.shape(images)[0]
         p = self.params
-        if "flip" in names:
-            axes = p["flip_axes"] or range(1, rank - 1)
-            for axis in axes:
-                chosen = tf.random.uniform([n]) < p["p_flip"]
-                images, labels = spatial.flip(images, labels, axis=axis, active=chosen)
+        images, labels, fused, flips = self._flips(images, labels, names)
+        spatial_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
+        looped = [name for name in names if OPS[name].kind == "intensity" and OPS[name].subset]
+        op_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in looped}
+        decisions = [*flips.values(), *spatial_on.values(), *op_on.values()]
+        if decisions:
+            touched = tf.reduce_any(tf.stack(decisions), axis=0)
+            spatial_kwargs = self._spatial_kwargs(fused)
+
+            def one_sample(i, x, y):
+                """Sample i ([1, ...] slices x, y) through every op it drew."""
+                if fused:
+                    # v[i][None], not v[i:i+1]: XLA sizes a dynamic slice as "up to n"
+                    active = {k: v[i][None] for k, v in spatial_on.items()}
+                    active.update({f"flip{a}": v[i][None] for a, v in flips.items()})
+                    resample = tf.reduce_any(tf.stack([v[i] for v in spatial_on.values()]))
+                    x, y = tf.cond(
+                        resample,
+                        lambda: spatial.random_spatial(x, y, active=active, **spatial_kwargs),
+                        lambda: _mirror(x, y, {a: v[i] for a, v in flips.items()}))
+                for name in looped:
+                    kwargs = {k: p[k] for k in OPS[name].params}
+                    x = tf.cond(op_on[name][i],
+                                lambda fn=OPS[name].fn, kwargs=kwargs, x=x: fn(x, **kwargs),
+                                lambda x=x: x)
+                return x, y
+
+            images, labels = _each_chosen(touched, one_sample, images, labels)
+        for name in names:
+            if OPS[name].kind != "intensity" or OPS[name].subset:
+                continue
+            kwargs = {k: p[k] for k in OPS[name].params}
+            chosen = None if p[f"p_{name}"] >= 1 else tf.random.uniform([n]) < p[f"p_{name}"]
+            images = OPS[name].fn(images, active=chosen, **kwargs)
+        return images if labels is None else (images, labels)
+
+    def _flips(self, images, labels, names):
+        """(images, labels, fused, flips): the per-axis flip decisions [n], kept to be folded
+        into the resampling pass of the `fused` spatial ops, or applied right away (and {}
+        returned) when there is none: two cheap passes over the batch."""
+        n = tf.shape(images)[0]
         fused = [name for name in _FUSED if name in names]
+        flips = {}
+        if "flip" in names:
+            axes = self.params["flip_axes"] or range(1, images.shape.rank - 1)
+            flips = {axis: tf.random.uniform([n]) < self.params["p_flip"] for axis in axes}
+            if not fused:
+                for axis, chosen in flips.items():
+                    images, labels = spatial.flip(images, labels, axis=axis, active=chosen)
+                flips = {}
+        return images, labels, fused, flips
+
+    def _spatial_kwargs(self, fused):
+        p = self.params
+        return dict(rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,
+                    scale_range=p["scale_range"] if "scaling" in fused else None,
+                    elastic_alpha=p["elastic_alpha"] if "elastic" in fused else None,
+                    elastic_grid=p["elastic_grid"])
+
+    def _apply(self, images, labels, names):
+        """Plain TF ops (jit=False): expensive ops on the gathered chosen samples."""
+        n = tf.shape(images)[0]
+        p = self.params
+        images, labels, fused, flips = self._flips(images, labels, names)
         if fused:
             active = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
+            active.update({f"flip{axis}": chosen for axis, chosen in flips.items()})
             chosen = tf.reduce_any(tf.stack(list(active.values())), axis=0)
-            kwargs = dict(
-                rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,
-                scale_range=p["scale_range"] if "scaling" in fused else None,
-                elastic_alpha=p["elastic_alpha"] if "elastic" in fused else None,
-                elastic_grid=p["elastic_grid"])
-            if subsets:
-                index = tf.where(chosen)[:, 0]
-                sub_active = {k: tf.gather(v, index) for k, v in active.items()}
-                images, labels = on_subset(
-                    chosen, lambda x, y: spatial.random_spatial(x, y, active=sub_active,
-                                                                **kwargs), images, labels)
-            else:
-                images, labels = self._when_any(
-                    chosen, lambda x, y: spatial.random_spatial(x, y, active=active, **kwargs),
-                    images, labels)
+            kwargs = self._spatial_kwargs(fused)
+            index = tf.where(chosen)[:, 0]
+            sub_active = {k: tf.gather(v, index) for k, v in active.items()}
+            images, labels = on_subset(
+                chosen, lambda x, y: spatial.random_spatial(x, y, active=sub_active, **kwargs),
+                images, labels)
         for name in names:
             if OPS[name].kind != "intensity":
                 continue
@@ -189,7 +275,7 @@ class Augmenter:
                 images = fn(images, **kwargs)
                 continue
             chosen = tf.random.uniform([n]) < p[f"p_{name}"]
-            if subsets and OPS[name].subset:
+            if OPS[name].subset:
                 images, _ = on_subset(
                     chosen, lambda x, y, fn=fn, kwargs=kwargs: (fn(x, **kwargs), y), images)
             else:
@@ -216,10 +302,7 @@ def build(names="full", *, jit: bool = True, **params) -> Augmenter:
     compile the chain with XLA (see Augmenter).
     """
     names = resolve_names(names)
-    defaults = {}
-    for op in OPS.values():
-        defaults.update(op.params)
-        defaults[f"p_{op.name}"] = op.probability
+    defaults = parameter_defaults()
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ValueError(f"unknown augmentation parameters {unknown}; valid: "
@@ -228,6 +311,15 @@ def build(names="full", *, jit: bool = True, **params) -> Augmenter:
         if key.startswith("p_") and not 0 <= float(value) <= 1:
             raise ValueError(f"{key} must be a probability in [0, 1], got {value}")
     return Augmenter(names, {**defaults, **params}, jit=jit)
+
+
+def parameter_defaults() -> dict:
+    """Every op parameter and `p_<name>` probability `build` accepts, with its default."""
+    defaults = {}
+    for op in OPS.values():
+        defaults.update(op.params)
+        defaults[f"p_{op.name}"] = op.probability
+    return defaults
 
 
 # -- the original two-op augmentation (kept: train.py and tests use these names) ---------------
@@ -259,3 +351,36 @@ def augment_unlabelled(images):
     images = random_flip(images, axis=1)
     images = random_flip(images, axis=2)
     return intensity_jitter(images)
+
+
+def parse_params(items, flag: str = "augment_params") -> dict:
+    """["rotation_degrees=10", "p_noise=0.2", "noise_std=0:0.05", "flip_axes=2"] -> build()
+    keyword arguments, each value typed like its default (a:b for a range, a:b:c for axes).
+    Errors name `flag`, the item and what was expected."""
+    defaults = parameter_defaults()
+    out = {}
+    for item in items or ():
+        key, sep, text = (part.strip() for part in str(item).partition("="))
+        if not sep or key not in defaults:
+            raise ValueError(f"--{flag}: {item!r} must be name=value with name one of "
+                             f"{', '.join(sorted(defaults))}")
+        default = defaults[key]
+        try:
+            values = [float(v) for v in text.split(":")]
+            if key == "flip_axes":  # None by default: every spatial axis
+                value = tuple(int(v) for v in values)
+            elif isinstance(default, tuple):
+                if len(values) != len(default):
+                    raise ValueError
+                value = tuple(values)
+            elif len(values) != 1:
+                raise ValueError
+            else:
+                value = int(values[0]) if isinstance(default, int) else values[0]
+        except ValueError:
+            shape = ("low:high" if isinstance(default, tuple) else
+                     "axes like 1:2" if key == "flip_axes" else "one number")
+            raise ValueError(f"--{flag}: {key}={text!r} must be {shape} "
+                             f"(default {default})") from None
+        out[key] = value
+    return out

@@ -13,7 +13,7 @@ import math
 
 import tensorflow as tf
 
-from uda_tf.data.augment_intensity import smooth_field
+from uda_tf.data.augment_intensity import batch_size, smooth_field
 
 
 def reverse(x, axis: int):
@@ -38,9 +38,8 @@ def flip(images, labels=None, *, axis: int, active=None):
     flipped_labels = None if labels is None else reverse(labels, axis)
     if active is None:
         return flipped, flipped_labels
-    # x + m (r - x): three cheap passes, faster than a broadcasting tf.where on floats.
-    m = tf.reshape(tf.cast(active, images.dtype), [-1] + [1] * (images.shape.rank - 1))
-    images = images + m * (flipped - images)
+    # A select, not the cheaper-looking x + m (r - x): that rounds, and a flip must be exact.
+    images = tf.where(tf.reshape(active, [-1] + [1] * (images.shape.rank - 1)), flipped, images)
     if labels is not None:
         mask = tf.reshape(active, [-1] + [1] * (labels.shape.rank - 1))
         labels = tf.where(mask, flipped_labels, labels)
@@ -66,14 +65,18 @@ def _rotation_3d(angles):
     return about(2, angles[:, 2]) @ about(1, angles[:, 1]) @ about(0, angles[:, 0])
 
 
-def sample(images, coords, *, order: int, fill):
+def sample(images, coords, *, order: int, fill, labels=None, label_fill=0):
     """Resamples each sample of `images` [n, *S, C] at `coords`: one tensor [n, *S_out] per
     spatial axis, in voxel index units; order 1 = (bi/tri)linear, 0 = nearest. Points outside
     the volume get `fill` ([n] or a scalar).
 
-    Written for TF's CPU kernels: one gather per corner from a flat view, corner indices as
-    offsets of the lower corner, and nested lerps, so a 2D bilinear lookup is ~20 elementwise
-    passes plus 4 gathers."""
+    With `labels` [n, *S] it returns (images, labels): the labels by nearest neighbour at the
+    same points (so no new label values appear), outside points `label_fill`. The nearest
+    voxel is a corner of the linear cell, so both share one coordinate computation.
+
+    Written for TF's CPU kernels and XLA: one gather per corner from a flat view, corner
+    indices as offsets of the lower corner, and nested lerps, so a 2D bilinear lookup is ~20
+    elementwise passes plus 4 gathers (5 with labels)."""
     rank = images.shape.rank - 2
     shape = tf.shape(images)
     n, spatial = shape[0], shape[1:-1]
@@ -92,21 +95,22 @@ def sample(images, coords, *, order: int, fill):
     def expand(t):
         return t if channels == 1 else t[..., None]
 
+    # Along an axis of size 1 the "upper" corner is the lower one.
+    step = [tf.where(spatial[i] > 1, strides[i], 0) for i in range(rank)]
+    index, frac = base, []
+    for c, limit, stride in zip(coords, limits, strides):
+        c = tf.clip_by_value(c, 0.0, limit)
+        # The lower corner stays below the last voxel, so lower + 1 is always inside.
+        f = tf.minimum(tf.floor(c), tf.maximum(limit - 1.0, 0.0))
+        index += tf.cast(f, tf.int32) * stride
+        frac.append(c - f)
+    nearest = index
+    for i in range(rank):
+        nearest += tf.where(frac[i] >= 0.5, step[i], 0)
     if order == 0:
-        index = base
-        for c, limit, stride in zip(coords, limits, strides):
-            index += tf.cast(tf.round(tf.clip_by_value(c, 0.0, limit)), tf.int32) * stride
-        out = tf.gather(flat, index)
+        out = tf.gather(flat, nearest)
     else:
-        index, frac = base, []
-        for c, limit, stride in zip(coords, limits, strides):
-            c = tf.clip_by_value(c, 0.0, limit)
-            # The lower corner stays below the last voxel, so lower + 1 is always inside.
-            f = tf.minimum(tf.floor(c), tf.maximum(limit - 1.0, 0.0))
-            index += tf.cast(f, tf.int32) * stride
-            frac.append(expand(c - f))
-        # Along an axis of size 1 the "upper" corner is the lower one.
-        step = [tf.where(spatial[i] > 1, strides[i], 0) for i in range(rank)]
+        weights = [expand(f) for f in frac]
 
         def corner_value(axis, offset):
             # Interpolates along axes >= axis, the lower corner shifted by `offset`.
@@ -114,25 +118,34 @@ def sample(images, coords, *, order: int, fill):
                 return tf.gather(flat, offset)
             low = corner_value(axis + 1, offset)
             high = corner_value(axis + 1, offset + step[axis])
-            return low + frac[axis] * (high - low)
+            # (1 - w) low + w high, not low + w (high - low): exact at w = 0 and w = 1, so
+            # mirrored samples (whole-voxel coordinates) keep their values bit for bit.
+            return (1.0 - weights[axis]) * low + weights[axis] * high
 
         out = corner_value(0, index)
     if channels == 1:
         out = out[..., None]
     fill = tf.cast(tf.reshape(fill, [-1] + [1] * out_rank), images.dtype)
-    return tf.where(inside[..., None], out, fill)
+    out = tf.where(inside[..., None], out, fill)
+    if labels is None:
+        return out
+    picked = tf.gather(tf.reshape(labels, [-1]), nearest)
+    return out, tf.where(inside, picked, tf.cast(label_fill, labels.dtype))
 
 
-def spatial_transform(images, labels=None, *, angles=None, scales=None, displacement=None):
+def spatial_transform(images, labels=None, *, angles=None, scales=None, displacement=None,
+                      flips=None):
     """One resampling of every sample by rotation `angles` ([n] in 2D, [n, 3] in 3D, radians),
-    isotropic zoom `scales` [n] (>1 enlarges) and `displacement` (voxels: a list of d
-    tensors [n, *S], one per axis, or one [n, *S, d] tensor), about the centre. Images outside
-    the field of view are filled with the sample's minimum, labels with 0."""
+    isotropic zoom `scales` [n] (>1 enlarges), mirroring `flips` (one boolean [n] per spatial
+    axis, or None for an axis left alone) and `displacement` (voxels: a list of d tensors
+    [n, *S], one per axis, or one [n, *S, d] tensor), about the centre. Images outside the
+    field of view are filled with the sample's minimum, labels with 0. A sample with only
+    flips maps voxel centres onto voxel centres, so it comes out exactly mirrored."""
     rank = images.shape.rank - 2
     spatial_static = images.shape[1:-1]
     if None in spatial_static:
         raise ValueError(f"spatial_transform needs static spatial dims, got {images.shape}")
-    n = tf.shape(images)[0]
+    n = batch_size(images)
     if displacement is not None and not isinstance(displacement, (list, tuple)):
         displacement = tf.unstack(displacement, axis=-1)
     matrix = tf.eye(rank, batch_shape=[n])
@@ -140,6 +153,10 @@ def spatial_transform(images, labels=None, *, angles=None, scales=None, displace
         matrix = _rotation_2d(angles) if rank == 2 else _rotation_3d(angles)
     if scales is not None:
         matrix = matrix / scales[:, None, None]
+    if flips is not None:
+        # M F with F = diag(+-1): the output is mirrored first, then rotated and zoomed.
+        signs = [tf.ones([n]) if f is None else tf.where(f, -1.0, 1.0) for f in flips]
+        matrix = matrix * tf.stack(signs, axis=1)[:, None, :]
     # source_i = sum_j M_ij (p_j - c_j) + c_i (+ displacement_i): the output voxel p looks up
     # the input there. Built from broadcast [n, 1.., S_j, ..1] terms, not a dense einsum.
     centred = []
@@ -156,26 +173,32 @@ def spatial_transform(images, labels=None, *, angles=None, scales=None, displace
             c = c + displacement[i]
         coords.append(tf.broadcast_to(c, tf.concat([[n], spatial_static], 0)))
     low = tf.reduce_min(images, axis=list(range(1, rank + 2)))
-    out = sample(images, coords, order=1, fill=low)
-    out.set_shape(images.shape)
     if labels is None:
+        out = sample(images, coords, order=1, fill=low)
+        out.set_shape(images.shape)
         return out, None
-    warped = sample(labels[..., None], coords, order=0, fill=tf.zeros([n], labels.dtype))
-    warped = warped[..., 0]
+    out, warped = sample(images, coords, order=1, fill=low, labels=labels)
+    out.set_shape(images.shape)
     warped.set_shape(labels.shape)
     return out, warped
 
 
 def random_spatial(images, labels=None, *, rotation_degrees=None, scale_range=None,
-                   elastic_alpha=None, elastic_grid: int = 5, active=None, seed=None):
+                   elastic_alpha=None, elastic_grid: int = 5, active=None, flips=None,
+                   seed=None):
     """Draws rotation (U(-deg, deg), per axis in 3D), zoom (U(scale_range)) and elastic
     displacement (std `elastic_alpha` voxels on an `elastic_grid`^d lattice) for every sample
     given, each only if its parameter is set, and applies them in one pass. `active` maps
     "rotation"/"scaling"/"elastic" to per-sample booleans [n]: where False, that component is
-    the identity for that sample (each component has its own probability in `augment.build`)."""
+    the identity for that sample (each component has its own probability in `augment.build`).
+    `flips` (see spatial_transform) mirrors in the same pass; `active` may carry them too, as
+    "flip1", "flip2"(, "flip3"): booleans [n] for spatial axis 1, 2(, 3)."""
     rank = images.shape.rank - 2
-    n = tf.shape(images)[0]
+    n = batch_size(images)
     active = active or {}
+    flip_keys = [f"flip{axis}" for axis in range(1, rank + 1)]
+    if flips is None and any(k in active for k in flip_keys):
+        flips = [active.get(k) for k in flip_keys]
 
     def on(name, value, identity):
         return value if name not in active else tf.where(
@@ -198,4 +221,4 @@ def random_spatial(images, labels=None, *, rotation_degrees=None, scale_range=No
                 n, list(images.shape[1:-1]), elastic_grid, 1, seed=seed)[..., 0]
             displacement.append(on("elastic", field, tf.zeros_like(field)))
     return spatial_transform(images, labels, angles=angles, scales=scales,
-                             displacement=displacement)
+                             displacement=displacement, flips=flips)

@@ -164,22 +164,28 @@ def domain_stream(data_dir, manifest, domain, split, *, batch_size, labelled, sh
             return (parsed["image"], parsed["label"]) if labelled else parsed["image"]
 
         # Batch, then parse: one parse_example per batch instead of one per slice.
-        ds = ds.batch(batch_size, drop_remainder=True).map(parse, num_parallel_calls=AUTOTUNE)
+        # deterministic=False: a batch that is slow to augment does not hold back the next
+        # (shuffling already made the order random; the seed still fixes the shuffle).
+        ds = ds.batch(batch_size, drop_remainder=True).map(
+            parse, num_parallel_calls=AUTOTUNE, deterministic=False)
     if augment_data:
         augmenter = augment.build(augmentations or "default", **(augment_params or {}))
-        ds = ds.map(augmenter, num_parallel_calls=AUTOTUNE)
+        ds = ds.map(augmenter, num_parallel_calls=AUTOTUNE, deterministic=False)
     return ds
 
 
 def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
                   shuffle_buffer=2048, seed=0, augment_data=True, augmentations=None,
                   augment_params=None, patch_size=None, foreground_fraction=1 / 3,
-                  patches_per_volume=1, fda_beta=0.0, cycle_length=4):
+                  patches_per_volume=1, fda_beta=0.0, cycle_length=4,
+                  target_augmentations=None):
     """((x_s, y_s), x_t) batches when `target` is given, else (x_s, y_s).
 
     Both streams have `global_batch_size` samples per batch. 3D datasets give patches of
-    `patch_size`. `fda_beta` > 0 applies Fourier domain adaptation to the source images
-    (low-frequency amplitudes from the paired target batch; Yang & Soatto 2020).
+    `patch_size`. `augmentations` (a preset or op names) applies to the source stream and,
+    unless `target_augmentations` is given, to the target stream too. `fda_beta` > 0 applies
+    Fourier domain adaptation to the source images (low-frequency amplitudes from the paired
+    target batch; Yang & Soatto 2020).
     """
     common = dict(batch_size=global_batch_size, shuffle_buffer=shuffle_buffer,
                   augment_data=augment_data, augmentations=augmentations,
@@ -191,6 +197,8 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
         if fda_beta:
             raise ValueError("fda_beta needs a target domain")
         return _file_sharded(src.prefetch(AUTOTUNE))
+    if target_augmentations is not None:
+        common["augmentations"] = target_augmentations
     tgt = domain_stream(data_dir, manifest, target, "train", labelled=False, seed=seed + 1,
                         **common)
     ds = tf.data.Dataset.zip((src, tgt))

@@ -12,10 +12,11 @@ import tensorflow as tf
 IMAGE_DTYPES = {"float32": ("<f4", tf.float32), "float16": ("<f2", tf.float16)}
 COMPRESSIONS = ("", "GZIP")
 
-_FEATURES = {
+# Features every record has; slices and volumes add their own (docs/CONTRACTS.md).
+_COMMON_FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.string),
-    # Region of interest (e.g. DRIVE's field of view), uint8 [H, W]; absent in older records.
+    # Region of interest (e.g. DRIVE's field of view), uint8; absent in older records.
     "roi": tf.io.FixedLenFeature([], tf.string, default_value=b""),
     "has_label": tf.io.FixedLenFeature([], tf.int64),
     "height": tf.io.FixedLenFeature([], tf.int64),
@@ -23,9 +24,17 @@ _FEATURES = {
     "channels": tf.io.FixedLenFeature([], tf.int64),
     "case_id": tf.io.FixedLenFeature([], tf.string),
     "domain": tf.io.FixedLenFeature([], tf.string),
+    "spacing": tf.io.FixedLenFeature([3], tf.float32),
+}
+_FEATURES = {
+    **_COMMON_FEATURES,
     "slice_index": tf.io.FixedLenFeature([], tf.int64),
     "num_slices": tf.io.FixedLenFeature([], tf.int64),
-    "spacing": tf.io.FixedLenFeature([3], tf.float32),
+}
+_VOLUME_FEATURES = {
+    **_COMMON_FEATURES,
+    "depth": tf.io.FixedLenFeature([], tf.int64),
+    "pad_value": tf.io.FixedLenFeature([], tf.float32),
 }
 
 
@@ -35,22 +44,6 @@ def _bytes(value: bytes) -> tf.train.Feature:
 
 def _int(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
-
-_VOLUME_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.string),
-    "roi": tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    "has_label": tf.io.FixedLenFeature([], tf.int64),
-    "height": tf.io.FixedLenFeature([], tf.int64),
-    "width": tf.io.FixedLenFeature([], tf.int64),
-    "depth": tf.io.FixedLenFeature([], tf.int64),
-    "channels": tf.io.FixedLenFeature([], tf.int64),
-    "case_id": tf.io.FixedLenFeature([], tf.string),
-    "domain": tf.io.FixedLenFeature([], tf.string),
-    "spacing": tf.io.FixedLenFeature([3], tf.float32),
-    "pad_value": tf.io.FixedLenFeature([], tf.float32),
-}
 
 
 def _np_dtype(image_dtype: str) -> str:
