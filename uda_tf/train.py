@@ -22,6 +22,7 @@ from absl import app, flags, logging
 
 from uda_tf.methods import METHODS
 from uda_tf.models.layers import NORMALIZATIONS
+from uda_tf.training.devices import CLUSTERS
 from uda_tf.training.schedules import LAMBDA_SCHEDULES
 
 FLAGS = flags.FLAGS
@@ -74,6 +75,14 @@ def define_flags():
     # devices
     _define("integer", "num_cpu_devices", 1, "On a machine without GPUs, split the CPU into this "
             "many logical devices and mirror over them (used by tests).", lower_bound=1)
+    _define("enum", "cluster", "auto", "Multi-worker training (MultiWorkerMirroredStrategy): "
+            "the cluster from the TF_CONFIG environment variable, from the Slurm job step "
+            "(srun), none, or auto (TF_CONFIG if it names several tasks, else Slurm if the "
+            "step has several tasks). Only the chief writes the run.", enum_values=list(CLUSTERS))
+    _define("integer", "slurm_port_base", 8888, "Slurm clusters: first port of the workers on "
+            "each node.", lower_bound=1, upper_bound=65535)
+    _define("bool", "mixed_precision", False, "Compute in mixed precision: mixed_float16 with "
+            "loss scaling on GPU, mixed_bfloat16 on CPU; weights and outputs stay float32.")
     # outputs
     _define("string", "output_dir", "runs", "Root of the run directories.")
     _define("string", "run_name", "", "Run directory and MLflow run name (default: "
@@ -169,15 +178,21 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
     from uda_tf.models import segmentor_from_flags
-    from uda_tf.training import devices, figures, tracking
+    from uda_tf.training import devices, figures, multiworker, tracking
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
-    strategy = devices.make_strategy(cfg.num_cpu_devices)
+    strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
+                                     slurm_port_base=cfg.slurm_port_base)
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
+    chief = multiworker.is_chief(strategy)
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
+    if not chief:  # other workers never write into the run (training/multiworker.py)
+        run_dir = multiworker.worker_dir(None, strategy)
+    elif cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
         run_dir = os.path.join(cfg.output_dir, cfg.run_name)
         os.makedirs(run_dir, exist_ok=True)
     else:
@@ -198,7 +213,7 @@ def train(cfg: SimpleNamespace) -> dict:
         cfg.data_dir, manifest, source=cfg.source_domain,
         target=cfg.target_domain if method_cls.uses_target else None,
         global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed, augment_data=cfg.augment)
+        seed=cfg.seed, augment_data=cfg.augment, num_workers=multiworker.num_workers(strategy))
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice once (and Keras does not hit the end of a finite dataset).
     val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
@@ -213,6 +228,15 @@ def train(cfg: SimpleNamespace) -> dict:
             make_segmentor(sync_batchnorm=strategy.num_replicas_in_sync > 1), class_names, cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
+    fit_args = dict(x=train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+                    validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2)
+    if not chief:  # takes part in every all-reduce; no MLflow, export or evaluation
+        try:
+            model.fit(**{**fit_args, "verbose": 0}, callbacks=[BestSegmentorCheckpoint(
+                os.path.join(run_dir, "checkpoints", "best.weights.h5"))])
+        finally:
+            multiworker.cleanup_worker_dir(run_dir, strategy)
+        return {"run_dir": None, "worker": True, "evaluations": {}}
 
     tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
     tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
@@ -237,13 +261,14 @@ def train(cfg: SimpleNamespace) -> dict:
         shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
                     os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
         start = time.time()
-        model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                  validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
+        model.fit(**fit_args,
                   callbacks=[checkpoint, epoch_logger, keras.callbacks.TerminateOnNaN()])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
-        # plain variables, then evaluate what was exported.
+        # plain variables, then evaluate what was exported. It serves in float32 whatever
+        # the training precision (weights are float32 either way).
+        keras.mixed_precision.set_global_policy("float32")
         segmentor = make_segmentor()
         segmentor.load_weights(ckpt_path)
         export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
@@ -299,6 +324,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     result = train(SimpleNamespace(**resolved_flags()))
+    if result.get("worker"):
+        print("worker done; the chief writes the run")
+        return
     print(f"run directory: {result['run_dir']}")
     for role, ev in result["evaluations"].items():
         fg = ev["summary"]["foreground"]["dice"]
