@@ -40,8 +40,7 @@ def define_flags():
     flags.DEFINE_integer("batch", 8, "Source slices per step (target methods add as many "
                          "target slices).", lower_bound=1)
     flags.DEFINE_integer("steps", 20, "Timed steps per method and round.", lower_bound=1)
-    flags.DEFINE_integer("warmup", 3, "Untimed steps per method first (in each of two fit "
-                         "calls).", lower_bound=1)
+    flags.DEFINE_integer("warmup", 3, "Untimed steps per method first.", lower_bound=1)
     flags.DEFINE_integer("rounds", 5, "Rounds over all methods; the median counts.",
                          lower_bound=1)
     flags.DEFINE_list("methods", [], "Methods to time (default: every registered method); "
@@ -114,16 +113,19 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--methods: {unknown} not registered; registered: "
                              f"{sorted(METHODS)}")
+    # Build every model before warming any up: building seeds the global RNG, and TF drops
+    # its cached kernels when the seed is set, which made the next step of an
+    # already-warm method seconds slow.
     runs = {}
     for name in names:
         model = build(name, strategy, shape)
-        ds = batch(model.uses_target, shape)
+        runs[name] = {"model": model, "ds": batch(model.uses_target, shape), "rounds": [],
+                      "slices": FLAGS.batch * (2 if model.uses_target else 1)}
+    for name, run in runs.items():
         t = time.perf_counter()
-        for _ in range(2):  # the first fit traces; the first call after it was still slow
-            timed_fit(model, ds, FLAGS.warmup)
-        runs[name] = {"model": model, "ds": ds, "warmup_s": time.perf_counter() - t,
-                      "rounds": [], "slices": FLAGS.batch * (2 if model.uses_target else 1)}
-        print(f"{name}: warm-up {runs[name]['warmup_s']:.1f} s", file=sys.stderr)
+        timed_fit(run["model"], run["ds"], FLAGS.warmup)
+        run["warmup_s"] = time.perf_counter() - t
+        print(f"{name}: warm-up {run['warmup_s']:.1f} s", file=sys.stderr)
     for r in range(FLAGS.rounds):
         for name in names:
             runs[name]["rounds"].append(timed_fit(runs[name]["model"], runs[name]["ds"],
