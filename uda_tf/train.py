@@ -184,8 +184,11 @@ def train(cfg: SimpleNamespace) -> dict:
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
-    strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
-                                     slurm_port_base=cfg.slurm_port_base)
+    try:
+        strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
+                                         slurm_port_base=cfg.slurm_port_base)
+    except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
+        raise app.UsageError(str(err)) from err
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
     chief = multiworker.is_chief(strategy)
@@ -231,9 +234,10 @@ def train(cfg: SimpleNamespace) -> dict:
     fit_args = dict(x=train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                     validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2)
     if not chief:  # takes part in every all-reduce; no MLflow, export or evaluation
-        try:
+        try:  # the chief's callbacks that decide anything (logs are the same everywhere)
             model.fit(**{**fit_args, "verbose": 0}, callbacks=[BestSegmentorCheckpoint(
-                os.path.join(run_dir, "checkpoints", "best.weights.h5"))])
+                os.path.join(run_dir, "checkpoints", "best.weights.h5")),
+                keras.callbacks.TerminateOnNaN()])
         finally:
             multiworker.cleanup_worker_dir(run_dir, strategy)
         return {"run_dir": None, "worker": True, "evaluations": {}}
