@@ -81,9 +81,8 @@ class SegmentationMethod(keras.Model):
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _make_function(self, step_function):
-        strategy = self.distribute_strategy
         return super()._make_function(
-            lambda data: multiworker.shape_logs(step_function(data), strategy))
+            multiworker.shaped_step(step_function, self.distribute_strategy))
 
     def call(self, images, training=False):
         return self.segmentor(images, training=training)["logits"]

@@ -11,7 +11,7 @@ Keras 3 `fit` under MultiWorkerMirroredStrategy fails in two places (keras #2058
    is skipped (`needs_symbolic_build`).
 2. `reduce_per_replica` reduces every log value with `strategy.reduce("MEAN", v, axis=0)` in
    multi-worker mode, which fails on a scalar (there is no axis 0). Logs are therefore shaped
-   [1] in multi-worker mode (`shape_logs`); the reduction then averages the workers' values
+   [1] in multi-worker mode (`shaped_step`); the reduction then averages the workers' values
    back into a scalar. On one machine logs stay scalars (there Keras stacks and averages them).
 
 `SegmentationMethod` (methods/base.py) hooks both in, so every registered method gets them.
@@ -25,6 +25,7 @@ that is removed afterwards, as the TF multi-worker guide prescribes
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -52,11 +53,17 @@ def is_chief(strategy) -> bool:
     return bool(strategy.extended.should_checkpoint)
 
 
-def shape_logs(logs: dict, strategy) -> dict:
-    """`train_step`/`test_step` logs, shaped [1] in multi-worker mode (keras #20585, item 2)."""
+def shaped_step(step_function, strategy):
+    """`step_function` (a `train_step` or `test_step`) returning its logs shaped [1] in
+    multi-worker mode (keras #20585, item 2); on one machine `step_function` itself."""
     if not in_multi_worker_mode(strategy):
-        return logs
-    return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return step_function
+
+    @functools.wraps(step_function)
+    def step(data):
+        return {name: tf.reshape(value, [1]) for name, value in step_function(data).items()}
+
+    return step
 
 
 def needs_symbolic_build(model) -> bool:
