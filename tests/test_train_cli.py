@@ -26,7 +26,8 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path):
                   "--run_name=tiny", f"--mlflow_tracking_uri={uri}", "--model_name=tiny",
                   "--mlflow_experiment=test", "--select_on=target_entropy", "--augment=full",
                   "--target_augment=flip,gamma",
-                  "--augment_params=rotation_degrees=10,noise_std=0:0.05", "--fda_beta=0.05")
+                  "--augment_params=rotation_degrees=10,noise_std=0:0.05", "--fda_beta=0.05",
+                  "--mixed_precision")  # bfloat16 on CPU; the export must still be float32
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     result = json.loads((run_dir / "result.json").read_text())
@@ -48,6 +49,8 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path):
     serve = tf.saved_model.load(result["saved_model"]).signatures["serving_default"]
     out = serve(image=tf.zeros([3, 16, 24, 1]))
     assert out["probabilities"].shape == (3, 16, 24, 3) and out["labels"].shape == (3, 16, 24)
+    # trained in mixed bfloat16, served in float32 (no bfloat16 anywhere in the graph)
+    assert "DT_BFLOAT16" not in str(serve.graph.as_graph_def())
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)

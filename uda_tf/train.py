@@ -24,6 +24,7 @@ from uda_tf.methods import METHODS
 from uda_tf.models import MODELS
 from uda_tf.models.heads import HEADS
 from uda_tf.models.layers import NORMALIZATIONS
+from uda_tf.training.devices import CLUSTERS
 from uda_tf.training.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
 from uda_tf.training.selection import SELECT_ON
 
@@ -162,6 +163,14 @@ def define_flags():
     # devices
     _define("integer", "num_cpu_devices", 1, "On a machine without GPUs, split the CPU into this "
             "many logical devices and mirror over them (used by tests).", lower_bound=1)
+    _define("enum", "cluster", "auto", "Multi-worker training (MultiWorkerMirroredStrategy): "
+            "the cluster from the TF_CONFIG environment variable, from the Slurm job step "
+            "(srun), none, or auto (TF_CONFIG if it names several tasks, else Slurm if the "
+            "step has several tasks). Only the chief writes the run.", enum_values=list(CLUSTERS))
+    _define("integer", "slurm_port_base", 8888, "Slurm clusters: first port of the workers on "
+            "each node.", lower_bound=1, upper_bound=65535)
+    _define("bool", "mixed_precision", False, "Compute in mixed precision: mixed_float16 with "
+            "loss scaling on GPU, mixed_bfloat16 on CPU; weights and outputs stay float32.")
     # outputs
     _define("string", "output_dir", "runs", "Root of the run directories.")
     _define("string", "run_name", "", "Run directory and MLflow run name (default: "
@@ -382,7 +391,8 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.methods import get_method
     from uda_tf import inference
     from uda_tf.models import check_flags, input_shape_from_flags, segmentor_from_flags
-    from uda_tf.training import adapt, devices, figures, tracking
+    from uda_tf.training import adapt, devices, figures, multiworker, tracking
+    from uda_tf.training.callbacks import BestSegmentorCheckpoint
     from uda_tf.training.selection import selection_callbacks, selection_monitor
 
     method_cls = get_method(cfg.method)
@@ -401,9 +411,18 @@ def train(cfg: SimpleNamespace) -> dict:
     volumes = pipeline.record_kind(manifest) == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
     patch_size = input_shape_from_flags(vars(cfg), manifest)[:3] if volumes else None
-    strategy = devices.make_strategy(cfg.num_cpu_devices)
+    try:
+        strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
+                                         slurm_port_base=cfg.slurm_port_base)
+    except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
+        raise app.UsageError(str(err)) from err
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
+    chief = multiworker.is_chief(strategy)
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
+    if not chief:  # other workers never write into the run (training/multiworker.py)
+        run_dir = multiworker.worker_dir(None, strategy)
+    elif cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
         run_dir = os.path.join(cfg.output_dir, cfg.run_name)
         os.makedirs(run_dir, exist_ok=True)
     else:
@@ -428,7 +447,8 @@ def train(cfg: SimpleNamespace) -> dict:
         target_augmentations=cfg.target_augment or None,
         augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
         patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
-        patches_per_volume=cfg.patches_per_volume)
+        patches_per_volume=cfg.patches_per_volume,
+        num_workers=multiworker.num_workers(strategy))
     if target_labelled:
         train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds, patch_size)
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
@@ -459,6 +479,17 @@ def train(cfg: SimpleNamespace) -> dict:
         model = method_cls.from_flags(segmentor, class_names, cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
+    fit_args = dict(x=train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+                    validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2)
+    if not chief:  # takes part in every all-reduce; no MLflow, export or evaluation
+        try:  # the chief's callbacks that decide anything (logs are the same everywhere)
+            model.fit(**{**fit_args, "verbose": 0}, callbacks=[
+                *model.training_callbacks(cfg), BestSegmentorCheckpoint(
+                    os.path.join(run_dir, "checkpoints", "best.weights.h5")),
+                keras.callbacks.TerminateOnNaN()])
+        finally:
+            multiworker.cleanup_worker_dir(run_dir, strategy)
+        return {"run_dir": None, "worker": True, "evaluations": {}}
 
     tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
     tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
@@ -500,14 +531,15 @@ def train(cfg: SimpleNamespace) -> dict:
         shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
                     os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
         start = time.time()
-        model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                  validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
+        model.fit(**fit_args,
                   callbacks=[*model.training_callbacks(cfg), *selection, epoch_logger,
                              keras.callbacks.TerminateOnNaN()])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
-        # plain variables, then evaluate what was exported.
+        # plain variables, then evaluate what was exported. It serves in float32 whatever
+        # the training precision (weights are float32 either way).
+        keras.mixed_precision.set_global_policy("float32")
         segmentor = make_segmentor()
         segmentor.load_weights(ckpt_path)
         exported_weights = ckpt_path
@@ -597,6 +629,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     result = train(SimpleNamespace(**resolved_flags()))
+    if result.get("worker"):
+        print("worker done; the chief writes the run")
+        return
     print(f"run directory: {result['run_dir']}")
     sel = result["selection"]
     print(f"kept epoch {sel['best_epoch']} by --select_on={sel['select_on']} "

@@ -178,7 +178,7 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
                   shuffle_buffer=2048, seed=0, augment_data=True, augmentations=None,
                   augment_params=None, patch_size=None, foreground_fraction=1 / 3,
                   patches_per_volume=1, fda_beta=0.0, cycle_length=4,
-                  target_augmentations=None):
+                  target_augmentations=None, num_workers=1):
     """((x_s, y_s), x_t) batches when `target` is given, else (x_s, y_s).
 
     Both streams have `global_batch_size` samples per batch. 3D datasets give patches of
@@ -186,7 +186,19 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
     unless `target_augmentations` is given, to the target stream too. `fda_beta` > 0 applies
     Fourier domain adaptation to the source images (low-frequency amplitudes from the paired
     target batch; Yang & Soatto 2020).
+
+    Under a multi-worker strategy (`num_workers` > 1) each worker reads a disjoint subset of
+    every domain's shard files (AutoShardPolicy.FILE), and tf.distribute rebatches: each
+    global batch a worker reads is spread over `num_workers` steps, so every step consumes
+    `global_batch_size` samples over all workers, `global_batch_size / num_workers` from each.
     """
+    for domain in (source, target):
+        shards = len(shard_files(manifest, data_dir, domain, "train")) if domain else num_workers
+        if shards < num_workers:
+            raise ValueError(
+                f"domain {domain!r} has {shards} training shard file(s) for {num_workers} "
+                "workers; file-level sharding needs at least one per worker: prepare the data "
+                "again with a smaller --records_per_shard")
     common = dict(batch_size=global_batch_size, shuffle_buffer=shuffle_buffer,
                   augment_data=augment_data, augmentations=augmentations,
                   augment_params=augment_params, patch_size=patch_size,

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from uda_tf import losses
-from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
 from uda_tf.models.discriminators import entropy_discriminator, feature_discriminator
 from uda_tf.training.schedules import learning_rates_from_flags
 
@@ -108,8 +108,9 @@ class Adversarial(SegmentationMethod):
             raise ValueError(f"need one optimizer per discriminator {self.disc_names}, got "
                              f"{sorted(disc_optimizers)}")
         super().compile(seg_optimizer, **kwargs)
-        self.feature_disc_optimizer = disc_optimizers.get("feature")
-        self.entropy_disc_optimizer = disc_optimizers.get("entropy")
+        feature, entropy = disc_optimizers.get("feature"), disc_optimizers.get("entropy")
+        self.feature_disc_optimizer = None if feature is None else loss_scaled(feature)
+        self.entropy_disc_optimizer = None if entropy is None else loss_scaled(entropy)
 
     def build_optimizers(self):
         super().build_optimizers()
@@ -150,7 +151,8 @@ class Adversarial(SegmentationMethod):
             adv = self._adversarial_loss(inputs, n_s)
             loss = losses.replica_mean(seg) + losses.replica_mean(ent) + adv
         variables = self.segmentor.trainable_variables
-        self.seg_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
+        self.seg_optimizer.apply_gradients(zip(grads, variables))
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         logs = {"seg_loss": self.seg_loss_tracker.result(),
                 "ent_loss": self.ent_loss_tracker.result()}
@@ -175,7 +177,8 @@ class Adversarial(SegmentationMethod):
                                                      self._epsilon(name, k, n_s))
                         d_loss += self.gp_weight * losses.replica_mean(gp)
                         logged += self.gp_weight * tf.reduce_mean(gp)
-                grads = tape.gradient(d_loss, disc.trainable_variables)
+                (grads,) = self.optimizer_gradients(
+                    tape, d_loss, (optimizer, disc.trainable_variables))
                 optimizer.apply_gradients(zip(grads, disc.trainable_variables))
             self.trackers[f"d_loss_{name}"].update_state(logged)
             self.trackers[f"d_acc_{name}"].update_state(self._accuracy(scores, n_s))

@@ -8,6 +8,7 @@ from uda_tf import losses
 from uda_tf.metrics import StreamingDice
 from uda_tf.models.heads import parse_class_weights
 from uda_tf.training.schedules import learning_rates_from_flags
+from uda_tf.training import multiworker
 
 
 def split_batch(data):
@@ -28,6 +29,15 @@ def check_minent_weight(weight, uses_target: bool, method: str) -> float:
         raise ValueError(f"--minent_weight={weight} needs a method that sees target images; "
                          f"{method} does not (use --method=minent for MinEnt alone)")
     return weight
+def loss_scaled(optimizer):
+    """`optimizer` wrapped in a LossScaleOptimizer when the global dtype policy computes in
+    float16 (--mixed_precision on GPU): float16 gradients underflow without loss scaling.
+    bfloat16 has float32's exponent range and needs none. Every optimizer a method owns goes
+    through this in its `compile`."""
+    if (keras.mixed_precision.global_policy().compute_dtype == "float16"
+            and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 class SegmentationMethod(keras.Model):
@@ -72,7 +82,7 @@ class SegmentationMethod(keras.Model):
     def target_kwargs(cfg) -> dict:
         """Target-domain terms every method takes from the flags (subclasses pass them on):
         the MinEnt weight, applied by `minent_loss`."""
-        return {"minent_weight": cfg.minent_weight}
+        return {"minent_weight": getattr(cfg, "minent_weight", 0.0)}
 
     def compile_from_flags(self, cfg):
         seg_lr, _ = learning_rates_from_flags(cfg)
@@ -80,8 +90,15 @@ class SegmentationMethod(keras.Model):
 
     # -- keras plumbing -----------------------------------------------------------------
     def compile(self, seg_optimizer, **kwargs):
+        seg_optimizer = loss_scaled(seg_optimizer)
         super().compile(optimizer=seg_optimizer, **kwargs)
         self.seg_optimizer = seg_optimizer
+
+    def all_optimizers(self) -> list:
+        """Every optimizer the method holds as an attribute (seg_optimizer, disc_optimizer...)."""
+        found = {id(v): v for v in vars(self).values()
+                 if isinstance(v, keras.optimizers.Optimizer)}
+        return list(found.values())
 
     def build_optimizers(self):
         """Create optimizer slots now, inside the strategy scope, before `fit` (keras #20164)."""
@@ -92,6 +109,15 @@ class SegmentationMethod(keras.Model):
         rounds); train.py adds them."""
         return []
 
+    # -- multi-worker fit (keras #20585; the workarounds live in training/multiworker.py) ----
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if multiworker.needs_symbolic_build(self):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        return super()._make_function(
+            multiworker.shaped_step(step_function, self.distribute_strategy))
+
     def call(self, images, training=False):
         return self.segmentor(images, training=training)["logits"]
 
@@ -101,6 +127,36 @@ class SegmentationMethod(keras.Model):
         return [self.seg_loss_tracker, self.val_dice] + target
 
     # -- shared pieces ------------------------------------------------------------------
+    @staticmethod
+    def optimizer_gradients(tape, loss, *updates):
+        """Gradients of `loss` for each `(optimizer, variables)` in `updates`, one list each,
+        ready for `optimizer.apply_gradients`. Every train_step gets its gradients here.
+
+        An optimizer that is a LossScaleOptimizer (mixed float16, see `loss_scaled`) gets the
+        gradient of `optimizer.scale_loss(loss)`, its own dynamic scale; its `apply_gradients`
+        unscales them and skips the step on overflow. Updates whose optimizers do not scale
+        share one backward pass. Several backward passes (two loss-scaled optimizers on one
+        loss, as GRL's segmentor and domain classifier under float16) need
+        `tf.GradientTape(persistent=True)`.
+
+            seg_grads, disc_grads = self.optimizer_gradients(
+                tape, loss, (self.seg_optimizer, seg_vars), (self.disc_optimizer, disc_vars))
+        """
+        grads = [None] * len(updates)
+        plain = [i for i, (opt, _) in enumerate(updates)
+                 if not isinstance(opt, keras.optimizers.LossScaleOptimizer)]
+        if plain:
+            flat = tape.gradient(loss, [v for i in plain for v in updates[i][1]])
+            for i in plain:
+                n = len(updates[i][1])
+                grads[i], flat = list(flat[:n]), flat[n:]
+        for i, (opt, variables) in enumerate(updates):
+            if i not in plain:
+                with tape:  # record the scaling, so that the gradient flows through it
+                    scaled = opt.scale_loss(loss)
+                grads[i] = tape.gradient(scaled, variables)
+        return grads
+
     def supervised_loss(self, labels, logits):
         """Per-sample Dice + CE (loss.py; softmax or sigmoid head, 2D or 3D); reduce with
         losses.replica_mean."""

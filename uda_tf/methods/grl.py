@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from uda_tf import losses
-from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
 from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.models.layers import GradientReversal
 from uda_tf.training.schedules import LambdaSchedule, learning_rates_from_flags
@@ -73,7 +73,7 @@ class GRL(SegmentationMethod):
 
     def compile(self, seg_optimizer, disc_optimizer, **kwargs):
         super().compile(seg_optimizer, **kwargs)
-        self.disc_optimizer = disc_optimizer
+        self.disc_optimizer = loss_scaled(disc_optimizer)
 
     def build_optimizers(self):
         super().build_optimizers()
@@ -89,7 +89,7 @@ class GRL(SegmentationMethod):
         lam = self.lambda_schedule(self.seg_optimizer.iterations)
         seg_vars = self.segmentor.trainable_variables
         disc_vars = self.domain_classifier.trainable_variables
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:  # two backward passes under float16
             out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
             if OUTPUT_KEY in self.feature_keys:
                 out = {**out, OUTPUT_KEY: tf.nn.softmax(out["logits"], axis=-1)}
@@ -103,10 +103,11 @@ class GRL(SegmentationMethod):
             dom = losses.binary_cross_entropy(is_source, domain_logits)
             loss = (losses.replica_mean(seg) + losses.replica_mean(ent)
                     + self.domain_loss_weight * losses.replica_mean(dom))
-        # One backward pass; the reversal already flipped the encoder's share of the domain
-        # gradient, so both sub-networks simply descend on the same total.
-        grads = tape.gradient(loss, seg_vars + disc_vars)
-        seg_grads, disc_grads = grads[:len(seg_vars)], grads[len(seg_vars):]
+        # The reversal already flipped the encoder's share of the domain gradient, so both
+        # sub-networks simply descend on the same total: one backward pass, or one per
+        # optimizer's loss scale under mixed float16.
+        seg_grads, disc_grads = self.optimizer_gradients(
+            tape, loss, (self.seg_optimizer, seg_vars), (self.disc_optimizer, disc_vars))
         self.seg_optimizer.apply_gradients(zip(seg_grads, seg_vars))
         self.disc_optimizer.apply_gradients(zip(disc_grads, disc_vars))
 

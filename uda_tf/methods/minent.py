@@ -34,7 +34,8 @@ class MinEnt(SegmentationMethod):
             ent = self.minent_loss(logits[n_s:])
             loss = losses.replica_mean(seg) + losses.replica_mean(ent)
         variables = self.segmentor.trainable_variables
-        self.seg_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
+        self.seg_optimizer.apply_gradients(zip(grads, variables))
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         return {"seg_loss": self.seg_loss_tracker.result(),
                 "ent_loss": self.ent_loss_tracker.result()}

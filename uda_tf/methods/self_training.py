@@ -103,7 +103,8 @@ class SelfTraining(SegmentationMethod):
             loss = (losses.replica_mean(seg) + weight * losses.replica_mean(pseudo)
                     + losses.replica_mean(self.minent_loss(logits[n_s:])))
         variables = self.segmentor.trainable_variables
-        self.seg_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
+        self.seg_optimizer.apply_gradients(zip(grads, variables))
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         self.pseudo_loss_tracker.update_state(tf.reduce_mean(pseudo))
         self.pseudo_fraction_tracker.update_state(tf.reduce_mean(mask))

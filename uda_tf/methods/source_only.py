@@ -17,6 +17,7 @@ class SourceOnly(SegmentationMethod):
             seg = self.supervised_loss(y_s, logits)
             loss = losses.replica_mean(seg)
         variables = self.segmentor.trainable_variables
-        self.seg_optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
+        self.seg_optimizer.apply_gradients(zip(grads, variables))
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         return {"seg_loss": self.seg_loss_tracker.result()}
