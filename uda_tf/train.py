@@ -93,6 +93,18 @@ def define_flags():
             "needs --register_model_name.")
     _define("integer", "mlflow_sample_slices", 4, "Target validation slices in the logged "
             "sample-segmentation figure (0: none).", lower_bound=0)
+    # reliability (uda_tf/training/resume.py, guards.py)
+    _define("bool", "deterministic", False, "Op determinism and seeded data: a run resumed "
+            "from a backup ends with the same weights as an uninterrupted one (slower).")
+    _define("integer", "backup_every_steps", 100, "Back up the whole training state (weights, "
+            "every optimizer, schedules, epoch, step) to <run_dir>/backup every this many steps "
+            "and at every epoch end (0: epoch ends only); --resume continues from it.",
+            lower_bound=0)
+    _define("enum", "on_divergence", "stop", "A non-finite loss term or gradient norm: stop "
+            "naming it, or roll back to the last backup and skip the batches since.",
+            enum_values=["stop", "rollback"])
+    _define("integer", "max_rollbacks", 3, "--on_divergence=rollback: stop after this many.",
+            lower_bound=0)
     flags.register_multi_flags_validator(
         ["resume", "run_name"], lambda v: not v["resume"] or bool(v["run_name"]),
         message="--resume needs --run_name: the run directory to continue")
@@ -169,14 +181,18 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
     from uda_tf.models import segmentor_from_flags
-    from uda_tf.training import devices, figures, tracking
+    from uda_tf.training import devices, figures, guards, resume, tracking
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
+    guards.check_writable(cfg.output_dir, "--output_dir")  # before any work, not at the end
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
     if cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
         run_dir = os.path.join(cfg.output_dir, cfg.run_name)
         os.makedirs(run_dir, exist_ok=True)
@@ -194,11 +210,16 @@ def train(cfg: SimpleNamespace) -> dict:
     def make_segmentor(sync_batchnorm=False):
         return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
 
-    train_ds = pipeline.train_dataset(
-        cfg.data_dir, manifest, source=cfg.source_domain,
-        target=cfg.target_domain if method_cls.uses_target else None,
-        global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed, augment_data=cfg.augment)
+    def train_ds_after(batches):
+        """The training stream after `batches` batches (resume.py): replayed and skipped
+        under --deterministic, else re-seeded with the position."""
+        ds = pipeline.train_dataset(
+            cfg.data_dir, manifest, source=cfg.source_domain,
+            target=cfg.target_domain if method_cls.uses_target else None,
+            global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed if cfg.deterministic else cfg.seed + batches,
+            augment_data=cfg.augment)
+        return ds.skip(batches) if cfg.deterministic else ds
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice once (and Keras does not hit the end of a finite dataset).
     val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
@@ -213,6 +234,7 @@ def train(cfg: SimpleNamespace) -> dict:
             make_segmentor(sync_batchnorm=strategy.num_replicas_in_sync > 1), class_names, cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
+        grad_norms = guards.track_gradient_norms(model)
 
     tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
     tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
@@ -236,10 +258,20 @@ def train(cfg: SimpleNamespace) -> dict:
         # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
         shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
                     os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
+        backup = resume.TrainingBackup(
+            os.path.join(run_dir, resume.BACKUP_DIR), steps_per_epoch=cfg.steps_per_epoch,
+            every_steps=cfg.backup_every_steps, flags=values)
+        guard = guards.DivergenceGuard(grad_norms, policy=cfg.on_divergence, backup=backup,
+                                       max_rollbacks=cfg.max_rollbacks)
+        backup.stateful.update(checkpoint=checkpoint, epoch_logger=epoch_logger, guard=guard)
         start = time.time()
-        model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                  validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2,
-                  callbacks=[checkpoint, epoch_logger, keras.callbacks.TerminateOnNaN()])
+        # Order matters: the guard checks a step before it is backed up and adds gradient
+        # norms to the epoch logs before they are logged; the backup saves last.
+        resume.fit_from_backup(
+            model, train_ds_after, backup, epochs=cfg.epochs,
+            steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
+            validation_steps=val_steps, shuffle=False, verbose=2,
+            callbacks=[guard, checkpoint, epoch_logger, backup])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
@@ -298,7 +330,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every file at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    result = train(SimpleNamespace(**resolved_flags()))
+    from uda_tf.training.guards import DivergenceError
+    from uda_tf.training.resume import BackupError
+    try:
+        result = train(SimpleNamespace(**resolved_flags()))
+    except (DivergenceError, BackupError, OSError) as e:
+        sys.exit(f"train: error: {e}")
     print(f"run directory: {result['run_dir']}")
     for role, ev in result["evaluations"].items():
         fg = ev["summary"]["foreground"]["dice"]
