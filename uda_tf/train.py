@@ -103,6 +103,8 @@ def define_flags():
     _define("enum", "on_divergence", "stop", "A non-finite loss term or gradient norm: stop "
             "naming it, or roll back to the last backup and skip the batches since.",
             enum_values=["stop", "rollback"])
+    _define("bool", "check_shards", True, "Check the sha256 of every shard used against the "
+            "manifest before training (a corrupted shard is named, not met mid-epoch).")
     _define("integer", "max_rollbacks", 3, "--on_divergence=rollback: stop after this many.",
             lower_bound=0)
     flags.register_multi_flags_validator(
@@ -188,6 +190,9 @@ def train(cfg: SimpleNamespace) -> dict:
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
+    if cfg.check_shards:
+        from uda_tf.data.integrity import verify_shards
+        verify_shards(manifest, cfg.data_dir, {cfg.source_domain, cfg.target_domain})
     strategy = devices.make_strategy(cfg.num_cpu_devices)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -331,10 +336,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from uda_tf.training.guards import DivergenceError
+    from uda_tf.data.integrity import ShardCorruptedError
     from uda_tf.training.resume import BackupError
     try:
         result = train(SimpleNamespace(**resolved_flags()))
-    except (DivergenceError, BackupError, OSError) as e:
+    except (DivergenceError, BackupError, OSError, ShardCorruptedError) as e:
         sys.exit(f"train: error: {e}")
     print(f"run directory: {result['run_dir']}")
     for role, ev in result["evaluations"].items():
