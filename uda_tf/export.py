@@ -251,6 +251,8 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
         raise FileNotFoundError(
             f"no manifest.json for {weights}: looked in {[c for c in candidates if c]}; pass "
             "--manifest=<prepared dir or manifest.json>")
+    from uda_tf.safe_load import check_weights_file
+    check_weights_file(weights, "--checkpoint")
     segmentor = segmentor_from_flags(values, manifest)
     segmentor.load_weights(weights)
     export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
