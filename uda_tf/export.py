@@ -178,6 +178,11 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                 [(sig, warmup_inputs(sig, shape, normalization, n))
                  for sig in signatures for n in warmup_batch_sizes])
         os.replace(tmp, final)
+    except (OSError, tf.errors.OpError) as e:  # a full disk surfaces as either
+        kept = [os.path.join(model_dir, d) for d in sorted(os.listdir(model_dir))
+                if d.isdigit()]
+        raise OSError(f"writing the SavedModel {final} failed: {e}; the partial export was "
+                      f"removed, kept: {', '.join(kept) or 'no earlier version'}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -36,6 +36,8 @@ class BestSegmentorCheckpoint(keras.callbacks.Callback):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = self.path[: -len(".weights.h5")] + ".partial.weights.h5"
         try:
+            from uda_tf.training.guards import ensure_space, weights_file_size
+            ensure_space(tmp, weights_file_size(self.model.segmentor.weights), "the checkpoint")
             self.model.segmentor.save_weights(tmp)
             os.replace(tmp, self.path)
         except (OSError, RuntimeError) as e:  # h5py reports a full disk as either

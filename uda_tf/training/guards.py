@@ -161,3 +161,28 @@ def check_writable(directory: str, flag: str) -> None:
     finally:
         if os.path.exists(probe):
             os.remove(probe)
+
+
+def ensure_space(path: str, nbytes: int, what: str) -> None:
+    """Refuses a write of about `nbytes` to `path` that cannot fit: free space on its file
+    system, or the per-file size limit (RLIMIT_FSIZE). Checked first because HDF5, under
+    Keras' `save_weights`, can crash the process (SIGSEGV) when a write fails mid-file
+    instead of raising; a disk that fills during the write is still that risk."""
+    import resource
+    import shutil
+
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    free = shutil.disk_usage(directory).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    room = free if soft == resource.RLIM_INFINITY else min(free, soft)
+    if nbytes > room:
+        raise OSError(28, f"no room for {what} {path}: needs about {nbytes} bytes, "
+                      f"{room} available ({'file size limit' if room < free else 'disk full'})")
+
+
+def weights_file_size(variables) -> int:
+    """A generous estimate of a .weights.h5 file: the values plus HDF5's per-dataset
+    headers."""
+    return int(sum(v.numpy().nbytes for v in variables) * 1.1) + 4096 * len(variables) + 65536
