@@ -186,10 +186,10 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.training import devices, figures, guards, resume, tracking
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
-    guards.check_writable(cfg.output_dir, "--output_dir")  # before any work, not at the end
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
+    guards.check_writable(cfg.output_dir, "--output_dir")  # before any work, not at the end
     if cfg.check_shards:
         from uda_tf.data.integrity import verify_shards
         verify_shards(manifest, cfg.data_dir, {cfg.source_domain, cfg.target_domain})
