@@ -249,12 +249,13 @@ def full_output_dir(work, data):
         partial = [n for n in (os.listdir(os.path.join(run_dir, "backup"))
                                if os.path.isdir(os.path.join(run_dir, "backup")) else [])
                    if "partial" in n]
-        message = last_line(err)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        message = lines[-1] if lines else ""
         clean = "kept" in message and not partial
         return {"survived": clean and resumed.returncode == 0,
                 "data_lost": "none (resumed from the kept backup)"
                 if resumed.returncode == 0 else "resume failed",
-                "detail": f"{method}: {message[:160]}", "method": method}
+                "detail": f"{method}: {message}", "method": method}
     finally:
         if mounted:
             subprocess.run(["umount", mnt], capture_output=True)
