@@ -187,6 +187,11 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                 [(sig, warmup_inputs(sig, shape, normalization, n))
                  for sig in signatures for n in sizes])
         os.replace(tmp, final)
+    except (OSError, tf.errors.OpError) as e:  # a full disk surfaces as either
+        kept = [os.path.join(model_dir, d) for d in sorted(os.listdir(model_dir))
+                if d.isdigit()]
+        raise OSError(f"writing the SavedModel {final} failed: {e}; the partial export was "
+                      f"removed, kept: {', '.join(kept) or 'no earlier version'}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -260,6 +265,8 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
         raise FileNotFoundError(
             f"no manifest.json for {weights}: looked in {[c for c in candidates if c]}; pass "
             "--manifest=<prepared dir or manifest.json>")
+    from uda_tf.safe_load import check_weights_file
+    check_weights_file(weights, "--checkpoint")
     segmentor = segmentor_from_flags(values, manifest)
     segmentor.load_weights(weights)
     export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")

@@ -98,6 +98,8 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
                 raise ValueError(f"no manifest.json next to --model={model} or in the run's "
                                  f"--data_dir; pass --manifest")
             manifest = _load_manifest(found[0], "--manifest")
+        from uda_tf.safe_load import check_weights_file
+        check_weights_file(model, "--model")
         segmentor = segmentor_from_flags(values, manifest)
         try:
             segmentor.load_weights(model)

@@ -41,7 +41,7 @@ SKIPPED_FILE = "skipped_cases.json"
 split_cases = splits.split_cases  # kept importable from here
 # Changing any of these means the existing output is not what was asked for.
 _REQUEST_KEYS = ("layout", "layout_options", "preprocessing", "output", "split", "inputs",
-                 "sharding", "skip_bad_cases")
+                 "sharding", "skip_bad_cases", "identifiers")
 
 
 def parse_numbers(values, count, name: str, kind=float) -> tuple:
@@ -229,9 +229,14 @@ def _write_groups(groups, output_dir, request_id, run, say, show_progress):
             if error is not None:
                 if not run["skip_bad_cases"]:
                     raise error
+                reason = str(error)
+                if run["original_ids"] is not None:
+                    from uda_tf.privacy import scrub
+                    reason = scrub(reason, case, run["original_ids"][case.case_id],
+                                   case.case_id)
                 current.case_skipped({"case_id": case.case_id, "domain": case.domain,
                                       "split": key[1], "error": type(error).__name__,
-                                      "reason": str(error)})
+                                      "reason": reason})
                 note = f"skipped {case.case_id}"
             else:
                 records = case_records(prepared, run["output"], run["context_slices"],
@@ -300,6 +305,8 @@ def prepare(
     verbose: bool = True,
     progress: bool | None = None,
     layout_options: dict | None = None,
+    keep_identifiers: bool = True,
+    identifier_map: str | None = None,
 ) -> dict:
     """Prepares `input_dir` into `output_dir`; returns the manifest (see docs/CONTRACTS.md).
 
@@ -310,6 +317,8 @@ def prepare(
     processes, so a calling script needs the usual `if __name__ == "__main__":` guard.
     `records_per_shard` defaults to 256 slices or 4 volumes. `layout_options` go to the layout
     reader (e.g. {"image_glob": ...} for layout "glob").
+    `keep_identifiers=False` (the CLI's default) replaces case ids and file paths by derived
+    ids (uda_tf/privacy.py); `identifier_map` then receives the mapping back.
     """
     start = time.time()
     say = functools.partial(print, flush=True) if verbose else (lambda *a, **k: None)
@@ -372,6 +381,11 @@ def prepare(
         members, fractions, int(split_seed),
         splits.read_split_file(split_file) if split_file else None,
         where=f"--split_file={split_file}")
+    mapping = None
+    if not keep_identifiers:  # after the split: it is drawn from the original ids
+        from uda_tf import privacy
+        privacy.check_map_path(identifier_map, output_dir)
+        cases, problems, assigned, mapping = privacy.pseudonymize(cases, problems, assigned)
     split_of = {cid: s for d in assigned for s, ids in assigned[d].items() for cid in ids}
     channels = 3 if color == "rgb" and any(io.is_picture(c.image_path) for c in cases) else 1
 
@@ -391,9 +405,11 @@ def prepare(
         "sharding": {"records_per_shard": records_per_shard},
         "skip_bad_cases": bool(skip_bad_cases),
     }
+    if not keep_identifiers:  # absent when kept, so earlier manifests still match
+        request["identifiers"] = "derived"
     existing = _existing_request(output_dir)
     if existing is not None:
-        differing = [k for k in _REQUEST_KEYS if existing.get(k) != request[k]]
+        differing = [k for k in _REQUEST_KEYS if existing.get(k) != request.get(k)]
         shards_present = all(
             os.path.isfile(os.path.join(output_dir, s.get("file", "")))
             for s in existing.get("shards", [{}])
@@ -419,7 +435,9 @@ def prepare(
     run = {"config": config, "label_values": len(listing.label_names), "channels": channels,
            "image_dtype": image_dtype, "output": output, "context_slices": int(context_slices),
            "records_per_shard": records_per_shard, "compression": compression,
-           "workers": int(workers), "skip_bad_cases": bool(skip_bad_cases)}
+           "workers": int(workers), "skip_bad_cases": bool(skip_bad_cases),
+           "original_ids": None if mapping is None
+           else {k: v["case_id"] for k, v in mapping.items()}}
     writers = _write_groups(groups, output_dir, request_id, run, say,
                             verbose if progress is None else progress)
 
@@ -455,6 +473,9 @@ def prepare(
         "shards": shards,
     }
     manifest = manifest_lib.write_manifest(output_dir, manifest)
+    if mapping is not None and identifier_map:
+        os.makedirs(os.path.dirname(os.path.abspath(identifier_map)), exist_ok=True)
+        sharding.write_json_atomic(identifier_map, mapping)
     shutil.rmtree(os.path.join(output_dir, sharding.PROGRESS_DIR), ignore_errors=True)
     say(
         f"prepared {len(case_entries)} cases, {sum(s['records'] for s in shards)} {output}, "

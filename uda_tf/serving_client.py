@@ -251,7 +251,8 @@ def main(argv):
             return
         if not os.path.isfile(FLAGS.npy):
             raise SystemExit(f"--npy={FLAGS.npy}: no such file")
-        labels = predict_slices(client, np.load(FLAGS.npy).astype(np.float32),
+        images = np.load(FLAGS.npy, allow_pickle=False)  # arrays only, never pickles
+        labels = predict_slices(client, images.astype(np.float32),
                                 batch_size=FLAGS.batch_size)
     except grpc.RpcError as e:
         raise SystemExit(f"gRPC {FLAGS.host}:{FLAGS.grpc_port} failed: {e.code()} "

@@ -218,6 +218,20 @@ def define_flags():
         lambda v: not v["adv_both_domains"] or v["adv_discriminators"] != "entropy",
         message="--adv_both_domains applies to the feature discriminator, which "
                 "--adv_discriminators=entropy leaves out")
+    # reliability (uda_tf/training/resume.py, guards.py)
+    _define("bool", "deterministic", False, "Op determinism and seeded data: a run resumed "
+            "from a backup ends with the same weights as an uninterrupted one (slower).")
+    _define("integer", "backup_every_steps", 100, "Back up the whole training state (weights, "
+            "every optimizer, schedules, epoch, step) to <run_dir>/backup every this many steps "
+            "and at every epoch end (0: epoch ends only); --resume continues from it.",
+            lower_bound=0)
+    _define("enum", "on_divergence", "stop", "A non-finite loss term or gradient norm: stop "
+            "naming it, or roll back to the last backup and skip the batches since.",
+            enum_values=["stop", "rollback"])
+    _define("bool", "check_shards", True, "Check the sha256 of every shard used against the "
+            "manifest before training (a corrupted shard is named, not met mid-epoch).")
+    _define("integer", "max_rollbacks", 3, "--on_divergence=rollback: stop after this many.",
+            lower_bound=0)
     flags.register_multi_flags_validator(
         ["resume", "run_name"], lambda v: not v["resume"] or bool(v["run_name"]),
         message="--resume needs --run_name: the run directory to continue")
@@ -391,7 +405,7 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.methods import get_method
     from uda_tf import inference
     from uda_tf.models import check_flags, input_shape_from_flags, segmentor_from_flags
-    from uda_tf.training import adapt, devices, figures, multiworker, tracking
+    from uda_tf.training import adapt, devices, figures, guards, multiworker, resume, tracking
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
     from uda_tf.training.selection import selection_callbacks, selection_monitor
 
@@ -411,6 +425,9 @@ def train(cfg: SimpleNamespace) -> dict:
     volumes = pipeline.record_kind(manifest) == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
     patch_size = input_shape_from_flags(vars(cfg), manifest)[:3] if volumes else None
+    if cfg.check_shards:
+        from uda_tf.data.integrity import verify_shards
+        verify_shards(manifest, cfg.data_dir, {cfg.source_domain, cfg.target_domain})
     try:
         strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
                                          slurm_port_base=cfg.slurm_port_base)
@@ -419,7 +436,12 @@ def train(cfg: SimpleNamespace) -> dict:
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
     chief = multiworker.is_chief(strategy)
+    if chief:  # other workers write nowhere but a temporary directory
+        guards.check_writable(cfg.output_dir, "--output_dir")  # before any work, not at the end
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
     if not chief:  # other workers never write into the run (training/multiworker.py)
         run_dir = multiworker.worker_dir(None, strategy)
     elif cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
@@ -439,18 +461,22 @@ def train(cfg: SimpleNamespace) -> dict:
     def make_segmentor(sync_batchnorm=False):
         return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
 
-    train_ds = pipeline.train_dataset(
-        cfg.data_dir, manifest, source=cfg.source_domain,
-        target=cfg.target_domain if method_cls.uses_target else None,
-        global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed, augmentations=cfg.augment,
-        target_augmentations=cfg.target_augment or None,
-        augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
-        patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
-        patches_per_volume=cfg.patches_per_volume,
-        num_workers=multiworker.num_workers(strategy))
-    if target_labelled:
-        train_ds = with_labelled_target(cfg, manifest, target_labelled, train_ds, patch_size)
+    def train_ds_after(batches):
+        """The training stream after `batches` batches (resume.py): replayed and skipped
+        under --deterministic, else re-seeded with the position."""
+        ds = pipeline.train_dataset(
+            cfg.data_dir, manifest, source=cfg.source_domain,
+            target=cfg.target_domain if method_cls.uses_target else None,
+            global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed if cfg.deterministic else cfg.seed + batches,
+            augmentations=cfg.augment, target_augmentations=cfg.target_augment or None,
+            augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
+            patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
+            patches_per_volume=cfg.patches_per_volume,
+            num_workers=multiworker.num_workers(strategy))
+        if target_labelled:
+            ds = with_labelled_target(cfg, manifest, target_labelled, ds, patch_size)
+        return ds.skip(batches) if cfg.deterministic else ds
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
     # the end of a finite dataset).
@@ -479,7 +505,8 @@ def train(cfg: SimpleNamespace) -> dict:
         model = method_cls.from_flags(segmentor, class_names, cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
-    fit_args = dict(x=train_ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+        grad_norms = guards.track_gradient_norms(model)
+    fit_args = dict(x=train_ds_after(0), epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
                     validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2)
     if not chief:  # takes part in every all-reduce; no MLflow, export or evaluation
         try:  # the chief's callbacks that decide anything (logs are the same everywhere)
@@ -530,10 +557,21 @@ def train(cfg: SimpleNamespace) -> dict:
         # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
         shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
                     os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
+        backup = resume.TrainingBackup(
+            os.path.join(run_dir, resume.BACKUP_DIR), steps_per_epoch=cfg.steps_per_epoch,
+            every_steps=cfg.backup_every_steps, flags=values)
+        guard = guards.DivergenceGuard(grad_norms, policy=cfg.on_divergence, backup=backup,
+                                       max_rollbacks=cfg.max_rollbacks)
+        backup.stateful.update(checkpoint=checkpoint, epoch_logger=epoch_logger, guard=guard)
         start = time.time()
-        model.fit(**fit_args,
-                  callbacks=[*model.training_callbacks(cfg), *selection, epoch_logger,
-                             keras.callbacks.TerminateOnNaN()])
+        # Order matters: the guard checks a step before it is backed up and adds gradient
+        # norms to the epoch logs before they are logged; the backup saves last.
+        resume.fit_from_backup(
+            model, train_ds_after, backup, epochs=cfg.epochs,
+            steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
+            validation_steps=val_steps, shuffle=False, verbose=2,
+            callbacks=[guard, *model.training_callbacks(cfg), *selection,
+                       epoch_logger, backup])
         train_seconds = time.time() - start
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
@@ -628,7 +666,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel writer logs every file at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    result = train(SimpleNamespace(**resolved_flags()))
+    from uda_tf.training.guards import DivergenceError
+    from uda_tf.data.integrity import ShardCorruptedError
+    from uda_tf.training.resume import BackupError
+    try:
+        result = train(SimpleNamespace(**resolved_flags()))
+    except (DivergenceError, BackupError, OSError, ShardCorruptedError) as e:
+        sys.exit(f"train: error: {e}")
     if result.get("worker"):
         print("worker done; the chief writes the run")
         return

@@ -34,7 +34,7 @@ def test_cli_flagfile_glob_layout_split_file_and_skip(tmp_path):
         r"--case_regex=(?P<case>[pq]\d+)_", r"--domain_regex=scans/(?P<domain>site\w)/",
         "--label_names=background,organ,tumour", f"--split_file={split_file}",
         "--spacing=1.5,1.5,2", "--size=8,8", "--workers=2", "--skip_bad_cases",
-        "--image_dtype=float16", ""]))
+        "--image_dtype=float16", "--keep_identifiers", ""]))  # ids are checked below
     proc = _cli([f"--flagfile={flagfile}"])
     assert proc.returncode == 0, proc.stderr
     assert "prepare [" in proc.stderr and "5/5 cases" in proc.stderr  # the progress bar

@@ -69,6 +69,10 @@ def _load(path: str) -> nib.spatialimages.SpatialImage:
         img = nib.load(path)
     except Exception as e:  # nibabel raises several unrelated types for corrupt files
         raise NiftiError(f"cannot read NIfTI file {path}: {e}") from e
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "biuf":  # complex (imaginary part would be dropped) or RGB records
+        raise NiftiError(f"{path} stores {dtype} voxels; expected real-valued scalar voxels "
+                         "(integer or float)")
     if len(img.shape) > 3:
         # Some writers store a 3D volume as x*y*z*1.
         img = nib.funcs.squeeze_image(img)
@@ -93,7 +97,13 @@ def read_volume(path: str, is_label: bool = False, *, color: str = "green",
         return read_picture(path, is_label, color=color, binarize=binarize)
     img = _load(path)
     original_affine = np.asarray(img.affine, dtype=np.float64)
-    canonical = nib.as_closest_canonical(img)
+    try:
+        if not np.isfinite(original_affine).all():
+            raise ValueError("the affine holds NaN or infinite values")
+        canonical = nib.as_closest_canonical(img)
+    except (ValueError, orientations.OrientationError) as e:  # a corrupt qform/sform
+        raise NiftiError(f"unusable voxel-to-world affine in {path} (corrupt header?): "
+                         f"{e}") from e
     try:
         if is_label:
             values = np.asanyarray(canonical.dataobj)

@@ -99,6 +99,12 @@ def define_flags() -> None:
     d.DEFINE_bool("skip_bad_cases", False, "Leave out unusable cases and list them in "
                   "<output_dir>/skipped_cases.json instead of stopping.")
     d.DEFINE_bool("overwrite", False, "Replace an output prepared with other parameters.")
+    # privacy (uda_tf/privacy.py)
+    d.DEFINE_bool("keep_identifiers", False, "Keep case ids from file names (often patient "
+                  "names) and file paths in the shards, manifest and skipped-case report; "
+                  "by default cases get derived ids <domain>_<k>.")
+    d.DEFINE_string("identifier_map", None, "Write {derived id: original id and files} here "
+                    "(outside --output_dir) to map results back to the original scans.")
     d.DEFINE_bool("progress", True, "Progress bar on stderr.")
     flags.mark_flags_as_required(["input_dir", "output_dir"])
 
@@ -130,7 +136,7 @@ def prepare_kwargs() -> dict:
              "foreground_percentile", "normalize_in_foreground", "crop_foreground", "color",
              "output", "context_slices", "image_dtype", "compression", "split", "split_seed",
              "split_file", "records_per_shard", "workers", "skip_bad_cases", "overwrite",
-             "progress")
+             "progress", "keep_identifiers", "identifier_map")
     kwargs = {name: FLAGS[name].value for name in names}
     kwargs["layout_options"] = {name: FLAGS[name].value for name in LAYOUT_OPTION_FLAGS
                                 if FLAGS[name].value is not None}

@@ -33,8 +33,28 @@ class BestSegmentorCheckpoint(keras.callbacks.Callback):
         better = value > self.best if self.mode == "max" else value < self.best
         if not better:
             return
-        self.best, self.best_epoch = value, epoch
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = self.path[: -len(".weights.h5")] + ".partial.weights.h5"
-        self.model.segmentor.save_weights(tmp)
-        os.replace(tmp, self.path)
+        try:
+            from uda_tf.training.guards import ensure_space, weights_file_size
+            ensure_space(tmp, weights_file_size(self.model.segmentor.weights), "the checkpoint")
+            self.model.segmentor.save_weights(tmp)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as e:  # h5py reports a full disk as either
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            kept = (f"the previous best {self.path} (epoch {self.best_epoch}, "
+                    f"{self.monitor}={self.best:.4f})" if os.path.exists(self.path)
+                    else "no earlier checkpoint")
+            raise OSError(f"writing the checkpoint {self.path} (epoch {epoch}, {self.monitor}="
+                          f"{value:.4f}) failed: {e}; partial file removed, kept: "
+                          f"{kept}") from e
+        self.best, self.best_epoch = value, epoch
+
+    # Travels with the training backup (training/resume.py), so a resumed run keeps
+    # comparing against the best value seen before the crash.
+    def backup_state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def restore_state(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), state["best_epoch"]

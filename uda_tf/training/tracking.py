@@ -308,6 +308,14 @@ class MlflowEpochLogger(keras.callbacks.Callback):
             self.history.setdefault(k, []).append((epoch, v))
         self.tracker.log_metrics(values, step=epoch)
 
+    # Travels with the training backup (training/resume.py): the learning curves of a resumed
+    # run start at epoch 0, not at the resume.
+    def backup_state(self) -> dict:
+        return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}
+
+    def restore_state(self, state: dict) -> None:
+        self.history = {k: [tuple(p) for p in v] for k, v in state["history"].items()}
+
 
 def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
                     name: str = "model") -> dict:
