@@ -217,8 +217,15 @@ def full_output_dir(work, data):
             proc = subprocess.Popen(args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
             run_dir = os.path.join(mnt, "full")
-            while proc.poll() is None and len(backups(run_dir)) < 3:
+            # Backups rotate (the newest two are kept): wait for the one of step 3.
+            while proc.poll() is None and not any(int(n.split("-")[1]) >= 3
+                                                  for n in backups(run_dir)):
                 time.sleep(0.01)
+            # Freeze the training while the disk is filled: a tiny run could otherwise finish
+            # before the filler does, and the fault would hit nothing.
+            injected = proc.poll() is None
+            if injected:
+                proc.send_signal(signal.SIGSTOP)
             filler = os.path.join(mnt, "filler")
             # Unbuffered: a buffered close would flush again into the full disk.
             with open(filler, "wb", buffering=0) as f:  # fill it to the last block
@@ -227,11 +234,24 @@ def full_output_dir(work, data):
                         f.write(b"\0" * 4096)
                 except OSError:
                     pass
+            if injected:
+                proc.send_signal(signal.SIGCONT)
+            # Keep it full: the run frees space itself (backup rotation deletes the oldest),
+            # and another process taking that space is what a full shared disk looks like.
+            with open(filler, "ab", buffering=0) as f:
+                while proc.poll() is None:
+                    try:
+                        f.write(b"\0" * 4096)
+                    except OSError:
+                        time.sleep(0.001)
             _, err = proc.communicate(timeout=600)
+            if not injected:
+                err = "training finished before the disk was full: fault not injected\n" + err
             kept = backups(run_dir)
             os.remove(filler)
             resumed = run(train_args(data, mnt, "full", uri, "--resume"))
-            method = "tmpfs (mount -t tmpfs -o size=3m), filled after the third backup"
+            method = ("tmpfs (mount -t tmpfs -o size=3m), filled after the step-3 backup with "
+                      "the training paused (SIGSTOP/SIGCONT)")
         else:
             import resource
 

@@ -14,7 +14,8 @@
    preprocess, predict the slices in batches of 32, restore to the file's grid), and the model
    part alone, without and with flip TTA.
 3. The 3D Gaussian sliding window on a 96 x 112 x 88 volume (64^3 patches, overlap 0.5) with a
-   toy voxelwise predict_fn (the window's own cost) and with a small Conv3D network.
+   toy voxelwise predict_fn (the window's own cost), a small Conv3D network, and the
+   toolkit's residual 3D U-Net (--model=unet3d, 8 base filters).
 
 Prints a table and writes benchmarks/results/metrics.json.
 """
@@ -170,6 +171,15 @@ def bench_sliding_window(depth: int) -> dict:
     inference.sliding_window(lambda b: conv3d(b).numpy(), volume, patch, batch_size=2)
     out["conv3d_3_layers_s"], _ = timed(lambda: inference.sliding_window(
         lambda b: conv3d(b).numpy(), volume, patch, overlap=0.5, batch_size=2), 2)
+    # The toolkit's own 3D model as --model=unet3d builds it (residual 3D U-Net, 8 base
+    # filters, instance norm), on the same volume and windows.
+    from uda_tf.models.unet import residual_unet
+    unet = residual_unet((*patch, 1), 4, base_filters=8, norm="instance")
+    out["unet3d_parameters"] = int(unet.count_params())
+    unet3d = tf.function(lambda b: tf.nn.softmax(unet(b, training=False)["logits"], -1))
+    inference.sliding_window(lambda b: unet3d(b).numpy(), volume, patch, batch_size=2)
+    out["unet3d_s"], _ = timed(lambda: inference.sliding_window(
+        lambda b: unet3d(b).numpy(), volume, patch, overlap=0.5, batch_size=2), 2)
     return out
 
 
@@ -202,7 +212,8 @@ def main():
     s = result["sliding_window_3d"]
     print(f"3D sliding window, {s['volume']} volume, {s['patches']} patches of {s['patch']}: "
           f"toy voxelwise {s['toy_voxelwise_s']:.2f} s, 3-layer Conv3D "
-          f"{s['conv3d_3_layers_s']:.2f} s")
+          f"{s['conv3d_3_layers_s']:.2f} s, residual 3D U-Net ({s['unet3d_parameters']:,} "
+          f"parameters) {s['unet3d_s']:.2f} s")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS + ".partial", "w") as f:
         json.dump(result, f, indent=2)
