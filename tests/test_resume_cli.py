@@ -20,8 +20,15 @@ def _args(data_dir, tmp_path, name):
             f"--steps_per_epoch={STEPS}", "--global_batch_size=4", "--base_filters=2",
             "--shuffle_buffer=16", "--deterministic", "--backup_every_steps=1",
             f"--output_dir={tmp_path}/runs", f"--run_name={name}",
-            f"--mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--mlflow_experiment=t",
+            f"--mlflow_tracking_uri={_uri(tmp_path, name)}", "--mlflow_experiment=t",
             "--mlflow_sample_slices=0", "--model_name=m"]
+
+
+def _uri(tmp_path, name):
+    """One store per run name: the two runs start at the same time, and two processes creating
+    one fresh sqlite store race in MLflow's schema migration ("table _alembic_tmp_experiments
+    already exists"). The killed and the resumed run share theirs."""
+    return f"sqlite:///{tmp_path}/mlflow_{name}.db"
 
 
 def _env():
@@ -80,13 +87,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_prepared, tmp_
 
     # MLflow: the same run goes on; epoch steps continue (0, 1), none repeated or restarted.
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(_uri(tmp_path, "crash"))
+    client_a = MlflowClient(_uri(tmp_path, "whole"))
     run_b = client.get_run(rb["mlflow"]["run_id"])
     assert run_b.info.status == "FINISHED" and run_b.info.run_name == "crash"
     for key in ("seg_loss", "val_dice", "grad_norm/seg_optimizer",
                 "grad_norm/disc_optimizer"):
         history_b = client.get_metric_history(run_b.info.run_id, key)
-        history_a = client.get_metric_history(ra["mlflow"]["run_id"], key)
+        history_a = client_a.get_metric_history(ra["mlflow"]["run_id"], key)
         assert [m.step for m in history_b] == [0, 1], key
         assert [m.value for m in history_b] == [m.value for m in history_a], key
     assert client.get_run(run_b.info.run_id).data.metrics["best_val_dice"] == rb["best_val_dice"]
