@@ -130,3 +130,17 @@ def test_fda_needs_a_method_with_target_batches(tiny_prepared):
                           source_domain="dom_a", target_domain="dom_b", fda_beta=0.1)
     with pytest.raises(app.UsageError, match="--fda_beta=0.1 needs target batches"):
         train.train(cfg)
+
+
+def test_summary_metrics_leave_out_statistics_of_no_case():
+    """An evaluation where every mask of a class is empty has null distances (summary.json):
+    they are not sent to MLflow (float(None) would end the run after training)."""
+    from uda_tf.train import summary_metrics
+    none = {"mean": None, "std": None, "n": 0}
+    stat = {"mean": 0.5, "std": 0.0, "n": 1}
+    summary = {"classes": {"a": {"dice": stat, "surface_dice": stat, "assd": none, "hd95": none}},
+               "foreground": {"dice": stat, "surface_dice": stat, "assd": none, "hd95": none}}
+    out = summary_metrics(summary, "oracle/target_test")
+    assert out == {"oracle/target_test/dice_a": 0.5, "oracle/target_test/dice_mean": 0.5,
+                   "oracle/target_test/surface_dice_a": 0.5,
+                   "oracle/target_test/surface_dice_mean": 0.5}

@@ -322,6 +322,11 @@ def check_domains(manifest, source, target, method_cls):
         raise app.UsageError("--target_domain must differ from --source_domain")
 
 
+def labelled_per_batch(cfg) -> int:
+    """Semi-supervised: labelled target samples per batch (default a quarter, at least 1)."""
+    return cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
+
+
 def labelled_target_cases(cfg, manifest) -> list[str]:
     """Semi-supervised: the target cases --target_labelled_cases names (checked at start-up)."""
     from uda_tf.data import semi_supervised
@@ -329,28 +334,17 @@ def labelled_target_cases(cfg, manifest) -> list[str]:
         return []
     if cfg.target_domain is None:
         raise app.UsageError("--target_labelled_cases needs --target_domain")
-    per_batch = cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
+    per_batch = labelled_per_batch(cfg)
     if per_batch >= cfg.global_batch_size:
         raise app.UsageError(f"--target_labelled_per_batch={per_batch} must be smaller than "
                              f"--global_batch_size={cfg.global_batch_size}")
     try:
-        return semi_supervised.resolve_cases(manifest, cfg.target_domain,
-                                             cfg.target_labelled_cases)
+        cases = semi_supervised.resolve_cases(manifest, cfg.target_domain,
+                                              cfg.target_labelled_cases)
     except ValueError as err:
         raise app.UsageError(str(err)) from None
-
-
-def with_labelled_target(cfg, manifest, cases, train_ds, patch_size=None):
-    """Semi-supervised: the named target cases' labelled samples in every batch."""
-    from uda_tf.data import augment, pipeline, semi_supervised
-    per_batch = cfg.target_labelled_per_batch or max(1, cfg.global_batch_size // 4)
     logging.warning("semi-supervised: labels of target cases %s enter training", cases)
-    labelled = pipeline.domain_stream(
-        cfg.data_dir, manifest, cfg.target_domain, "train", batch_size=per_batch, labelled=True,
-        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 2, augment_data=True,
-        augmentations=cfg.augment, augment_params=augment.parse_params(cfg.augment_params),
-        cases=cases, patch_size=patch_size)
-    return semi_supervised.mix_labelled(train_ds, labelled, per_batch)
+    return cases
 
 
 def check_adaptation_flags(cfg):
@@ -473,9 +467,9 @@ def train(cfg: SimpleNamespace) -> dict:
             augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
             patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
             patches_per_volume=cfg.patches_per_volume,
-            num_workers=multiworker.num_workers(strategy))
-        if target_labelled:
-            ds = with_labelled_target(cfg, manifest, target_labelled, ds, patch_size)
+            num_workers=multiworker.num_workers(strategy),
+            labelled_target=(cfg.target_domain, target_labelled, labelled_per_batch(cfg))
+            if target_labelled else None)
         return ds.skip(batches) if cfg.deterministic else ds
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
@@ -653,12 +647,13 @@ def train(cfg: SimpleNamespace) -> dict:
 
 def summary_metrics(summary, prefix) -> dict:
     """MLflow metrics of an evaluation summary: each volume metric per class and averaged over
-    foreground classes (NaN where no case counted, e.g. distances when all masks are empty)."""
+    foreground classes. A statistic over no case (null in summary.json, e.g. distances when
+    every mask of a class is empty) is left out rather than logged as a number."""
     out = {}
     for metric in ("dice", "surface_dice", "assd", "hd95"):
-        for name, stats in summary["classes"].items():
-            out[f"{prefix}/{metric}_{name}"] = stats[metric]["mean"]
-        out[f"{prefix}/{metric}_mean"] = summary["foreground"][metric]["mean"]
+        for name, stats in [*summary["classes"].items(), ("mean", summary["foreground"])]:
+            if stats[metric]["mean"] is not None:
+                out[f"{prefix}/{metric}_{name}"] = stats[metric]["mean"]
     return out
 
 

@@ -31,20 +31,25 @@ def test_only_named_cases_are_read(tiny_prepared):
     assert not list(pipeline.only_cases(tf.data.TFRecordDataset(files), ["no_such_case"]))
 
 
-def test_mixed_batches_keep_their_size_and_carry_the_target_samples():
-    x_s = np.zeros((6, 4, 4, 1), np.float32)
-    y_s = np.zeros((6, 4, 4), np.uint8)
-    x_t = np.full((6, 4, 4, 1), 5.0, np.float32)
-    x_l = np.ones((2, 4, 4, 1), np.float32)
-    y_l = np.full((2, 4, 4), 2, np.uint8)
-    train = tf.data.Dataset.from_tensors(((x_s, y_s), x_t)).repeat(2)
-    extra = tf.data.Dataset.from_tensors((x_l, y_l)).repeat()
-    for (x, y), t in semi_supervised.mix_labelled(train, extra, 2):
-        assert x.shape == (6, 4, 4, 1) and y.shape == (6, 4, 4)
-        np.testing.assert_array_equal(x[:4], 0)
-        np.testing.assert_array_equal(x[4:], 1)
-        np.testing.assert_array_equal(y[4:], 2)
-        np.testing.assert_array_equal(t, 5)  # unlabelled target batch untouched
-    source_only = tf.data.Dataset.from_tensors((x_s, y_s))
-    (x, y), = list(semi_supervised.mix_labelled(source_only, extra, 2))
-    np.testing.assert_array_equal(y[4:], 2)
+def test_batches_keep_their_size_and_carry_the_named_target_case(tiny_prepared):
+    data_dir, manifest = tiny_prepared
+    case = manifest["domains"]["dom_b"]["cases"]["train"][0]
+    common = dict(source="dom_a", target="dom_b", global_batch_size=6, shuffle_buffer=8,
+                  seed=0, augment_data=False)
+    plain = pipeline.train_dataset(data_dir, manifest, **common)
+    mixed = pipeline.train_dataset(data_dir, manifest, labelled_target=("dom_b", [case], 2),
+                                   **common)
+    ((x_p, y_p), t_p), ((x_m, y_m), t_m) = next(iter(plain)), next(iter(mixed))
+    assert x_m.shape == x_p.shape and y_m.shape == y_p.shape and t_m.shape == t_p.shape
+    # the last 2 samples are the named case's slices: same image and label as read directly
+    only = pipeline.domain_stream(data_dir, manifest, "dom_b", "train", batch_size=64,
+                                  labelled=True, shuffle_buffer=1, seed=0, augment_data=False,
+                                  cases=[case])
+    images, labels = next(iter(only))
+    for i in (4, 5):
+        match = np.flatnonzero([np.array_equal(x_m[i], im) for im in images.numpy()])
+        assert match.size, f"sample {i} is not a slice of {case}"
+        np.testing.assert_array_equal(y_m[i], labels.numpy()[match[0]])
+    with pytest.raises(ValueError, match="labelled target samples per batch"):
+        pipeline.train_dataset(data_dir, manifest, labelled_target=("dom_b", [case], 6),
+                               **common)

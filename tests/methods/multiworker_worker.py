@@ -31,7 +31,8 @@ def main(data_dir, out_dir):
 
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     manifest = load_manifest(data_dir)
-    cfg = SimpleNamespace(base_filters=2, norm="instance", dice_weight=1.0,
+    cfg = SimpleNamespace(base_filters=2, norm="instance", dice_weight=1.0, class_weights=None,
+                          minent_weight=0.0,
                           grl_features="bottleneck", lambda_schedule="constant", grl_lambda=1.0,
                           domain_loss_weight=1.0, epochs=1, steps_per_epoch=3,
                           learning_rate=1e-2, disc_learning_rate=1e-2, jit_compile=False)

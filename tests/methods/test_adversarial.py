@@ -135,7 +135,7 @@ def test_logs_per_discriminator_and_wgan_gp_runs():
 
 
 def _cfg(**overrides):
-    values = dict(dice_weight=1.0, minent_weight=0.0, adv_discriminators="both",
+    values = dict(dice_weight=1.0, class_weights=None, minent_weight=0.0, adv_discriminators="both",
                   patch_discriminators=False, adv_loss="bce", adv_feature_weight=1e-3,
                   adv_entropy_weight=2e-3, adv_both_domains=False, disc_steps=1, gp_weight=10.0,
                   seed=0, learning_rate=1e-4, disc_learning_rate=1e-4, jit_compile=False,

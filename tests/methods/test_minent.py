@@ -87,4 +87,4 @@ def test_minent_flags_are_checked():
         SourceOnly(tiny_segmentor(), CLASS_NAMES, minent_weight=0.1)
     with pytest.raises(ValueError, match=r"--method=minent needs --minent_weight > 0"):
         MinEnt.from_flags(tiny_segmentor(), CLASS_NAMES,
-                          SimpleNamespace(dice_weight=1.0, minent_weight=0.0))
+                          SimpleNamespace(dice_weight=1.0, class_weights=None, minent_weight=0.0))

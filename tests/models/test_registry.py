@@ -158,7 +158,7 @@ def test_compile_from_flags_gives_each_optimizer_its_schedule():
     seg = _segmentor("unet2d")
     cfg = SimpleNamespace(grl_features="bottleneck", grl_lambda=1.0, lambda_schedule="dann",
                           epochs=2, steps_per_epoch=10, dice_weight=1.0, domain_loss_weight=1.0,
-                          class_weights=None, learning_rate=1e-2, disc_learning_rate=1e-3,
+                          class_weights=None, minent_weight=0.0, learning_rate=1e-2, disc_learning_rate=1e-3,
                           lr_schedule="step", disc_lr_schedule="constant", lr_decay=0.5,
                           warmup_steps=0, jit_compile=False)
     model = GRL.from_flags(seg, CLASSES, cfg)

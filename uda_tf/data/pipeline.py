@@ -178,8 +178,13 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
                   shuffle_buffer=2048, seed=0, augment_data=True, augmentations=None,
                   augment_params=None, patch_size=None, foreground_fraction=1 / 3,
                   patches_per_volume=1, fda_beta=0.0, cycle_length=4,
-                  target_augmentations=None, num_workers=1):
+                  target_augmentations=None, num_workers=1, labelled_target=None):
     """((x_s, y_s), x_t) batches when `target` is given, else (x_s, y_s).
+
+    `labelled_target` = (domain, case ids, k): semi-supervised; the last k samples of every
+    labelled batch come from those target cases (read with their labels, augmented as the
+    source) and the first global_batch_size - k from the source, so the batch size and the
+    replica split stay as they are. Only the named cases' records are parsed.
 
     Both streams have `global_batch_size` samples per batch. 3D datasets give patches of
     `patch_size`. `augmentations` (a preset or op names) applies to the source stream and,
@@ -204,7 +209,21 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
                   augment_params=augment_params, patch_size=patch_size,
                   foreground_fraction=foreground_fraction,
                   patches_per_volume=patches_per_volume, cycle_length=cycle_length)
-    src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed, **common)
+    if labelled_target:
+        domain, cases, k = labelled_target
+        if not 0 < k < global_batch_size:
+            raise ValueError(f"labelled target samples per batch must be in 1..."
+                             f"{global_batch_size - 1}, got {k}")
+        few = domain_stream(data_dir, manifest, domain, "train", labelled=True, seed=seed + 2,
+                            cases=cases, **{**common, "batch_size": k})
+        src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed,
+                            **{**common, "batch_size": global_batch_size - k})
+        src = tf.data.Dataset.zip((src, few)).map(
+            lambda s, t: (tf.concat([s[0], t[0]], 0), tf.concat([s[1], t[1]], 0)),
+            num_parallel_calls=AUTOTUNE)
+    else:
+        src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed,
+                            **common)
     if target is None:
         if fda_beta:
             raise ValueError("fda_beta needs a target domain")

@@ -1,14 +1,13 @@
 """A few labelled target cases in the supervised loss (semi-supervised adaptation).
 
 The user names target training cases whose labels may be used (`--target_labelled_cases`);
-each training batch then carries `per_batch` labelled target slices (or patches) in place of
-as many source ones, so the global batch size, and with it the replica split, is unchanged.
-Every other target label stays unread: the stream is filtered to the named cases before
-parsing, and evaluation of target val/test cases is unaffected (they are other cases).
+each training batch then carries `--target_labelled_per_batch` labelled target slices (or
+patches) in place of as many source ones (`pipeline.train_dataset(labelled_target=...)`), so
+the global batch size, and with it the replica split, is unchanged. Every other target label
+stays unread: the stream is filtered to the named cases before parsing, and evaluation of
+target val/test cases is unaffected (they are other cases).
 """
 from __future__ import annotations
-
-import tensorflow as tf
 
 
 def resolve_cases(manifest: dict, domain: str, spec: str) -> list[str]:
@@ -30,26 +29,3 @@ def resolve_cases(manifest: dict, domain: str, spec: str) -> list[str]:
         raise ValueError(f"--target_labelled_cases: {bad or spec!r} are not labelled training "
                          f"cases of target domain {domain!r}; those are: {labelled}")
     return sorted(set(cases))
-
-
-def mix_labelled(train_ds: tf.data.Dataset, labelled_target: tf.data.Dataset,
-                 per_batch: int) -> tf.data.Dataset:
-    """Put each `labelled_target` batch ((images, labels), `per_batch` of them) in place of the
-    last `per_batch` source samples of the matching `train_ds` batch. `train_ds` elements are
-    ((x_s, y_s), x_t) or (x_s, y_s)."""
-    def replace(x, y, x_l, y_l):
-        keep = tf.shape(x)[0] - per_batch
-        return (tf.concat([x[:keep], tf.cast(x_l, x.dtype)], 0),
-                tf.concat([y[:keep], tf.cast(y_l, y.dtype)], 0))
-
-    def combine(element, extra):
-        x_l, y_l = extra
-        if isinstance(element[0], tuple):
-            (x_s, y_s), x_t = element
-            return replace(x_s, y_s, x_l, y_l), x_t
-        x_s, y_s = element
-        return replace(x_s, y_s, x_l, y_l)
-
-    options = train_ds.options()
-    return tf.data.Dataset.zip((train_ds, labelled_target)).map(
-        combine, num_parallel_calls=tf.data.AUTOTUNE).with_options(options)

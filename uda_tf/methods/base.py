@@ -75,14 +75,14 @@ class SegmentationMethod(keras.Model):
     def supervised_kwargs(cfg, class_names) -> dict:
         """The supervised-loss settings every method takes from the flags."""
         return {"dice_weight": cfg.dice_weight,
-                "class_weights": parse_class_weights(getattr(cfg, "class_weights", None),
+                "class_weights": parse_class_weights(cfg.class_weights,
                                                      len(class_names))}
 
     @staticmethod
     def target_kwargs(cfg) -> dict:
         """Target-domain terms every method takes from the flags (subclasses pass them on):
         the MinEnt weight, applied by `minent_loss`."""
-        return {"minent_weight": getattr(cfg, "minent_weight", 0.0)}
+        return {"minent_weight": cfg.minent_weight}
 
     def compile_from_flags(self, cfg):
         seg_lr, _ = learning_rates_from_flags(cfg)

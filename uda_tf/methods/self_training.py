@@ -74,7 +74,7 @@ class SelfTraining(SegmentationMethod):
                    **cls.target_kwargs(cfg), teacher=teacher,
                    criterion=cfg.pseudo_label_criterion, threshold=cfg.pseudo_label_threshold,
                    pseudo_weight=cfg.pseudo_label_weight,
-                   warmup=not getattr(cfg, "init_checkpoint", ""))
+                   warmup=not cfg.init_checkpoint)
 
     def refresh_teacher(self):
         """Teacher <- student (start of a round)."""
