@@ -53,15 +53,21 @@ def cross_entropy(labels, logits, *, class_weights=None):
     term by the weight of its true class (the mean stays over all pixels, as Keras'
     class_weight does, so weights [1, ..., 1] give the unweighted loss)."""
     labels = tf.cast(labels, tf.int32)
-    logits = tf.cast(logits, tf.float32)
-    if heads.is_sigmoid(logits):
-        ce = tf.nn.sigmoid_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.float32), logits=logits[..., 0])
-    else:
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    ce = pixel_cross_entropy(labels, logits)
     if class_weights is not None:
         ce = ce * tf.gather(tf.constant(class_weights, tf.float32), labels)
     return tf.reduce_mean(ce, axis=_spatial_axes(ce, channels_last=False))
+
+
+def pixel_cross_entropy(labels, logits):
+    """Cross-entropy per pixel (voxel), [N, *spatial]: softmax CE for K logits, sigmoid BCE
+    for one logit (models.heads); `labels` are integer class maps [N, *spatial]."""
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    if heads.is_sigmoid(logits):
+        return tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.float32), logits=logits[..., 0])
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
 
 
 def dice_ce_loss(labels, logits, *, dice_weight: float = 1.0, class_weights=None):
@@ -157,6 +163,6 @@ def gradient_penalty(critic, source, target, epsilon):
 
 def mean_entropy(logits):
     """Per-sample mean of the normalised entropy map: the MinEnt loss of AdvEnt (Vu et al.,
-    CVPR 2019, eq. 3, with entropy divided by log C so that it lies in [0, 1])."""
-    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-    return _per_sample_map_mean(entropy_map(probs))
+    CVPR 2019, eq. 3, with entropy divided by log C so that it lies in [0, 1]). Softmax or
+    sigmoid head (a sigmoid logit is a two-class distribution, normalised by log 2)."""
+    return _per_sample_map_mean(entropy_map(heads.class_probabilities(logits)))

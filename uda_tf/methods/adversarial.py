@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
+from uda_tf.models import heads
 from uda_tf.models.discriminators import entropy_discriminator, feature_discriminator
 from uda_tf.training.schedules import learning_rates_from_flags
 
@@ -32,9 +33,9 @@ _DECISION_THRESHOLD = {"bce": 0.0, "lsgan": 0.5, "wgan-gp": 0.0}
 
 
 def entropy_input(logits):
-    """The entropy discriminator's input: softmax entropy / log C, [N, H, W, 1] in [0, 1]."""
-    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
-    return losses.entropy_map(probs)[..., None]
+    """The entropy discriminator's input: prediction entropy / log C, [N, *spatial, 1] in
+    [0, 1], for a softmax or a sigmoid head (C = 2), 2D or 3D."""
+    return losses.entropy_map(heads.class_probabilities(logits))[..., None]
 
 
 class Adversarial(SegmentationMethod):

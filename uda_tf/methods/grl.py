@@ -15,19 +15,21 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
+from uda_tf.models import heads
 from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.models.layers import GradientReversal
 from uda_tf.training.schedules import LambdaSchedule, learning_rates_from_flags
 
 
 GRL_FEATURES = ("bottleneck", "encoder", "output")
-#: not a segmentor output: the softmax of its logits, computed in train_step
+#: not a segmentor output: its class probabilities (softmax, or [1 - p, p] for a sigmoid head),
+#: computed in train_step
 OUTPUT_KEY = "probabilities"
 
 
 def feature_keys(segmentor, which: str) -> list[str]:
     """Segmentor outputs the domain classifier sees: the bottleneck alone, or every encoder
-    level (each skip connection's features) plus the bottleneck, or the softmax output maps."""
+    level (each skip connection's features) plus the bottleneck, or the class-probability output maps."""
     if which == "bottleneck":
         return ["features"]
     if which == "encoder":
@@ -56,7 +58,9 @@ class GRL(SegmentationMethod):
     def from_flags(cls, segmentor, class_names, cfg):
         keys = feature_keys(segmentor, cfg.grl_features)
         if keys == [OUTPUT_KEY]:
-            classifier = output_domain_classifier(segmentor.output["logits"].shape[1:])
+            # K class-probability maps, also for a sigmoid head's single logit (K = 2)
+            classifier = output_domain_classifier(
+                tuple(segmentor.output["logits"].shape[1:-1]) + (len(class_names),))
         else:
             classifier = domain_classifier([segmentor.output[k].shape[1:] for k in keys])
         return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
@@ -92,7 +96,7 @@ class GRL(SegmentationMethod):
         with tf.GradientTape(persistent=True) as tape:  # two backward passes under float16
             out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
             if OUTPUT_KEY in self.feature_keys:
-                out = {**out, OUTPUT_KEY: tf.nn.softmax(out["logits"], axis=-1)}
+                out = {**out, OUTPUT_KEY: heads.class_probabilities(out["logits"])}
             seg = self.supervised_loss(y_s, out["logits"][:n_s])
             ent = self.minent_loss(out["logits"][n_s:])
             reversed_features = [self.grl(out[k], lam=lam) for k in self.feature_keys]

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.models import heads
 
 PSEUDO_LABEL_CRITERIA = ("confidence", "entropy")
 
@@ -42,7 +43,7 @@ def masked_cross_entropy(labels, logits, mask):
     normaliser does not depend on how many pixels passed, so the loss is additive over samples
     (replica-invariant) and a batch with few confident pixels gets a small update, not a loud
     one from a handful of pixels."""
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32))
+    ce = losses.pixel_cross_entropy(labels, logits)  # softmax or sigmoid head, 2D or 3D
     spatial = list(range(1, len(ce.shape)))
     return tf.reduce_mean(ce * mask, axis=spatial)
 
@@ -91,7 +92,7 @@ class SelfTraining(SegmentationMethod):
     def train_step(self, data):
         x_s, y_s, x_t = split_batch(data)
         n_s = tf.shape(x_s)[0]
-        probs_t = tf.nn.softmax(tf.cast(self.teacher(x_t, training=False)["logits"], tf.float32))
+        probs_t = heads.class_probabilities(self.teacher(x_t, training=False)["logits"])
         target_labels, mask = pseudo_labels(tf.stop_gradient(probs_t), self.criterion,
                                             self.threshold)
         with tf.GradientTape() as tape:

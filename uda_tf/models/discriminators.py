@@ -51,19 +51,28 @@ def domain_classifier(feature_shapes, hidden=(128, 64), reduce_channels=16,
 # discriminator, to a map of logits ([N, h, w, 1]) that judges each receptive field on its
 # own. The sigmoid of the papers lives in the loss (losses.adversarial_loss), which keeps BCE
 # numerically stable and lets LSGAN and WGAN-GP use the same networks. No normalisation layers:
-# the WGAN-GP penalty needs samples that do not interact inside the critic.
+# the WGAN-GP penalty needs samples that do not interact inside the critic. Every network is
+# 2D or 3D after its input shape ((H, W, C) or (H, W, D, C)): 3D models get 3D discriminators.
 
-def _conv_stack(x, filters, prefix):
+def _spatial_input(shape, name, what):
+    shape = tuple(shape)
+    if len(shape) not in (3, 4) or None in shape:
+        raise ValueError(f"{what}: input shape {shape} must be fully known (H, W, C) or "
+                         "(H, W, D, C)")
+    return keras.Input(shape=shape, name=name), len(shape) - 1
+
+
+def _conv_stack(x, filters, prefix, rank):
     for i, f in enumerate(filters):
-        x = keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu",
-                                name=f"{prefix}conv{i}")(x)
+        x = layer("conv", rank, f, 3, strides=2, padding="same", activation="relu",
+                  name=f"{prefix}conv{i}")(x)
     return x
 
 
-def _head(x, hidden, patch, prefix):
+def _head(x, hidden, patch, prefix, rank):
     if patch:
-        return keras.layers.Conv2D(1, 3, padding="same", name=f"{prefix}logit",
-                                   dtype="float32")(x)
+        return layer("conv", rank, 1, 3, padding="same", name=f"{prefix}logit",
+                     dtype="float32")(x)
     x = keras.layers.Flatten(name=f"{prefix}flatten")(x)
     for i, units in enumerate(hidden):
         x = keras.layers.Dense(units, activation="relu", name=f"{prefix}dense{i}")(x)
@@ -77,28 +86,28 @@ def feature_discriminator(feature_shape, *, filters=(64, 64, 64), hidden=(64,), 
     a 3x3 convolution replaces the dense layers and the output is a logit map."""
     if len(filters) != 3:
         raise ValueError(f"the feature discriminator has 3 conv layers, got filters={filters}")
-    x = inp = keras.Input(shape=tuple(feature_shape), name="features")
-    x = _conv_stack(x, filters, f"{name}_")
-    return keras.Model(inp, _head(x, hidden, patch, f"{name}_"), name=name)
+    inp, rank = _spatial_input(feature_shape, "features", "feature discriminator")
+    x = _conv_stack(inp, filters, f"{name}_", rank)
+    return keras.Model(inp, _head(x, hidden, patch, f"{name}_", rank), name=name)
 
 
 def entropy_discriminator(map_shape, *, filters=(16, 32, 64, 64, 64), hidden=(512, 64),
                           patch=False, name="entropy_disc") -> keras.Model:
-    """Entropy map [H, W, 1] -> domain logit: 5 strided conv + ReLU, dense 512, dense 64, logit
+    """Entropy map [H, W(, D), 1] -> domain logit: 5 strided conv + ReLU, dense 512, dense 64, logit
     (the entropy-map discriminator of Zeng et al., MICCAI 2020, after AdvEnt, Vu et al., CVPR
     2019). With `patch`, a 3x3 convolution replaces the dense layers (AdvEnt's fully
     convolutional discriminator) and the output is a logit map at 1/32 resolution."""
     if len(filters) != 5:
         raise ValueError(f"the entropy discriminator has 5 conv layers, got filters={filters}")
-    x = inp = keras.Input(shape=tuple(map_shape), name="entropy")
-    x = _conv_stack(x, filters, f"{name}_")
-    return keras.Model(inp, _head(x, hidden, patch, f"{name}_"), name=name)
+    inp, rank = _spatial_input(map_shape, "entropy", "entropy discriminator")
+    x = _conv_stack(inp, filters, f"{name}_", rank)
+    return keras.Model(inp, _head(x, hidden, patch, f"{name}_", rank), name=name)
 
 
 def output_domain_classifier(output_shape, *, filters=(16, 32, 64, 64), hidden=(64,),
                              name="output_classifier") -> keras.Model:
-    """Softmax maps [H, W, C] -> domain logit: strided conv + ReLU, dense, logit (the CNN domain
+    """Class-probability maps [H, W(, D), C] -> domain logit: strided conv + ReLU, dense, logit (the CNN domain
     classifier on segmentation outputs of Javanmardi & Tasdizen, ISBI 2018)."""
-    x = inp = keras.Input(shape=tuple(output_shape), name="probabilities")
-    x = _conv_stack(x, filters, f"{name}_")
-    return keras.Model(inp, _head(x, hidden, False, f"{name}_"), name=name)
+    inp, rank = _spatial_input(output_shape, "probabilities", "output domain classifier")
+    x = _conv_stack(inp, filters, f"{name}_", rank)
+    return keras.Model(inp, _head(x, hidden, False, f"{name}_", rank), name=name)
