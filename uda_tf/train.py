@@ -399,9 +399,8 @@ def train(cfg: SimpleNamespace) -> dict:
     from uda_tf.methods import get_method
     from uda_tf import inference
     from uda_tf.models import check_flags, input_shape_from_flags, segmentor_from_flags
-    from uda_tf.training import adapt, devices, figures, guards, multiworker, resume, tracking
-    from uda_tf.training.callbacks import BestSegmentorCheckpoint
-    from uda_tf.training.selection import selection_callbacks, selection_monitor
+    from uda_tf.training import adapt, devices, figures, guards, multiworker, tracking
+    from uda_tf.training.selection import selection_monitor
 
     method_cls = get_method(cfg.method)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
@@ -427,6 +426,14 @@ def train(cfg: SimpleNamespace) -> dict:
                                          slurm_port_base=cfg.slurm_port_base)
     except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
         raise app.UsageError(str(err)) from err
+    workers = multiworker.num_workers(strategy)
+    for flag, on in (("--resume", cfg.resume),
+                     ("--on_divergence=rollback", cfg.on_divergence == "rollback")):
+        # Both restore the chief's backup on the chief alone, which would leave the workers
+        # with different weights; on several workers a diverged run stops instead.
+        if on and workers > 1:
+            raise app.UsageError(f"{flag} works on one machine only; this run spans "
+                                 f"several workers ({workers}, --cluster={cfg.cluster})")
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
     chief = multiworker.is_chief(strategy)
@@ -500,14 +507,14 @@ def train(cfg: SimpleNamespace) -> dict:
         model.compile_from_flags(cfg)
         model.build_optimizers()
         grad_norms = guards.track_gradient_norms(model)
-    fit_args = dict(x=train_ds_after(0), epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-                    validation_data=val_ds, validation_steps=val_steps, shuffle=False, verbose=2)
-    if not chief:  # takes part in every all-reduce; no MLflow, export or evaluation
-        try:  # the chief's callbacks that decide anything (logs are the same everywhere)
-            model.fit(**{**fit_args, "verbose": 0}, callbacks=[
-                *model.training_callbacks(cfg), BestSegmentorCheckpoint(
-                    os.path.join(run_dir, "checkpoints", "best.weights.h5")),
-                keras.callbacks.TerminateOnNaN()])
+    # Every worker runs the same fit with the same callbacks in the same order (checkpoint,
+    # backups, criteria, guard): reading a distributed metric variable, as a backup does, is an
+    # all-reduce that every worker must join. The other workers write into their temporary
+    # run_dir; only the chief tracks in MLflow, exports and evaluates.
+    if not chief:
+        try:
+            fit_and_keep_best(cfg, model, train_ds_after, val_ds, val_steps, run_dir, values,
+                              grad_norms, manifest, volumes, patch_size, class_names)
         finally:
             multiworker.cleanup_worker_dir(run_dir, strategy)
         return {"run_dir": None, "worker": True, "evaluations": {}}
@@ -528,45 +535,10 @@ def train(cfg: SimpleNamespace) -> dict:
     epoch_logger = tracking.MlflowEpochLogger(tracker)
     status = "FAILED"
     try:
-        ckpt_path = os.path.join(run_dir, "checkpoints", "best.weights.h5")
-        # Target validation images feed the label-free criteria (and oracle/val_dice when the
-        # user has target labels); the checkpoint follows --select_on only.
-        target_val = cfg.target_domain is not None and bool(
-            manifest["domains"][cfg.target_domain]["cases"].get("val"))
-        dataset_fn = None
-        if target_val and (cfg.target_criteria or cfg.select_on != "source_dice"):
-            if volumes:  # the model takes patches: target volumes cut into its input size
-                dataset_fn = lambda: pipeline.eval_patches(  # noqa: E731
-                    cfg.data_dir, manifest, cfg.target_domain, "val", patch_size,
-                    batch_size=cfg.global_batch_size, with_metadata=True)
-            else:
-                dataset_fn = lambda: pipeline.eval_dataset(  # noqa: E731
-                    cfg.data_dir, manifest, cfg.target_domain, "val",
-                    batch_size=cfg.global_batch_size, with_metadata=True)
-        selection = selection_callbacks(cfg.select_on, ckpt_path, dataset_fn=dataset_fn,
-                                        class_names=class_names)
-        checkpoint = selection[-1]
-        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
-        shutil.copy(flags_path, os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
-        # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
-        shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
-                    os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
-        backup = resume.TrainingBackup(
-            os.path.join(run_dir, resume.BACKUP_DIR), steps_per_epoch=cfg.steps_per_epoch,
-            every_steps=cfg.backup_every_steps, flags=values)
-        guard = guards.DivergenceGuard(grad_norms, policy=cfg.on_divergence, backup=backup,
-                                       max_rollbacks=cfg.max_rollbacks)
-        backup.stateful.update(checkpoint=checkpoint, epoch_logger=epoch_logger, guard=guard)
-        start = time.time()
-        # Order matters: the guard checks a step before it is backed up and adds gradient
-        # norms to the epoch logs before they are logged; the backup saves last.
-        resume.fit_from_backup(
-            model, train_ds_after, backup, epochs=cfg.epochs,
-            steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
-            validation_steps=val_steps, shuffle=False, verbose=2,
-            callbacks=[guard, *model.training_callbacks(cfg), *selection,
-                       epoch_logger, backup])
-        train_seconds = time.time() - start
+        checkpoint, train_seconds = fit_and_keep_best(
+            cfg, model, train_ds_after, val_ds, val_steps, run_dir, values, grad_norms,
+            manifest, volumes, patch_size, class_names, epoch_logger=epoch_logger)
+        ckpt_path = checkpoint.path
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
         # plain variables, then evaluate what was exported. It serves in float32 whatever
@@ -643,6 +615,60 @@ def train(cfg: SimpleNamespace) -> dict:
         return result
     finally:
         tracker.finish(status)  # flushes; if MLflow is unreachable: <run_dir>/mlflow_unsent.json
+
+
+def fit_and_keep_best(cfg, model, train_ds_after, val_ds, val_steps, run_dir, values,
+                      grad_norms, manifest, volumes, patch_size, class_names,
+                      epoch_logger=None):
+    """Train with the run's callbacks: divergence guard, the method's own, checkpoint
+    selection (with the label-free target criteria), the MLflow epoch logger (chief only) and
+    full-state backups. Writes <run_dir>/checkpoints/. Returns (checkpoint callback, seconds)."""
+    from uda_tf.data import pipeline
+    from uda_tf.training import guards, resume
+    from uda_tf.training.selection import selection_callbacks
+
+    ckpt_path = os.path.join(run_dir, "checkpoints", "best.weights.h5")
+    # Target validation images feed the label-free criteria (and oracle/val_dice when the
+    # user has target labels); the checkpoint follows --select_on only.
+    target_val = cfg.target_domain is not None and bool(
+        manifest["domains"][cfg.target_domain]["cases"].get("val"))
+    dataset_fn = None
+    if target_val and (cfg.target_criteria or cfg.select_on != "source_dice"):
+        if volumes:  # the model takes patches: target volumes cut into its input size
+            dataset_fn = lambda: pipeline.eval_patches(  # noqa: E731
+                cfg.data_dir, manifest, cfg.target_domain, "val", patch_size,
+                batch_size=cfg.global_batch_size, with_metadata=True)
+        else:
+            dataset_fn = lambda: pipeline.eval_dataset(  # noqa: E731
+                cfg.data_dir, manifest, cfg.target_domain, "val",
+                batch_size=cfg.global_batch_size, with_metadata=True)
+    selection = selection_callbacks(cfg.select_on, ckpt_path, dataset_fn=dataset_fn,
+                                    class_names=class_names)
+    checkpoint = selection[-1]
+    os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+    shutil.copy(os.path.join(run_dir, "flags.cfg"),
+                os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
+    # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
+    shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
+                os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
+    backup = resume.TrainingBackup(
+        os.path.join(run_dir, resume.BACKUP_DIR), steps_per_epoch=cfg.steps_per_epoch,
+        every_steps=cfg.backup_every_steps, flags=values)
+    guard = guards.DivergenceGuard(grad_norms, policy=cfg.on_divergence, backup=backup,
+                                   max_rollbacks=cfg.max_rollbacks)
+    backup.stateful.update(checkpoint=checkpoint, guard=guard)
+    if epoch_logger is not None:
+        backup.stateful["epoch_logger"] = epoch_logger
+    start = time.time()
+    # Order matters: the guard checks a step before it is backed up and adds gradient
+    # norms to the epoch logs before they are logged; the backup saves last.
+    resume.fit_from_backup(
+        model, train_ds_after, backup, epochs=cfg.epochs,
+        steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
+        validation_steps=val_steps, shuffle=False, verbose=2 if epoch_logger else 0,
+        callbacks=[guard, *model.training_callbacks(cfg), *selection,
+                   *([epoch_logger] if epoch_logger is not None else []), backup])
+    return checkpoint, time.time() - start
 
 
 def summary_metrics(summary, prefix) -> dict:

@@ -1,9 +1,10 @@
 """One worker of tests/methods/test_multiworker.py (not a test module itself).
 
-    TF_CONFIG=... python multiworker_worker.py <prepared data dir> <output dir>
+    TF_CONFIG=... python multiworker_worker.py <prepared data dir> <output dir> <method>
 
-Trains GRL (segmentor and domain classifier, two optimizers) for a few steps with validation
-under MultiWorkerMirroredStrategy from TF_CONFIG, through the same pipeline, method and
+Trains <method> (grl: segmentor and domain classifier, two optimizers; adversarial: segmentor
+and feature and entropy discriminators, three optimizers, alternating updates) for a few steps
+with validation under MultiWorkerMirroredStrategy from TF_CONFIG, through the same pipeline, method and
 checkpoint callback as train.py, then saves its weights before and after, its logs, and where
 it wrote its checkpoint, to <output dir>/worker<i>.npz and .json.
 """
@@ -13,7 +14,7 @@ import sys
 from types import SimpleNamespace
 
 
-def main(data_dir, out_dir):
+def main(data_dir, out_dir, method):
     import time
     t0 = time.time()
     mark = lambda what: print(f"{time.time() - t0:6.1f}s {what}", file=sys.stderr, flush=True)  # noqa
@@ -25,7 +26,7 @@ def main(data_dir, out_dir):
 
     from uda_tf.data import pipeline
     from uda_tf.data.manifest import load_manifest
-    from uda_tf.methods import GRL
+    from uda_tf.methods import get_method
     from uda_tf.models import segmentor_from_flags
     from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
@@ -35,7 +36,10 @@ def main(data_dir, out_dir):
                           minent_weight=0.0,
                           grl_features="bottleneck", lambda_schedule="constant", grl_lambda=1.0,
                           domain_loss_weight=1.0, epochs=1, steps_per_epoch=3,
-                          learning_rate=1e-2, disc_learning_rate=1e-2, jit_compile=False)
+                          learning_rate=1e-2, disc_learning_rate=1e-2, jit_compile=False,
+                          adv_discriminators="both", patch_discriminators=False, adv_loss="bce",
+                          adv_feature_weight=0.1, adv_entropy_weight=0.1, adv_both_domains=True,
+                          disc_steps=1, gp_weight=10.0, seed=0)
     names = [manifest["label_names"][str(i)] for i in range(manifest["num_classes"])]
     train_ds = pipeline.train_dataset(
         data_dir, manifest, source="dom_a", target="dom_b", global_batch_size=4,
@@ -44,7 +48,8 @@ def main(data_dir, out_dir):
     val_ds = pipeline.eval_dataset(data_dir, manifest, "dom_a", "val", batch_size=4).repeat()
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = GRL.from_flags(segmentor_from_flags(vars(cfg), manifest), names, cfg)
+        model = get_method(method).from_flags(segmentor_from_flags(vars(cfg), manifest), names,
+                                              cfg)
         model.compile_from_flags(cfg)
         model.build_optimizers()
     mark("built")
@@ -72,4 +77,4 @@ def main(data_dir, out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -1,6 +1,7 @@
-"""MultiWorkerMirroredStrategy across two processes on 127.0.0.1: GRL (two optimizers) trains
-through Keras fit with validation, both workers end with bit-identical weights, and only the
-chief writes the checkpoint (the other's temporary directory is removed)."""
+"""MultiWorkerMirroredStrategy across two processes on 127.0.0.1: GRL (two optimizers) and the
+alternating adversarial method (three optimizers) train through Keras fit with validation,
+both workers end with bit-identical weights, and only the chief writes the checkpoint (the
+other's temporary directory is removed)."""
 import json
 import os
 import socket
@@ -9,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiworker_worker.py")
@@ -24,7 +26,13 @@ def _free_ports(n):
     return ports
 
 
-def test_two_workers_train_grl_to_identical_weights(tiny_prepared, tmp_path):
+# the logs each method must agree on across workers
+LOGGED = {"grl": ("seg_loss", "domain_loss", "val_dice"),
+          "adversarial": ("seg_loss", "d_loss_feature", "d_loss_entropy", "adv_loss", "val_dice")}
+
+
+@pytest.mark.parametrize("method", sorted(LOGGED))
+def test_two_workers_train_to_identical_weights(method, tiny_prepared, tmp_path):
     data_dir, _ = tiny_prepared
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     procs = []
@@ -32,7 +40,7 @@ def test_two_workers_train_grl_to_identical_weights(tiny_prepared, tmp_path):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
-        procs.append(subprocess.Popen([sys.executable, WORKER, data_dir, str(tmp_path)],
+        procs.append(subprocess.Popen([sys.executable, WORKER, data_dir, str(tmp_path), method],
                                       env=env, cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     # ~25 s on a quiet 2-core machine; the limit allows for a loaded one.
@@ -57,7 +65,7 @@ def test_two_workers_train_grl_to_identical_weights(tiny_prepared, tmp_path):
     assert not infos[1]["write_dir_left"]
     assert (tmp_path / "run" / "checkpoints" / "best.weights.h5").is_file()
     # Logs are cross-worker means: the same scalars on both workers.
-    for key in ("seg_loss", "domain_loss", "val_dice"):
+    for key in LOGGED[method]:
         assert len(infos[0]["history"][key]) == 1, infos[0]["history"]
         assert np.isfinite(infos[0]["history"][key]).all()
         np.testing.assert_allclose(infos[0]["history"][key], infos[1]["history"][key], rtol=1e-6)

@@ -15,12 +15,16 @@ Keras 3 `fit` under MultiWorkerMirroredStrategy fails in two places (keras #2058
    back into a scalar. On one machine logs stay scalars (there Keras stacks and averages them).
 
 `SegmentationMethod` (methods/base.py) hooks both in, so every registered method gets them.
-The two-worker test (tests/methods/test_multiworker.py) trains GRL on 127.0.0.1 and checks the
-workers end with identical weights; drop these workarounds when that test passes without them.
+The two-worker test (tests/methods/test_multiworker.py) trains GRL and the adversarial method
+on 127.0.0.1 and checks the workers end with identical weights; drop these workarounds when
+that test passes without them. tests/test_multiworker_cli.py runs train.py itself as two
+workers.
 
-Writing: every worker runs the same `fit` (all of them take part in every all-reduce), but only
-the chief writes checkpoints, exports and MLflow; the others write to a temporary directory
-that is removed afterwards, as the TF multi-worker guide prescribes
+Writing: every worker runs the same `fit` with the same callbacks (all of them take part in
+every all-reduce, and reading a distributed metric variable, as a training backup does, is one),
+but only the chief tracks in MLflow, exports and evaluates; the others write their checkpoints
+and backups to a temporary directory that is removed afterwards, as the TF multi-worker guide
+prescribes
 (https://www.tensorflow.org/tutorials/distribute/multi_worker_with_keras).
 """
 from __future__ import annotations

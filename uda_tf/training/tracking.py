@@ -23,6 +23,8 @@ import mlflow
 import tensorflow as tf
 from absl import logging
 
+from uda_tf.training import multiworker
+
 RUN_ID_FILE = "mlflow_run_id"
 UNSENT_FILE = "mlflow_unsent.json"
 DEFAULT_EXPERIMENT = "uda_tf"
@@ -70,6 +72,7 @@ def environment_tags(strategy: tf.distribute.Strategy) -> dict[str, str]:
     devices = getattr(strategy.extended, "worker_devices", ())
     return {"tensorflow": tf.__version__, "keras": keras.__version__,
             "python": platform.python_version(), "replicas": str(strategy.num_replicas_in_sync),
+            "workers": str(multiworker.num_workers(strategy)),
             "devices": ",".join(devices)}
 
 
