@@ -82,8 +82,11 @@ def define_flags():
         "models on patches of volumes (prepare --output=volumes).", enum_values=list(MODELS))
     _define("integer", "base_filters", 16, "Filters of the first block of the segmentor (U-Nets "
             "double them per level).", lower_bound=1)
-    _define("enum", "norm", "instance", "Normalisation layers (batch norm is synchronised across "
-            "replicas when there are several).", enum_values=list(NORMALIZATIONS))
+    _define("enum", "norm", "instance", "Normalisation layers (batch norm: see "
+            "--sync_batchnorm).", enum_values=list(NORMALIZATIONS))
+    _define("bool", "sync_batchnorm", True, "--norm=batch on several replicas: batch statistics "
+            "over the global batch (synchronised BatchNorm, the same update as one device); "
+            "--nosync_batchnorm: each replica normalises with its own share of the batch.")
     _define("list", "patch_size", None, "3D models: training patch h,w,d cropped from the volumes "
             "(also the exported model's input; whole volumes are evaluated by sliding window). "
             "Default: the prepared volume size.")
@@ -494,7 +497,8 @@ def train(cfg: SimpleNamespace) -> dict:
         raise app.UsageError(f"--source_domain={cfg.source_domain!r} has no validation slices; "
                              "checkpoints are chosen on source validation Dice")
     with strategy.scope():
-        segmentor = make_segmentor(sync_batchnorm=strategy.num_replicas_in_sync > 1)
+        segmentor = make_segmentor(
+            sync_batchnorm=cfg.sync_batchnorm and strategy.num_replicas_in_sync > 1)
         try:
             if cfg.init_checkpoint:
                 adapt.load_init_checkpoint(segmentor, cfg.init_checkpoint)
