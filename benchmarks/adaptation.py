@@ -24,15 +24,18 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from uda_tf.data.sharding import write_json_atomic  # noqa: E402
 from uda_tf.demo import _step  # noqa: E402  (the demo's quiet subprocess runner)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_root", "/tmp/uda_adaptation", "Data, runs and MLflow store go here.")
 flags.DEFINE_list("methods", ["source_only", "grl", "adversarial"],
-                  "Methods to compare; the first is the baseline of the paired gains.")
+                  "Runs to compare, by label; the first is the baseline of the paired gains. A "
+                  "label is a registered method, or any name whose flagfile sets --method.")
 flags.DEFINE_list("configs", ["source_only=configs/demo.cfg", "grl=configs/demo.cfg",
-                              "adversarial=configs/adversarial_demo.cfg"],
-                  "method=flagfile pairs (relative to the repository) for each method's run.")
+                              "adversarial=configs/adversarial_demo.cfg",
+                              "source_only_augment=configs/source_only_augment_demo.cfg"],
+                  "label=flagfile pairs (relative to the repository) for each label's runs.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the data is the same for all).")
 flags.DEFINE_integer("subjects_per_domain", 20, "Phantom subjects per domain.", lower_bound=3)
 flags.DEFINE_string("split", "0.6,0.1,0.3", "Train/val/test fractions per domain: 20 subjects "
@@ -56,6 +59,18 @@ def _config_map(pairs):
             raise app.UsageError(f"--configs: {path} (for {method}) does not exist")
         out[method] = path
     return out
+
+
+def _method_of(label, flagfile):
+    """The registered method a label trains: the label itself, or the flagfile's --method."""
+    from uda_tf.methods import METHODS
+    if label in METHODS:
+        return label
+    for line in open(flagfile):
+        if line.startswith("--method="):
+            return line.strip().split("=", 1)[1]
+    raise app.UsageError(f"--methods: {label!r} is not a registered method and {flagfile} "
+                         "sets no --method")
 
 
 def _mean_std(values):
@@ -97,7 +112,8 @@ def main(argv):
     for method in FLAGS.methods:
         for seed in seeds:
             name = f"{method}_seed{seed}"
-            args = ["-m", "uda_tf.train", f"--flagfile={configs[method]}", f"--method={method}",
+            args = ["-m", "uda_tf.train", f"--flagfile={configs[method]}",
+                    f"--method={_method_of(method, configs[method])}",
                     f"--data_dir={prepared}", f"--output_dir={runs}", f"--run_name={name}",
                     "--source_domain=scanner_a", "--target_domain=scanner_b",
                     f"--mlflow_tracking_uri={tracking_uri}", "--mlflow_experiment=adaptation",
@@ -111,10 +127,7 @@ def main(argv):
                 print(f"=== {name}: reusing {result_path}", flush=True)
             else:
                 _step(f"train {name}", args)
-                tmp = key_path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(args, f)
-                os.replace(tmp, key_path)
+                write_json_atomic(key_path, args)
             with open(result_path) as f:
                 res = json.load(f)
             evals = res["evaluations"]
@@ -167,10 +180,7 @@ def main(argv):
            "split": FLAGS.split, "selection": "source validation Dice (no target labels)",
            "summary": summary, "runs": per_run, "wall_seconds": time.time() - start}
     os.makedirs(os.path.dirname(FLAGS.json_out), exist_ok=True)
-    tmp = FLAGS.json_out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, FLAGS.json_out)
+    write_json_atomic(FLAGS.json_out, out)
     print(f"\nwrote {FLAGS.json_out} ({time.time() - start:.0f} s)")
 
 
