@@ -57,6 +57,8 @@ def method_config(name: str) -> SimpleNamespace:
     values = train.resolved_flags()
     values.update(method=name, global_batch_size=FLAGS.batch, epochs=1000,
                   steps_per_epoch=FLAGS.steps)
+    if name == "minent" and not values["minent_weight"]:
+        values["minent_weight"] = 1e-3  # MinEnt alone needs a weight (configs/minent_demo.cfg)
     return SimpleNamespace(**values)
 
 
