@@ -1,6 +1,10 @@
 """Does adaptation beat source-only on the built-in scanner shift? Methods x seeds, one table.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/adaptation.py [--seeds=0,1,2]
+    # the same with strong augmentation, against the augmented baseline:
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/adaptation.py \
+        --methods=source_only_augment,grl_augment \
+        --json_out=benchmarks/results/adaptation_augment.json
 
 Generates the phantom (scanner_a labelled source -> scanner_b unlabelled target) once, then
 trains every method with every training seed through train.py as a user would, each run with
@@ -34,8 +38,12 @@ flags.DEFINE_list("methods", ["source_only", "grl", "adversarial"],
                   "label is a registered method, or any name whose flagfile sets --method.")
 flags.DEFINE_list("configs", ["source_only=configs/demo.cfg", "grl=configs/demo.cfg",
                               "adversarial=configs/adversarial_demo.cfg",
-                              "source_only_augment=configs/source_only_augment_demo.cfg"],
-                  "label=flagfile pairs (relative to the repository) for each label's runs.")
+                              "source_only_augment=configs/source_only_augment_demo.cfg",
+                              "grl_augment=configs/demo.cfg+--augment=full",
+                              "adversarial_augment=configs/adversarial_demo.cfg+--augment=full"],
+                  "label=flagfile pairs (relative to the repository) for each label's runs; "
+                  "flags after the flagfile, joined by '+', are added to that label's runs "
+                  "(grl_augment=configs/demo.cfg+--augment=full).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (the data is the same for all).")
 flags.DEFINE_integer("subjects_per_domain", 20, "Phantom subjects per domain.", lower_bound=3)
 flags.DEFINE_string("split", "0.6,0.1,0.3", "Train/val/test fractions per domain: 20 subjects "
@@ -49,15 +57,20 @@ flags.DEFINE_string("json_out", os.path.join(REPO, "benchmarks", "results", "ada
 
 
 def _config_map(pairs):
+    """{label: (flagfile path, [extra flags])} from --configs."""
     out = {}
     for pair in pairs:
-        method, sep, path = pair.partition("=")
+        method, sep, spec = pair.partition("=")
+        path, *extra = spec.split("+")
         if not sep or not path:
-            raise app.UsageError(f"--configs: {pair!r} is not method=flagfile")
+            raise app.UsageError(f"--configs: {pair!r} is not label=flagfile[+--flag=value...]")
         path = path if os.path.isabs(path) else os.path.join(REPO, path)
         if not os.path.isfile(path):
             raise app.UsageError(f"--configs: {path} (for {method}) does not exist")
-        out[method] = path
+        bad = [e for e in extra if not e.startswith("--")]
+        if bad:
+            raise app.UsageError(f"--configs: {bad} (for {method}) are not --flag=value")
+        out[method] = (path, extra)
     return out
 
 
@@ -112,12 +125,13 @@ def main(argv):
     for method in FLAGS.methods:
         for seed in seeds:
             name = f"{method}_seed{seed}"
-            args = ["-m", "uda_tf.train", f"--flagfile={configs[method]}",
-                    f"--method={_method_of(method, configs[method])}",
+            flagfile, extra = configs[method]
+            args = ["-m", "uda_tf.train", f"--flagfile={flagfile}",
+                    f"--method={_method_of(method, flagfile)}",
                     f"--data_dir={prepared}", f"--output_dir={runs}", f"--run_name={name}",
                     "--source_domain=scanner_a", "--target_domain=scanner_b",
                     f"--mlflow_tracking_uri={tracking_uri}", "--mlflow_experiment=adaptation",
-                    f"--seed={seed}", "--overwrite", *FLAGS.train_flag]
+                    f"--seed={seed}", "--overwrite", *extra, *FLAGS.train_flag]
             result_path = os.path.join(runs, name, "result.json")
             key_path = os.path.join(runs, name, "benchmark_args.json")
             reuse = (not FLAGS.rerun and os.path.isfile(result_path)
@@ -159,23 +173,25 @@ def main(argv):
     n_cases = per_run[f"{base}_seed{seeds[0]}"]["target_test_cases"]
     print(f"\n=== scanner_a -> scanner_b, {len(seeds)} seeds ({FLAGS.seeds}), target test Dice "
           f"(foreground mean over {n_cases} volumes); checkpoints chosen on source val Dice")
-    head = (f"{'method':<14}{'target Dice':>16}{'gain vs ' + base:>24}{'wins':>6}"
+    w = max(14, *(len(m) + 2 for m in FLAGS.methods))
+    head = (f"{'method':<{w}}{'target Dice':>16}{'gain vs ' + base:>24}{'wins':>6}"
             f"{'source Dice':>16}{'train s':>9}")
     print(head + "\n" + "-" * len(head))
     for method, e in summary.items():
         gain = _fmt(e[f"gain_over_{base}"]) if method != base else "-"
         wins = f"{e['wins']}/{len(seeds)}" if method != base else "-"
-        print(f"{method:<14}{_fmt(e['target_test_dice']):>16}{gain:>24}{wins:>6}"
+        print(f"{method:<{w}}{_fmt(e['target_test_dice']):>16}{gain:>24}{wins:>6}"
               f"{_fmt(e['source_test_dice']):>16}{e['train_seconds']['mean']:>9.0f}")
     print("\nper seed (target test Dice):")
     for method in FLAGS.methods:
         vals = " ".join(f"{per_run[f'{method}_seed{s}']['target_test_dice']:.3f}" for s in seeds)
-        print(f"  {method:<14}{vals}")
+        print(f"  {method:<{w}}{vals}")
 
     out = {"command": "PYTHONPATH=$PWD .venv/bin/python benchmarks/adaptation.py "
                       + " ".join(a for a in sys.argv[1:]),
            "seeds": seeds, "methods": FLAGS.methods,
-           "configs": {m: os.path.relpath(configs[m], REPO) for m in FLAGS.methods},
+           "configs": {m: " ".join([os.path.relpath(configs[m][0], REPO), *configs[m][1]])
+                       for m in FLAGS.methods},
            "train_flags": FLAGS.train_flag, "subjects_per_domain": FLAGS.subjects_per_domain,
            "split": FLAGS.split, "selection": "source validation Dice (no target labels)",
            "summary": summary, "runs": per_run, "wall_seconds": time.time() - start}
