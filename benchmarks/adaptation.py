@@ -174,13 +174,14 @@ def main(argv):
     print(f"\n=== scanner_a -> scanner_b, {len(seeds)} seeds ({FLAGS.seeds}), target test Dice "
           f"(foreground mean over {n_cases} volumes); checkpoints chosen on source val Dice")
     w = max(14, *(len(m) + 2 for m in FLAGS.methods))
-    head = (f"{'method':<{w}}{'target Dice':>16}{'gain vs ' + base:>24}{'wins':>6}"
+    gw = max(24, len(base) + 11)
+    head = (f"{'method':<{w}}{'target Dice':>16}{'gain vs ' + base:>{gw}}{'wins':>6}"
             f"{'source Dice':>16}{'train s':>9}")
     print(head + "\n" + "-" * len(head))
     for method, e in summary.items():
         gain = _fmt(e[f"gain_over_{base}"]) if method != base else "-"
         wins = f"{e['wins']}/{len(seeds)}" if method != base else "-"
-        print(f"{method:<{w}}{_fmt(e['target_test_dice']):>16}{gain:>24}{wins:>6}"
+        print(f"{method:<{w}}{_fmt(e['target_test_dice']):>16}{gain:>{gw}}{wins:>6}"
               f"{_fmt(e['source_test_dice']):>16}{e['train_seconds']['mean']:>9.0f}")
     print("\nper seed (target test Dice):")
     for method in FLAGS.methods:
