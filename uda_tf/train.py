@@ -477,7 +477,7 @@ def train(cfg: SimpleNamespace) -> dict:
             augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
             patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
             patches_per_volume=cfg.patches_per_volume,
-            num_workers=multiworker.num_workers(strategy),
+            num_workers=workers,
             labelled_target=(cfg.target_domain, target_labelled, labelled_per_batch(cfg))
             if target_labelled else None)
         return ds.skip(batches) if cfg.deterministic else ds
@@ -515,10 +515,13 @@ def train(cfg: SimpleNamespace) -> dict:
     # backups, criteria, guard): reading a distributed metric variable, as a backup does, is an
     # all-reduce that every worker must join. The other workers write into their temporary
     # run_dir; only the chief tracks in MLflow, exports and evaluates.
+    fit_args = dict(train_ds_after=train_ds_after, val_ds=val_ds, val_steps=val_steps,
+                    run_dir=run_dir, values=values, grad_norms=grad_norms,
+                    class_names=class_names,
+                    target_val_fn=target_val_dataset_fn(cfg, manifest, volumes, patch_size))
     if not chief:
         try:
-            fit_and_keep_best(cfg, model, train_ds_after, val_ds, val_steps, run_dir, values,
-                              grad_norms, manifest, volumes, patch_size, class_names)
+            fit_and_keep_best(cfg, model, **fit_args)
         finally:
             multiworker.cleanup_worker_dir(run_dir, strategy)
         return {"run_dir": None, "worker": True, "evaluations": {}}
@@ -539,9 +542,8 @@ def train(cfg: SimpleNamespace) -> dict:
     epoch_logger = tracking.MlflowEpochLogger(tracker)
     status = "FAILED"
     try:
-        checkpoint, train_seconds = fit_and_keep_best(
-            cfg, model, train_ds_after, val_ds, val_steps, run_dir, values, grad_norms,
-            manifest, volumes, patch_size, class_names, epoch_logger=epoch_logger)
+        checkpoint, train_seconds = fit_and_keep_best(cfg, model, **fit_args,
+                                                      epoch_logger=epoch_logger)
         ckpt_path = checkpoint.path
 
         # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
@@ -621,32 +623,36 @@ def train(cfg: SimpleNamespace) -> dict:
         tracker.finish(status)  # flushes; if MLflow is unreachable: <run_dir>/mlflow_unsent.json
 
 
-def fit_and_keep_best(cfg, model, train_ds_after, val_ds, val_steps, run_dir, values,
-                      grad_norms, manifest, volumes, patch_size, class_names,
-                      epoch_logger=None):
-    """Train with the run's callbacks: divergence guard, the method's own, checkpoint
-    selection (with the label-free target criteria), the MLflow epoch logger (chief only) and
-    full-state backups. Writes <run_dir>/checkpoints/. Returns (checkpoint callback, seconds)."""
+def target_val_dataset_fn(cfg, manifest, volumes, patch_size):
+    """What the label-free target criteria read each epoch (and oracle/val_dice when the user
+    has target labels): a function giving the target validation slices, or for 3D models the
+    target validation volumes cut into the model's patches; None when there are none or the
+    criteria are off. The checkpoint follows --select_on only."""
     from uda_tf.data import pipeline
+    target_val = cfg.target_domain is not None and bool(
+        manifest["domains"][cfg.target_domain]["cases"].get("val"))
+    if not target_val or not (cfg.target_criteria or cfg.select_on != "source_dice"):
+        return None
+    if volumes:
+        return lambda: pipeline.eval_patches(
+            cfg.data_dir, manifest, cfg.target_domain, "val", patch_size,
+            batch_size=cfg.global_batch_size, with_metadata=True)
+    return lambda: pipeline.eval_dataset(
+        cfg.data_dir, manifest, cfg.target_domain, "val", batch_size=cfg.global_batch_size,
+        with_metadata=True)
+
+
+def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir, values,
+                      grad_norms, class_names, target_val_fn, epoch_logger=None):
+    """Train with the run's callbacks: divergence guard, the method's own, checkpoint
+    selection (with the label-free target criteria on `target_val_fn`), the MLflow epoch
+    logger (chief only) and full-state backups. Every worker of a multi-worker run calls this
+    alike. Writes <run_dir>/checkpoints/. Returns (checkpoint callback, seconds)."""
     from uda_tf.training import guards, resume
     from uda_tf.training.selection import selection_callbacks
 
     ckpt_path = os.path.join(run_dir, "checkpoints", "best.weights.h5")
-    # Target validation images feed the label-free criteria (and oracle/val_dice when the
-    # user has target labels); the checkpoint follows --select_on only.
-    target_val = cfg.target_domain is not None and bool(
-        manifest["domains"][cfg.target_domain]["cases"].get("val"))
-    dataset_fn = None
-    if target_val and (cfg.target_criteria or cfg.select_on != "source_dice"):
-        if volumes:  # the model takes patches: target volumes cut into its input size
-            dataset_fn = lambda: pipeline.eval_patches(  # noqa: E731
-                cfg.data_dir, manifest, cfg.target_domain, "val", patch_size,
-                batch_size=cfg.global_batch_size, with_metadata=True)
-        else:
-            dataset_fn = lambda: pipeline.eval_dataset(  # noqa: E731
-                cfg.data_dir, manifest, cfg.target_domain, "val",
-                batch_size=cfg.global_batch_size, with_metadata=True)
-    selection = selection_callbacks(cfg.select_on, ckpt_path, dataset_fn=dataset_fn,
+    selection = selection_callbacks(cfg.select_on, ckpt_path, dataset_fn=target_val_fn,
                                     class_names=class_names)
     checkpoint = selection[-1]
     os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)

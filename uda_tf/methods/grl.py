@@ -29,7 +29,8 @@ OUTPUT_KEY = "probabilities"
 
 def feature_keys(segmentor, which: str) -> list[str]:
     """Segmentor outputs the domain classifier sees: the bottleneck alone, or every encoder
-    level (each skip connection's features) plus the bottleneck, or the class-probability output maps."""
+    level (each skip connection's features) plus the bottleneck, or the class-probability
+    output maps."""
     if which == "bottleneck":
         return ["features"]
     if which == "encoder":

@@ -12,10 +12,11 @@ def domain_classifier(feature_shapes, hidden=(128, 64), reduce_channels=16,
 
     `feature_shapes` is one feature-map shape, (H, W, C) or (H, W, D, C), or a list of them
     (several encoder levels, finest first); each map is average-pooled to the coarsest
-    resolution and reduced by a 1x1 convolution (2D or 3D after the shapes), then the concatenation goes through dense layers, as in the GRL entry of
-    crossMoDA 2021 (features -> three dense layers -> logit). Flattening rather than global
-    pooling matters: with instance normalisation every channel's spatial mean is nearly fixed,
-    so a pooled head cannot tell domains apart. Several levels matter for U-Nets: skip
+    resolution and reduced by a 1x1 convolution (2D or 3D after the shapes), then the
+    concatenation goes through dense layers, as in the GRL entry of crossMoDA 2021 (features
+    -> three dense layers -> logit). Flattening rather than global pooling matters: with
+    instance normalisation every channel's spatial mean is nearly fixed, so a pooled head
+    cannot tell domains apart. Several levels matter for U-Nets: skip
     connections carry early, most domain-specific features (Shirokikh et al. 2020) around the
     bottleneck to the decoder.
     """
@@ -93,8 +94,8 @@ def feature_discriminator(feature_shape, *, filters=(64, 64, 64), hidden=(64,), 
 
 def entropy_discriminator(map_shape, *, filters=(16, 32, 64, 64, 64), hidden=(512, 64),
                           patch=False, name="entropy_disc") -> keras.Model:
-    """Entropy map [H, W(, D), 1] -> domain logit: 5 strided conv + ReLU, dense 512, dense 64, logit
-    (the entropy-map discriminator of Zeng et al., MICCAI 2020, after AdvEnt, Vu et al., CVPR
+    """Entropy map [H, W(, D), 1] -> domain logit: 5 strided conv + ReLU, dense 512, dense 64,
+    logit (the entropy-map discriminator of Zeng et al., MICCAI 2020, after AdvEnt, Vu et al., CVPR
     2019). With `patch`, a 3x3 convolution replaces the dense layers (AdvEnt's fully
     convolutional discriminator) and the output is a logit map at 1/32 resolution."""
     if len(filters) != 5:
@@ -106,8 +107,9 @@ def entropy_discriminator(map_shape, *, filters=(16, 32, 64, 64, 64), hidden=(51
 
 def output_domain_classifier(output_shape, *, filters=(16, 32, 64, 64), hidden=(64,),
                              name="output_classifier") -> keras.Model:
-    """Class-probability maps [H, W(, D), C] -> domain logit: strided conv + ReLU, dense, logit (the CNN domain
-    classifier on segmentation outputs of Javanmardi & Tasdizen, ISBI 2018)."""
+    """Class-probability maps [H, W(, D), C] -> domain logit: strided conv + ReLU, dense,
+    logit (the CNN domain classifier on segmentation outputs of Javanmardi & Tasdizen, ISBI
+    2018)."""
     inp, rank = _spatial_input(output_shape, "probabilities", "output domain classifier")
     x = _conv_stack(inp, filters, f"{name}_", rank)
     return keras.Model(inp, _head(x, hidden, False, f"{name}_", rank), name=name)
