@@ -83,7 +83,9 @@ def input_fingerprint(listing: layouts.Listing, cases, workers: int, problems=()
         digests = dict(zip(paths, pool.map(sharding.file_sha256, paths)))
     items = [
         [c.case_id, c.domain, digests[c.image_path], c.label_path and digests[c.label_path]]
-        + ([digests[c.mask_path], c.binarize_label] if c.mask_path or c.binarize_label else [])
+        # A binarized label without a mask (CC-359, STARE) has no mask digest: None stands in.
+        + ([c.mask_path and digests[c.mask_path], c.binarize_label]
+           if c.mask_path or c.binarize_label else [])
         for c in cases
     ]
     items += [[p.case_id, p.domain, "problem", p.reason] for p in problems]
