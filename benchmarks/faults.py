@@ -284,6 +284,145 @@ def full_output_dir(work, data):
             subprocess.run(["umount", mnt], capture_output=True)
 
 
+def escaping_names(work, data):
+    """Run and model names that try to leave their folder, with --overwrite on a victim."""
+    victim = os.path.join(work, "victim")
+    os.makedirs(victim, exist_ok=True)
+    precious = os.path.join(victim, "precious.txt")
+    with open(precious, "w") as f:
+        f.write("a user's file")
+    out = os.path.join(work, "runs_escape")
+    tries = {
+        "--run_name=../victim": run(train_args(data, out, "../victim", "--overwrite")),
+        "--run_name=<abs path>": run(train_args(data, out, victim, "--overwrite")),
+        "uda-export --model_name=../../x": run(
+            [PY, "-m", "uda_tf.export",
+             f"--checkpoint={os.path.join(work, 'runs', 'reference', 'checkpoints', 'best.weights.h5')}",
+             f"--export_dir={os.path.join(work, 'export_escape')}", "--model_name=../../x"]),
+    }
+    refused = {k: p.returncode != 0 and k.split("=")[0].split()[-1] in p.stderr
+               for k, p in tries.items()}
+    intact = os.path.isfile(precious) and open(precious).read() == "a user's file"
+    escaped = os.path.exists(os.path.join(work, "x"))
+    return {"survived": all(refused.values()) and intact and not escaped,
+            "data_lost": "none" if intact and not escaped else "victim touched",
+            "detail": "; ".join(f"{k}: {'refused' if ok else 'NOT refused'}"
+                                for k, ok in refused.items())
+            + f"; victim intact: {intact}; " + last_line(tries["--run_name=../victim"].stderr)}
+
+
+def concurrent_prepares(work, raw):
+    """Two prepares into one output directory at once: one writes, the other is refused."""
+    out = os.path.join(work, "prep_concurrent")
+    args = [PY, "-m", "uda_tf.prepare", "--layout=msd", f"--input_dir={raw}",
+            f"--output_dir={out}", "--size=16,24", "--records_per_shard=2", "--workers=1",
+            "--noprogress"]
+    first = subprocess.Popen(args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = os.path.join(out, ".uda_tf.lock")
+    deadline = time.time() + 120
+    while first.poll() is None and not os.path.exists(lock) and time.time() < deadline:
+        time.sleep(0.005)
+    overlapped = first.poll() is None
+    second = run(args)
+    first_out, first_err = first.communicate(timeout=600)
+    sys.path.insert(0, ROOT)
+    from uda_tf.data.integrity import verify_shards
+    from uda_tf.data.manifest import load_manifest
+    try:
+        verify_shards(load_manifest(out), out)
+        consistent = True
+    except Exception as e:  # noqa: BLE001  (reported as the row's detail)
+        consistent, first_err = False, f"{first_err}\n{type(e).__name__}: {e}"
+    refused = second.returncode != 0 and "being written by" in second.stderr
+    return {"survived": overlapped and first.returncode == 0 and refused and consistent,
+            "data_lost": "none (manifest matches its shards)" if consistent
+            else "manifest disagrees with shards",
+            "detail": ("" if overlapped else "first finished before the second started; ")
+            + f"second: {last_line(second.stderr)}"}
+
+
+def partial_validation_batch(work, raw, replicas):
+    """Validation whose last batch has fewer samples than replicas (e.g. 9 slices, batch 8)."""
+    sys.path.insert(0, ROOT)
+    from uda_tf.data.manifest import load_manifest
+    data = os.path.join(work, "prepared")
+    manifest = load_manifest(data)
+    val = sum(s["records"] for s in manifest["shards"]
+              if s["domain"] == "dom_a" and s["split"] == "val")
+    # A global batch that leaves replicas - 1 samples for the last validation batch: fewer
+    # than there are replicas (what crashed with 2 replicas, batch 8, 9 slices).
+    batch = val - (replicas - 1)
+    assert batch > replicas - 1, f"{val} validation slices are too few for this fault"
+    out = os.path.join(work, f"runs_partial{replicas}")
+    args = [a for a in train_args(data, out, "partial") if not a.startswith(
+        ("--global_batch_size", "--steps_per_epoch", "--epochs"))]
+    proc = run(args + [f"--global_batch_size={batch}", f"--num_cpu_devices={replicas}",
+                       "--epochs=1", "--steps_per_epoch=2"])
+    ok = proc.returncode == 0
+    result = json.load(open(os.path.join(out, "partial", "result.json"))) if ok else {}
+    return {"survived": ok, "data_lost": "none" if ok else "run failed",
+            "detail": (f"{val} val slices, batch {batch}, last batch {val % batch} on "
+                       f"{replicas} replicas: val_dice={result.get('best_val_dice')}")
+            if ok else last_line(proc.stderr)}
+
+
+def memory_bomb(work):
+    """A ~90-byte .nii.gz holding only a header that claims 1000x1000x500 float32 (2 GB), and a
+    ~1 MB .nii.gz that really inflates to 600^3 float32 (864 MB): both refused by prepare
+    before the voxels are allocated (--max_voxels), with the peak memory of the prepare
+    process measured."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+    rows = []
+    peak = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_RSS_KB', "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+            "sys.argv[0] = 'prepare'; runpy.run_module('uda_tf.prepare', run_name='__main__')")
+    for name, shape, with_data in (("header only", (1000, 1000, 500), False),
+                                   ("gzip bomb", (600, 600, 600), True)):
+        root = os.path.join(work, "bomb_" + name.split()[0])
+        for sub in ("imagesTr", "labelsTr"):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+        header = nib.Nifti1Header()
+        header.set_data_shape(shape)
+        header.set_data_dtype(np.float32)
+        header.set_qform(np.eye(4), 1)
+        header.set_sform(np.eye(4), 1)
+        image = os.path.join(root, "imagesTr", "bomb_0000.nii.gz")
+        with gzip.open(image, "wb", compresslevel=9) as f:
+            f.write(header.binaryblock + b"\0" * 4)  # header + empty extension flag
+            left = int(np.prod(shape)) * 4 if with_data else 0
+            zeros = b"\0" * (1 << 24)
+            while left > 0:
+                f.write(zeros[: min(left, len(zeros))])
+                left -= len(zeros)
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)),
+                 os.path.join(root, "labelsTr", "bomb.nii.gz"))
+        with open(os.path.join(root, "dataset.json"), "w") as f:
+            json.dump({"name": "bomb", "labels": {"background": 0, "x": 1},
+                       "channel_names": {"0": "T1"}, "file_ending": ".nii.gz"}, f)
+        proc = run([PY, "-c", peak, "--layout=msd", f"--input_dir={root}",
+                    f"--output_dir={root}_out", "--workers=1", "--noprogress"])
+        kb = [int(line.split()[1]) for line in proc.stderr.splitlines()
+              if line.startswith("PEAK_RSS_KB")]
+        message = [line for line in proc.stderr.splitlines() if "error" in line]
+        rows.append({"case": name, "file_bytes": os.path.getsize(image),
+                     "claimed_bytes": int(np.prod(shape)) * 4,
+                     "refused": proc.returncode != 0 and "bomb_0000" in proc.stderr
+                     and "Traceback" not in proc.stderr,
+                     "peak_rss_mb": round(kb[0] / 1024, 1) if kb else None,
+                     "message": message[-1][:300] if message else last_line(proc.stderr)})
+    survived = all(r["refused"] and r["peak_rss_mb"] is not None
+                   and r["peak_rss_mb"] * 2**20 < r["claimed_bytes"] / 2 for r in rows)
+    return {"survived": survived, "data_lost": "none (refused before reading voxels)",
+            "detail": "; ".join(f"{r['case']} ({r['file_bytes']} B claiming "
+                                f"{r['claimed_bytes'] / 1e9:.2f} GB): "
+                                f"{'refused' if r['refused'] else 'NOT refused'}, peak RSS "
+                                f"{r['peak_rss_mb']} MB: {r['message'][:100]}" for r in rows),
+            "cases": rows}
+
 def main():
     work = tempfile.mkdtemp(prefix="uda_faults_")
     sys.path.insert(0, ROOT)
@@ -307,6 +446,11 @@ def main():
         "NaN injected into a batch": lambda: nan_batch(work),
         "corrupted shard": lambda: corrupted_shard(work, data),
         "full output directory": lambda: full_output_dir(work, data),
+        "path-escaping run/model name": lambda: escaping_names(work, data),
+        "concurrent prepares": lambda: concurrent_prepares(work, raw),
+        "partial val batch, 2 replicas": lambda: partial_validation_batch(work, raw, 2),
+        "partial val batch, 3 replicas": lambda: partial_validation_batch(work, raw, 3),
+        "memory-bomb NIfTI headers": lambda: memory_bomb(work),
     }
     # --only=<words>: rerun the faults whose name contains them; other rows of an earlier
     # JSON are kept.
