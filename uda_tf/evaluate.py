@@ -407,14 +407,15 @@ def main(argv):
         # ModelInputError, clashing case files; OSError: missing files.
         raise SystemExit(f"evaluate: error: {e}") from e
     except Exception as e:  # noqa: BLE001
-        import tensorflow as tf
-        if not isinstance(e, tf.errors.OpError):
+        tf = sys.modules.get("tensorflow")  # not loaded: it cannot be a TensorFlow error
+        if tf is None or not isinstance(e, tf.errors.OpError):
             raise
-        # A shard damaged in a way its sha256 cannot show (--nocheck_shards, or changed
-        # between check and read) surfaces as DataLossError from the reader.
-        raise SystemExit(f"evaluate: error: reading {FLAGS.data_dir or FLAGS.predictions} "
-                         f"failed: {type(e).__name__}: {(e.message or str(e)).splitlines()[0]}"
-                         ) from e
+        # E.g. a shard damaged after the sha256 check or with --nocheck_shards: DataLossError
+        # from the reader, naming no file but the op.
+        raise SystemExit(f"evaluate: error: TensorFlow {type(e).__name__} while evaluating "
+                         f"{FLAGS.model or FLAGS.predictions} on "
+                         f"{FLAGS.data_dir or FLAGS.labels}: "
+                         f"{(e.message or str(e)).splitlines()[0]}") from e
     _print_summary(summary, FLAGS.output_dir)
 
 

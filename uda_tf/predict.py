@@ -437,6 +437,13 @@ def main(argv):
         # ValueError: NiftiError, LayoutError, bad names, a model that does not fit the data;
         # OSError: missing files, a full disk; RuntimeError: OutputLockedError.
         raise SystemExit(f"predict: error: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        tf = sys.modules.get("tensorflow")  # not loaded: it cannot be a TensorFlow error
+        if tf is None or not isinstance(e, tf.errors.OpError):
+            raise
+        raise SystemExit(f"predict: error: TensorFlow {type(e).__name__} while predicting "
+                         f"with --model={FLAGS.model}: {(e.message or str(e)).splitlines()[0]}"
+                         ) from e
     print(f"wrote {len(cases)} prediction(s) to {FLAGS.output_dir}")
 
 
