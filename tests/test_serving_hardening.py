@@ -345,7 +345,8 @@ def test_model_input_that_does_not_fit_the_data_is_named(models, tiny_prepared):
     # A 2D slice model given 3D records (sliding window over volumes): refused at load.
     volumes = dict(manifest, image_shape=[16, 24, 8, 1],
                    output={**manifest["output"], "records": "volumes"})
-    with pytest.raises(ValueError, match=r"--model=.* takes input \[16, 24, 1\].*\[16, 24, 8, 1\].*2D"):
+    with pytest.raises(ValueError,
+                       match=r"--model=.* takes input \[16, 24, 1\].*\[16, 24, 8, 1\].*2D"):
         load_predictor(models["16x24"], manifest=volumes)
     with pytest.raises(ValueError, match=r"1 channel\(s\), the data have 3"):
         load_predictor(models["16x24"], manifest=dict(manifest, image_shape=[16, 24, 3]))

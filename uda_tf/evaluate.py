@@ -368,8 +368,9 @@ def main(argv):
     prepared = [f for f in ("data_dir", "domain", "model") if FLAGS[f].value]
     nifti = [f for f in ("predictions", "labels") if FLAGS[f].value]
     if bool(prepared) == bool(nifti) or (prepared and len(prepared) < 3) or len(nifti) == 1:
-        raise SystemExit("evaluate: error: pass either --data_dir, --domain and --model (a model on a "
-                         "prepared split) or --predictions and --labels (NIfTI directories)")
+        raise SystemExit("evaluate: error: pass either --data_dir, --domain and --model (a "
+                         "model on a prepared split) or --predictions and --labels (NIfTI "
+                         "directories)")
     if bool(FLAGS.mlflow_run_id) and not FLAGS.mlflow_tracking_uri:
         raise SystemExit("evaluate: error: --mlflow_run_id needs --mlflow_tracking_uri")
     options = {"tolerance_mm": FLAGS.tolerance_mm, "convention": FLAGS.distance_convention,

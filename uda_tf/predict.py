@@ -251,7 +251,7 @@ class OutputWouldReplaceInputError(ValueError):
 
 
 def protected_paths(cases, layout: str | None = None, input_dir: str | None = None
-                    ) -> tuple[dict[str, str], dict[str, str]]:
+                    ) -> tuple[dict[str, tuple[str, bool]], dict[str, str]]:
     """({folder: (why, nested)}, {file: why}) that predictions must not be written into or
     over. Folders: those of the input scans; with `layout`/`input_dir`, those of every label
     and mask the layout lists and the dataset's imagesTr/imagesTs/labelsTr/labelsTs; for scans
@@ -317,8 +317,9 @@ def check_outputs(targets, output_dir: str, protected, *,
                   overwrite_input_files: bool = False) -> None:
     """Refuses, before anything is predicted, an --output_dir that is a folder of inputs or
     labels (or lies inside one, see `protected_paths`), and an output file that would replace
-    an input file, unless `overwrite_input_files`. Existing files of an ordinary output folder (an earlier predict
-    of the same cases) are replaced, as a rerun is expected to; each atomically."""
+    an input file, unless `overwrite_input_files`. Existing files of an ordinary output
+    folder (an earlier predict of the same cases) are replaced, as a rerun is expected to;
+    each atomically."""
     if overwrite_input_files:
         return
     folders, files = protected
