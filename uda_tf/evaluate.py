@@ -225,7 +225,11 @@ def _nifti_cases(directory: str, flag: str) -> dict[str, str]:
         case = case_id_of(name)
         if case.endswith(MAP_SUFFIXES):
             continue
-        found[case] = os.path.join(directory, name)
+        path = os.path.join(directory, name)
+        if case in found:  # x.nii.gz and x_0000.nii.gz, or x.nii and x.nii.gz
+            raise ValueError(f"{flag}={directory}: {found[case]} and {path} are both case "
+                             f"{case!r}; keep one (which one to score is not guessed)")
+        found[case] = path
     if not found:
         raise FileNotFoundError(f"{flag}={directory} holds no .nii/.nii.gz files")
     return found
@@ -302,11 +306,39 @@ def log_to_mlflow(output_dir: str, run_id: str, tracking_uri: str,
 
 
 # -- command line ---------------------------------------------------------------------------
-def saved_model_predictor(path: str, *, tta: bool = False):
-    """predict_fn of a SavedModel: prepared slices -> {"labels", "entropy"}."""
+def verify_split_shards(manifest: dict, data_dir: str, domain: str, split: str) -> int:
+    """sha256 of the shards evaluate reads (`domain`/`split`) against the manifest
+    (`integrity.verify_shards`, as train checks its domains); ShardCorruptedError names the
+    shard. Returns the number checked."""
+    from uda_tf.data.integrity import verify_shards
+    mine = [s for s in manifest["shards"] if s["domain"] == domain and s["split"] == split]
+    return verify_shards({**manifest, "shards": mine}, data_dir)
+
+
+def saved_model_predictor(path: str, *, tta: bool = False, manifest: dict | None = None,
+                          data: str = "the prepared data"):
+    """predict_fn of a SavedModel: prepared slices -> {"labels", "entropy"}; for 3D records
+    (whole volumes) a Gaussian sliding window over patches of the model's input size.
+
+    With `manifest`, the model's `image` input is checked against the records first (a
+    ModelInputError naming both shapes, not a TensorFlow error in the first batch)."""
     from uda_tf import inference
-    from uda_tf.export import load_serving_fn
-    fn = inference.saved_model_fn(load_serving_fn(path))
+    from uda_tf.export import image_input_shape, load_serving_fn
+    serving = load_serving_fn(path)
+    model_shape = image_input_shape(serving, path)[1:]
+    fn = inference.saved_model_fn(serving)
+    volumes = manifest is not None and \
+        manifest.get("output", {}).get("records", "slices") == "volumes"
+    if manifest is not None:
+        inference.check_model_input(model_shape, manifest["image_shape"], model=f"--model={path}",
+                                    data=f"{data} (image_shape)", patches=volumes)
+    if volumes:
+        if None in model_shape[:3]:
+            raise inference.ModelInputError(
+                f"--model={path} takes patches of any size ({model_shape}); evaluate needs a "
+                "model exported with a fixed patch size for its sliding window")
+        fn = inference.flip_tta(fn, (1, 2, 3)) if tta else fn
+        return inference.volume_predict_fn(fn, model_shape[:3])
     fn = inference.flip_tta(fn, (1, 2)) if tta else fn
 
     def predict(images):
@@ -331,15 +363,16 @@ def main(argv):
     from absl import flags, logging
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise SystemExit(f"evaluate: unexpected arguments: {' '.join(argv[1:])}")
+        raise SystemExit(f"evaluate: error: unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     prepared = [f for f in ("data_dir", "domain", "model") if FLAGS[f].value]
     nifti = [f for f in ("predictions", "labels") if FLAGS[f].value]
     if bool(prepared) == bool(nifti) or (prepared and len(prepared) < 3) or len(nifti) == 1:
-        raise SystemExit("evaluate: pass either --data_dir, --domain and --model (a model on a "
-                         "prepared split) or --predictions and --labels (NIfTI directories)")
+        raise SystemExit("evaluate: error: pass either --data_dir, --domain and --model (a "
+                         "model on a prepared split) or --predictions and --labels (NIfTI "
+                         "directories)")
     if bool(FLAGS.mlflow_run_id) and not FLAGS.mlflow_tracking_uri:
-        raise SystemExit("evaluate: --mlflow_run_id needs --mlflow_tracking_uri")
+        raise SystemExit("evaluate: error: --mlflow_run_id needs --mlflow_tracking_uri")
     options = {"tolerance_mm": FLAGS.tolerance_mm, "convention": FLAGS.distance_convention,
                "cap_mm": FLAGS.distance_cap_mm or None, "figures": FLAGS.figures,
                "oracle": FLAGS.oracle}
@@ -352,9 +385,13 @@ def main(argv):
                                  f"domains there: {sorted(manifest['domains'])}")
             if not os.path.isfile(os.path.join(FLAGS.model, "saved_model.pb")):
                 raise ValueError(f"--model={FLAGS.model!r}: no SavedModel directory there")
-            summary = evaluate_model(saved_model_predictor(FLAGS.model, tta=FLAGS.tta),
-                                     FLAGS.data_dir, manifest, FLAGS.domain, FLAGS.split,
-                                     FLAGS.output_dir, batch_size=FLAGS.batch_size, **options)
+            if FLAGS.check_shards:
+                verify_split_shards(manifest, FLAGS.data_dir, FLAGS.domain, FLAGS.split)
+            predict_fn = saved_model_predictor(FLAGS.model, tta=FLAGS.tta, manifest=manifest,
+                                               data=f"--data_dir={FLAGS.data_dir}")
+            summary = evaluate_model(predict_fn, FLAGS.data_dir, manifest, FLAGS.domain,
+                                     FLAGS.split, FLAGS.output_dir, batch_size=FLAGS.batch_size,
+                                     **options)
         else:
             names = None
             if FLAGS.manifest:
@@ -366,8 +403,20 @@ def main(argv):
         if FLAGS.mlflow_run_id:
             log_to_mlflow(FLAGS.output_dir, FLAGS.mlflow_run_id, FLAGS.mlflow_tracking_uri,
                           FLAGS.mlflow_artifact_path)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
+        # ValueError: bad flags, manifests, ShardCorruptedError, SignatureError,
+        # ModelInputError, clashing case files; OSError: missing files.
         raise SystemExit(f"evaluate: error: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        tf = sys.modules.get("tensorflow")  # not loaded: it cannot be a TensorFlow error
+        if tf is None or not isinstance(e, tf.errors.OpError):
+            raise
+        # E.g. a shard damaged after the sha256 check or with --nocheck_shards: DataLossError
+        # from the reader, naming no file but the op.
+        raise SystemExit(f"evaluate: error: TensorFlow {type(e).__name__} while evaluating "
+                         f"{FLAGS.model or FLAGS.predictions} on "
+                         f"{FLAGS.data_dir or FLAGS.labels}: "
+                         f"{(e.message or str(e)).splitlines()[0]}") from e
     _print_summary(summary, FLAGS.output_dir)
 
 
@@ -379,6 +428,9 @@ def define_flags():
     flags.DEFINE_string("model", None, "SavedModel directory (<name>/<version>).")
     flags.DEFINE_integer("batch_size", 32, "Slices per model call.", lower_bound=1)
     flags.DEFINE_bool("tta", False, "Average the model over flips (test-time augmentation).")
+    flags.DEFINE_bool("check_shards", True, "Check the sha256 of every shard of --domain/"
+                      "--split against the manifest before evaluating (as train does); a "
+                      "damaged shard is named instead of failing mid-run.")
     flags.DEFINE_string("predictions", None, "Directory of NIfTI predictions <case>.nii.gz "
                         "(python -m uda_tf.predict).")
     flags.DEFINE_string("labels", None, "Directory of NIfTI labels <case>.nii.gz on the same "

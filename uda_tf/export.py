@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from uda_tf.files import OutputLock, check_name
 from uda_tf.losses import entropy_map
 from uda_tf.models.heads import class_probabilities
 
@@ -121,6 +122,24 @@ def write_warmup_requests(path: str, model_name: str, requests) -> int:
     return count
 
 
+def check_export_target(export_root: str, model_name: str, *,
+                        root_flag: str = "--export_dir", name_flag: str = "--model_name") -> str:
+    """`<export_root>/<model_name>` if a version can be written there, else a named error.
+
+    Checked before anything is written: the name must be one plain path component (a `/` or
+    `..` would put the SavedModel outside the export root), and neither the root nor the model
+    directory may be an existing file."""
+    check_name(model_name, name_flag, what="model name")
+    if os.path.exists(export_root) and not os.path.isdir(export_root):
+        raise NotADirectoryError(f"{root_flag}={export_root} is a file, not a directory; the "
+                                 "SavedModel goes to <export_dir>/<model_name>/<version>/")
+    model_dir = os.path.join(export_root, model_name)
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise NotADirectoryError(f"{name_flag}={model_name}: {model_dir} is a file, not a model "
+                                 "directory of versions")
+    return model_dir
+
+
 def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                      version: int | None = None, *, manifest: dict | None = None,
                      warmup_batch_sizes=SERVING_BATCH_SIZES) -> str:
@@ -128,12 +147,24 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
 
     With `manifest` (the prepared dataset's), also exports `serving_raw` and puts the manifest
     and label names into assets.extra/. Warm-up requests cover every signature at each of
-    `warmup_batch_sizes` (the server's allowed batch sizes)."""
-    model_dir = os.path.join(export_root, model_name)
+    `warmup_batch_sizes` (the server's allowed batch sizes).
+
+    One export at a time per model directory: `OutputLock(<export_root>/<model_name>)` is held
+    from choosing the version to the rename, so two exports never take the same number, and an
+    existing version is never written over. TF Serving ignores the lock file and the hidden
+    `.<version>.partial` directory (it loads only children with integer names)."""
+    model_dir = check_export_target(export_root, model_name)
+    with OutputLock(model_dir, "export"):
+        return _write_version(segmentor, model_dir, model_name, version, manifest,
+                              warmup_batch_sizes)
+
+
+def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_batch_sizes):
     version = next_version(model_dir) if version is None else int(version)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
-        raise FileExistsError(f"export version already exists: {final}")
+        raise FileExistsError(f"export version already exists: {final}; it is kept (choose "
+                              "another --version, or leave --version out for the next free one)")
     shape = tuple(segmentor.input_shape[1:])
     normalization = None
     if manifest is not None:
@@ -144,7 +175,6 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                              f"segmentor's input shape {list(shape)}")
         normalization = manifest["preprocessing"]["normalization"]
         raw_names = raw_input_names(normalization)  # fails early on an unknown normalization
-    os.makedirs(model_dir, exist_ok=True)
     tmp = os.path.join(model_dir, f".{version}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -186,6 +216,11 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                 os.path.join(extra, WARMUP_FILE), model_name,
                 [(sig, warmup_inputs(sig, shape, normalization, n))
                  for sig in signatures for n in sizes])
+        # rename(2) replaces an empty directory silently: check again right before it.
+        if os.path.lexists(final):
+            raise FileExistsError(f"export version already exists: {final} (created while "
+                                  "this export ran, by something that ignores the lock); "
+                                  "it is kept")
         os.replace(tmp, final)
     except (OSError, tf.errors.OpError) as e:  # a full disk surfaces as either
         kept = [os.path.join(model_dir, d) for d in sorted(os.listdir(model_dir))
@@ -197,15 +232,42 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
     return final
 
 
-def load_serving_fn(path: str, signature: str = SERVING_DEFAULT):
-    """One signature of a SavedModel, as a callable taking keyword tensors -> dict."""
+class SignatureError(ValueError):
+    """A SavedModel lacks the signature (or the `image` input) uda_tf calls."""
+
+
+def load_serving_fn(path: str, signature: str = SERVING_DEFAULT, flag: str = "--model"):
+    """One signature of a SavedModel, as a callable taking keyword tensors -> dict.
+
+    A SavedModel saved without signatures (`tf.saved_model.save` of a tf.Module) or under
+    other names is a SignatureError listing the ones it has, not a KeyError."""
     loaded = tf.saved_model.load(path)
     if signature not in loaded.signatures:
-        raise KeyError(f"SavedModel {path} has no signature {signature!r}; it has "
-                       f"{sorted(loaded.signatures)}")
+        has = sorted(loaded.signatures)
+        raise SignatureError(
+            f"{flag}={path}: the SavedModel has no signature {signature!r}; it has "
+            f"{has if has else 'no signatures at all'} (uda-export writes {SERVING_DEFAULT!r} "
+            "taking 'image' [N, H, W, C] float32 and returning 'probabilities')")
     fn = loaded.signatures[signature]
     fn._loaded = loaded  # keep the object (and its variables) alive with the function
     return fn
+
+
+def image_input_shape(fn, path: str, flag: str = "--model") -> list:
+    """[None, H, W, C] (or [None, h, w, d, C]) of the signature's `image` input, with None for
+    sizes it leaves open; a SignatureError when it takes no `image` or returns no
+    `probabilities`."""
+    _, inputs = fn.structured_input_signature
+    spec = inputs.get("image")
+    if spec is None:
+        raise SignatureError(f"{flag}={path}: its {SERVING_DEFAULT!r} signature takes "
+                             f"{sorted(inputs)}, not 'image' (uda-export's input)")
+    outputs = fn.structured_outputs
+    if not isinstance(outputs, dict) or "probabilities" not in outputs:
+        raise SignatureError(f"{flag}={path}: its {SERVING_DEFAULT!r} signature returns "
+                             f"{sorted(outputs) if isinstance(outputs, dict) else outputs}, "
+                             "not 'probabilities' (uda-export's output)")
+    return spec.shape.as_list()
 
 
 def read_flagfile(path: str) -> dict[str, str]:
@@ -265,12 +327,16 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
         raise FileNotFoundError(
             f"no manifest.json for {weights}: looked in {[c for c in candidates if c]}; pass "
             "--manifest=<prepared dir or manifest.json>")
+    # Where it goes is checked before the (slow) model build, and before anything is written.
+    root_flag = "--export_dir" if export_root else "--export_dir (default <run_dir>/export)"
+    name_flag = "--model_name" if model_name else f"--model_name of {flags_path}"
+    export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
+    model_name = model_name or values.get("model_name") or "uda_segmentor"
+    check_export_target(export_root, model_name, root_flag=root_flag, name_flag=name_flag)
     from uda_tf.safe_load import check_weights_file
     check_weights_file(weights, "--checkpoint")
     segmentor = segmentor_from_flags(values, manifest)
     segmentor.load_weights(weights)
-    export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
-    model_name = model_name or values.get("model_name") or "uda_segmentor"
     return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest,
                             warmup_batch_sizes=warmup_batch_sizes)
 
@@ -291,16 +357,20 @@ def define_flags():
 
 def main(argv):
     from absl import flags, logging
+
+    from uda_tf.files import OutputLockedError
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise SystemExit(f"export: error: unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # the SavedModel writer logs every file at INFO
     try:
         path = export_checkpoint(FLAGS.checkpoint, FLAGS.export_dir, FLAGS.model_name,
                                  FLAGS.version, FLAGS.manifest)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"export failed: {e}") from e
-    loaded = tf.saved_model.load(path)
+        loaded = tf.saved_model.load(path)
+    except (ValueError, OSError, OutputLockedError, tf.errors.OpError) as e:
+        # ValueError: bad names, flags, manifests, weights that do not fit; OSError: missing or
+        # clashing files, a full disk; OutputLockedError: another export of the same model.
+        raise SystemExit(f"export: error: {e}") from e
     print(f"SavedModel: {path}")
     print(f"signatures: {', '.join(sorted(loaded.signatures))}")
 

@@ -19,6 +19,44 @@ import math
 import numpy as np
 
 
+class ModelInputError(ValueError):
+    """The model's input does not fit the data it would be given."""
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("any" if d is None else str(d) for d in shape) + "]"
+
+
+def check_model_input(model_shape, data_shape, *, model: str, data: str,
+                      patches: bool = False) -> None:
+    """ModelInputError naming `model`, `data` and both shapes unless the model's input (without
+    the batch axis, None = any size) takes the data's elements: slices [H, W, C] exactly, or
+    with `patches` (sliding window over volumes [H, W, D, C]) the same rank and channels, the
+    patch size being free.
+
+    Checked before anything is predicted: otherwise a mismatch surfaces inside the model call
+    as a TensorFlow error naming neither the model nor the data."""
+    model_shape, data_shape = list(model_shape), list(data_shape)
+    problem = None
+    if len(model_shape) != len(data_shape):
+        kinds = {3: "2D slices [H, W, C]", 4: "3D patches [h, w, d, C]"}
+        problem = (f"the model takes {kinds.get(len(model_shape), f'rank {len(model_shape)}')}"
+                   f", the data are {kinds.get(len(data_shape), f'rank {len(data_shape)}')}")
+    elif None not in (model_shape[-1], data_shape[-1]) and model_shape[-1] != data_shape[-1]:
+        problem = (f"the model takes {model_shape[-1]} channel(s), the data have "
+                   f"{data_shape[-1]}")
+    elif not patches:
+        wrong = [i for i, (m, d) in enumerate(zip(model_shape[:-1], data_shape[:-1]))
+                 if None not in (m, d) and m != d]
+        if wrong:
+            problem = (f"sizes differ along axis {', '.join(map(str, wrong))} (the model was "
+                       "exported with a fixed input size)")
+    if problem:
+        raise ModelInputError(f"{model} takes input {_shape_text(model_shape)} but {data} "
+                              f"gives {_shape_text(data_shape)}: {problem}. Use the model "
+                              "trained on this prepared data (or its --manifest).")
+
+
 def saved_model_fn(serving_fn):
     """`predict_fn` of a SavedModel signature (`uda_tf.export.load_serving_fn`)."""
     return lambda batch: serving_fn(image=np.asarray(batch, np.float32))["probabilities"].numpy()

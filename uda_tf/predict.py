@@ -29,6 +29,7 @@ import numpy as np
 
 from uda_tf import inference
 from uda_tf.data import io
+from uda_tf.files import same_or_inside
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 MAP_SUFFIXES = ("_probabilities", "_entropy")
@@ -70,7 +71,7 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
     if isinstance(manifest, str):
         manifest = _load_manifest(manifest, "--manifest")
     if _is_saved_model(model):
-        from uda_tf.export import load_serving_fn
+        from uda_tf.export import image_input_shape, load_serving_fn
         if manifest is None:
             assets = os.path.join(model, "assets.extra")
             if not os.path.isfile(os.path.join(assets, "manifest.json")):
@@ -79,8 +80,7 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
             manifest = _load_manifest(assets, "--model")
         serving = load_serving_fn(model)
         predict_fn = inference.saved_model_fn(serving)
-        spec = serving.structured_input_signature[1]["image"]
-        model_shape = [d for d in spec.shape.as_list()[1:]]
+        model_shape = image_input_shape(serving, model)[1:]
     elif model.endswith(".weights.h5") and os.path.isfile(model):
         from uda_tf.export import read_flagfile
         from uda_tf.models import segmentor_from_flags
@@ -116,9 +116,9 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
                          "saved_model.pb) nor a .weights.h5 checkpoint")
     kind = manifest.get("output", {}).get("records", "slices")
     expected = list(manifest["image_shape"])
-    if kind == "slices" and model_shape != expected:
-        raise ValueError(f"--model={model} takes slices {model_shape} but the manifest's "
-                         f"image_shape is {expected}: pass the --manifest it was trained on")
+    inference.check_model_input(
+        model_shape, expected, model=f"--model={model}", patches=kind == "volumes",
+        data=f"the manifest's image_shape ({kind} of {manifest.get('dataset_name', '?')})")
     if kind == "volumes":
         patch_size = patch_size or (model_shape[:3] if None not in model_shape[:3] else None)
         if not patch_size:
@@ -175,12 +175,24 @@ def predict_file(predictor: Predictor, path: str, *, probabilities: bool = False
 
 def write_nifti(path: str, array: np.ndarray, affine, like: str | None = None) -> None:
     """Writes a NIfTI atomically (a hidden temporary name in the same directory, then
-    os.replace); with `like`, keeps that file's qform/sform codes and units."""
+    os.replace); with `like` (the input scan, same voxel grid), keeps that file's qform and
+    sform, each with its own matrix and code, and its units.
+
+    The two may differ (scanner qform, registered sform): viewers and tools that read the
+    qform (ITK, FSL with some codes) must place the prediction where they place the scan,
+    so neither is replaced by the other."""
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
     if like is not None:
         header = nib.load(like).header
-        image.set_sform(image.affine, code=int(header["sform_code"]) or 2)
-        image.set_qform(image.affine, code=int(header["qform_code"]) or 1)
+        if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+            # No coded orientation: readers use pixdim alone, which `affine` already encodes.
+            image.set_sform(None, code=0)
+            image.set_qform(None, code=0)
+        else:
+            for getter, setter in ((header.get_sform, image.set_sform),
+                                   (header.get_qform, image.set_qform)):
+                matrix, code = getter(coded=True)
+                setter(matrix, code=int(code))  # matrix None with code 0: unset
         image.header.set_xyzt_units(*header.get_xyzt_units())
     directory, name = os.path.split(path)
     ending = next((e for e in NIFTI_ENDINGS if name.endswith(e)), ".nii.gz")
@@ -230,23 +242,131 @@ def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None
     return sorted(seen.items())
 
 
+# Folders of an MSD/nnU-Net dataset root that hold its scans and ground truth.
+DATASET_FOLDERS = ("imagesTr", "imagesTs", "labelsTr", "labelsTs")
+
+
+class OutputWouldReplaceInputError(ValueError):
+    """--output_dir is where the inputs or a dataset's labels live."""
+
+
+def protected_paths(cases, layout: str | None = None, input_dir: str | None = None
+                    ) -> tuple[dict[str, tuple[str, bool]], dict[str, str]]:
+    """({folder: (why, nested)}, {file: why}) that predictions must not be written into or
+    over. Folders: those of the input scans; with `layout`/`input_dir`, those of every label
+    and mask the layout lists and the dataset's imagesTr/imagesTs/labelsTr/labelsTs; for scans
+    in an imagesTr/imagesTs folder, that dataset's four folders too (its labelsTr holds the
+    ground truth `<case>.nii.gz` that a prediction `<case>.nii.gz` would replace). `nested`:
+    an --output_dir inside the folder is refused as well; it is False only for a plain folder
+    of `--input` scans, where `scans/predictions/` is a usual place for the outputs and can
+    replace nothing. Paths are resolved (symlinks followed)."""
+    folders, files = {}, {}
+
+    def add_file(path, what, nested):
+        if path:
+            files.setdefault(os.path.realpath(path), f"{what} {path}")
+            folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+            why, was_nested = folders.get(folder, (f"it holds {what}s such as {path}", False))
+            folders[folder] = (why, was_nested or nested)
+
+    def add_folder(path, why):
+        if os.path.isdir(path):
+            folders[os.path.realpath(path)] = (why, True)
+
+    for _, path in cases:
+        add_file(path, "input scan", False)
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.basename(parent) in DATASET_FOLDERS:
+            for name in DATASET_FOLDERS:
+                add_folder(os.path.join(os.path.dirname(parent), name),
+                           f"it is {name}/ of the dataset the input {path} belongs to")
+    if layout and input_dir:
+        from uda_tf.data.layouts import read_layout
+        for case in read_layout(layout, input_dir, skip_bad_cases=True).cases:
+            add_file(case.label_path, "label", True)
+            add_file(case.mask_path, "mask", True)
+        for name in DATASET_FOLDERS:
+            add_folder(os.path.join(input_dir, name), f"it is {name}/ of --input_dir={input_dir}")
+    return folders, files
+
+
+def output_targets(cases, output_dir: str, *, save_probabilities=False, save_entropy=False
+                   ) -> list[tuple[str, str, str, str]]:
+    """[(case_id, input path, result key, output path)] of every file predict would write.
+    A case id must be a plain name (it becomes a file name under `output_dir`), and two
+    outputs may not share a path (case `x_entropy` against the entropy map of case `x`)."""
+    from uda_tf.files import check_name, inside
+    keys = [("labels", "")]
+    keys += [("probabilities", MAP_SUFFIXES[0])] if save_probabilities else []
+    keys += [("entropy", MAP_SUFFIXES[1])] if save_entropy else []
+    targets, seen = [], {}
+    for case_id, path in cases:
+        check_name(case_id, f"case id of {path}", what="case id")
+        for key, suffix in keys:
+            target = os.path.join(output_dir, f"{case_id}{suffix}.nii.gz")
+            inside(output_dir, target, "--output_dir")
+            if target in seen:
+                raise ValueError(f"--output_dir={output_dir}: cases {seen[target]!r} and "
+                                 f"{case_id!r} would both write {target}; rename one input")
+            seen[target] = case_id
+            targets.append((case_id, path, key, target))
+    return targets
+
+
+def check_outputs(targets, output_dir: str, protected, *,
+                  overwrite_input_files: bool = False) -> None:
+    """Refuses, before anything is predicted, an --output_dir that is a folder of inputs or
+    labels (or lies inside one, see `protected_paths`), and an output file that would replace
+    an input file, unless `overwrite_input_files`. Existing files of an ordinary output
+    folder (an earlier predict of the same cases) are replaced, as a rerun is expected to;
+    each atomically."""
+    if overwrite_input_files:
+        return
+    folders, files = protected
+    how = ("choose another --output_dir, or pass --overwrite_input_files to write there "
+           "anyway; nothing was written")
+    real_out = os.path.realpath(output_dir)
+    for folder, (why, nested) in sorted(folders.items()):
+        if real_out == folder or (nested and same_or_inside(real_out, folder)):
+            where = "is" if real_out == folder else "lies inside"
+            raise OutputWouldReplaceInputError(
+                f"--output_dir={output_dir} {where} {folder}, and {why}: predictions "
+                f"(<case>.nii.gz) there can replace input scans or ground truth; {how}")
+    for case_id, _, _, target in targets:
+        real = os.path.join(real_out, os.path.basename(target))
+        if real in files:
+            raise OutputWouldReplaceInputError(
+                f"--output_dir={output_dir}: the prediction {target} of case {case_id!r} "
+                f"would replace the {files[real]}; {how}")
+
+
 def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabilities=False,
-                  save_entropy=False, say=print) -> list[str]:
-    """Predicts every (case_id, path) and writes <output_dir>/<case_id>[suffix].nii.gz."""
-    os.makedirs(output_dir, exist_ok=True)
+                  save_entropy=False, say=print, layout: str | None = None,
+                  input_dir: str | None = None, overwrite_input_files: bool = False
+                  ) -> list[str]:
+    """Predicts every (case_id, path) and writes <output_dir>/<case_id>[suffix].nii.gz.
+
+    Every output path is checked first (`output_targets`, `check_outputs` against the inputs
+    and, with `layout`/`input_dir`, the dataset's labels); the output folder is locked for
+    the run (`files.OutputLock`: a second predict into it is refused, naming this one)."""
+    from uda_tf.files import OutputLock
+    targets = output_targets(cases, output_dir, save_probabilities=save_probabilities,
+                             save_entropy=save_entropy)
+    check_outputs(targets, output_dir, protected_paths(cases, layout, input_dir),
+                  overwrite_input_files=overwrite_input_files)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"--output_dir={output_dir} is a file, not a directory")
     written = []
-    for n, (case_id, path) in enumerate(cases, 1):
-        start = time.time()
-        result = predict_file(predictor, path, probabilities=save_probabilities,
-                              entropy=save_entropy)
-        for key, suffix in (("labels", ""), ("probabilities", MAP_SUFFIXES[0]),
-                            ("entropy", MAP_SUFFIXES[1])):
-            if key in result:
-                target = os.path.join(output_dir, f"{case_id}{suffix}.nii.gz")
+    with OutputLock(output_dir, "predict --output_dir"):
+        for n, (case_id, path) in enumerate(cases, 1):
+            start = time.time()
+            result = predict_file(predictor, path, probabilities=save_probabilities,
+                                  entropy=save_entropy)
+            for _, _, key, target in (t for t in targets if t[0] == case_id):
                 write_nifti(target, result[key], result["affine"], like=path)
                 written.append(target)
-        say(f"[{n}/{len(cases)}] {case_id}: {path} -> {output_dir} "
-            f"({time.time() - start:.1f} s)")
+            say(f"[{n}/{len(cases)}] {case_id}: {path} -> {output_dir} "
+                f"({time.time() - start:.1f} s)")
     return written
 
 
@@ -266,6 +386,12 @@ def define_flags():
                       "--input_dir instead of --input (every case is predicted).")
     flags.DEFINE_string("input_dir", None, "Raw dataset directory for --layout.")
     flags.DEFINE_string("output_dir", None, "Where <case>.nii.gz predictions go.")
+    flags.DEFINE_bool("overwrite_input_files", False, "Allow --output_dir to be the folder of "
+                      "the --input scans, or to be (or lie inside) a folder of a dataset's "
+                      "scans or labels (imagesTr, labelsTr, ... of --input_dir or of the "
+                      "inputs' dataset), where predictions <case>.nii.gz may replace input "
+                      "scans or ground truth. Off: such an --output_dir is refused before "
+                      "anything is predicted.")
     flags.DEFINE_bool("save_probabilities", False, "Also write <case>_probabilities.nii.gz.")
     flags.DEFINE_bool("save_entropy", False, "Also write <case>_entropy.nii.gz.")
     flags.DEFINE_bool("tta", False, "Average over flips of every spatial axis (test-time "
@@ -283,24 +409,42 @@ def main(argv):
     from absl import flags, logging
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise SystemExit(f"predict: unexpected arguments: {' '.join(argv[1:])}")
+        raise SystemExit(f"predict: error: unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     if bool(FLAGS.layout) != bool(FLAGS.input_dir):
-        raise SystemExit("predict: --layout and --input_dir go together")
+        raise SystemExit("predict: error: --layout and --input_dir go together")
     if bool(FLAGS.input) == bool(FLAGS.input_dir):
-        raise SystemExit("predict: pass either --input=<files or globs> or --layout with "
+        raise SystemExit("predict: error: pass either --input=<files or globs> or --layout with "
                          "--input_dir")
     try:
         patch = None if not FLAGS.patch_size else [int(p) for p in FLAGS.patch_size]
         cases = resolve_inputs(FLAGS.input, FLAGS.layout, FLAGS.input_dir)
+        # Where the outputs go is checked before the model is loaded (seconds) and before
+        # anything is predicted; predict_cases checks again (a library call has no main).
+        check_outputs(output_targets(cases, FLAGS.output_dir,
+                                     save_probabilities=FLAGS.save_probabilities,
+                                     save_entropy=FLAGS.save_entropy),
+                      FLAGS.output_dir, protected_paths(cases, FLAGS.layout, FLAGS.input_dir),
+                      overwrite_input_files=FLAGS.overwrite_input_files)
         predictor = load_predictor(FLAGS.model, manifest=FLAGS.manifest, flags_path=FLAGS.flags,
                                    tta=FLAGS.tta, batch_size=FLAGS.batch_size,
                                    patch_size=patch, overlap=FLAGS.overlap)
         predict_cases(predictor, cases, FLAGS.output_dir,
                       save_probabilities=FLAGS.save_probabilities,
-                      save_entropy=FLAGS.save_entropy)
-    except (ValueError, OSError) as e:  # NiftiError, LayoutError are ValueErrors
+                      save_entropy=FLAGS.save_entropy, layout=FLAGS.layout,
+                      input_dir=FLAGS.input_dir,
+                      overwrite_input_files=FLAGS.overwrite_input_files)
+    except (ValueError, OSError, RuntimeError) as e:
+        # ValueError: NiftiError, LayoutError, bad names, a model that does not fit the data;
+        # OSError: missing files, a full disk; RuntimeError: OutputLockedError.
         raise SystemExit(f"predict: error: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        tf = sys.modules.get("tensorflow")  # not loaded: it cannot be a TensorFlow error
+        if tf is None or not isinstance(e, tf.errors.OpError):
+            raise
+        raise SystemExit(f"predict: error: TensorFlow {type(e).__name__} while predicting "
+                         f"with --model={FLAGS.model}: {(e.message or str(e)).splitlines()[0]}"
+                         ) from e
     print(f"wrote {len(cases)} prediction(s) to {FLAGS.output_dir}")
 
 

@@ -19,7 +19,11 @@ class SavedModelPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         import tensorflow as tf
-        self._loaded = tf.saved_model.load(context.artifacts["saved_model"])
+        path = context.artifacts["saved_model"]
+        self._loaded = tf.saved_model.load(path)
+        if "serving_default" not in self._loaded.signatures:
+            raise ValueError(f"SavedModel {path} has no 'serving_default' signature; it has "
+                             f"{sorted(self._loaded.signatures) or 'none'}")
         self._serve = self._loaded.signatures["serving_default"]
 
     # The np.ndarray hint is one MLflow accepts without inferring a schema from it (the logged
