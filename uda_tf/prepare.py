@@ -104,6 +104,13 @@ def _existing_request(output_dir: str) -> dict | None:
     existing = sharding.read_json(path)
     if not isinstance(existing, dict) or "preprocessing" not in existing:
         return {}  # unreadable: treat as a different request
+    try:
+        return _upgraded_request(existing)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}  # damaged: a different request (refused without --overwrite)
+
+
+def _upgraded_request(existing: dict) -> dict:
     if "output" not in existing:
         existing = dict(existing)
         existing.setdefault("layout_options", {})
@@ -112,11 +119,9 @@ def _existing_request(output_dir: str) -> dict | None:
                               "image_dtype": existing.get("image_dtype", "float32"),
                               "compression": None}
         existing["split"] = {"file_sha256": None, **existing.get("split", {})}
-        try:  # fills the preprocessing keys added since (their defaults)
-            config = preprocess.PreprocessConfig.from_manifest(existing["preprocessing"])
-            existing["preprocessing"] = config.to_manifest()
-        except (KeyError, TypeError, ValueError):
-            return {}
+        # fills the preprocessing keys added since (their defaults)
+        config = preprocess.PreprocessConfig.from_manifest(existing["preprocessing"])
+        existing["preprocessing"] = config.to_manifest()
     return existing
 
 
@@ -460,27 +465,36 @@ def prepare(
 
 def _prepare_locked(output_dir, request, *, overwrite, say, start, config, listing, cases,
                     problems, assigned, selected, split_of, channels, mapping, output,
-                    context_slices, image_dtype, records_per_shard, compression, workers, skip_bad_cases,
-                    identifier_map, max_voxels, show_progress) -> dict:
+                    context_slices, image_dtype, records_per_shard, compression, workers,
+                    skip_bad_cases, identifier_map, max_voxels, show_progress) -> dict:
     """The writing part of `prepare`, under the output lock."""
     manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
     previous = sharding.read_json(manifest_path) if os.path.exists(manifest_path) else None
-    if os.path.exists(manifest_path) and not (
+    if os.path.exists(manifest_path) and not files.created_by_us(output_dir) and not (
             isinstance(previous, dict) and previous.get("format") == manifest_lib.FORMAT):
-        # Not ours (or unreadable): never replaced, --overwrite or not.
+        # Not ours (or unreadable, in a directory prepare did not create): never replaced,
+        # --overwrite or not.
         raise FileExistsError(
             f"{manifest_path} exists but is not a uda_tf manifest; prepare will not replace "
             "it. Choose another --output_dir or move the file away")
     existing = _existing_request(output_dir)
     if existing is not None:
         differing = [k for k in _REQUEST_KEYS if existing.get(k) != request.get(k)]
-        shards_present = all(
-            os.path.isfile(os.path.join(output_dir, s.get("file", "")))
-            for s in existing.get("shards", [{}])
-        )
+        shards_present = not differing and isinstance(existing.get("shards"), list) and all(
+            isinstance(s, dict) and isinstance(s.get("file"), str)
+            and os.path.isfile(os.path.join(output_dir, s["file"]))
+            for s in existing["shards"])
         if not differing and shards_present:
-            say(f"{output_dir} is already prepared with these inputs and parameters; nothing to do")
-            return manifest_lib.load_manifest(output_dir)
+            try:
+                manifest = manifest_lib.load_manifest(output_dir)
+            except manifest_lib.ManifestError as e:
+                if not overwrite:
+                    raise
+                say(f"replacing a damaged manifest ({e})")
+            else:
+                say(f"{output_dir} is already prepared with these inputs and parameters; "
+                    "nothing to do")
+                return manifest
         if not overwrite and differing:
             raise FileExistsError(
                 f"{output_dir} already holds data prepared with different {', '.join(differing)}; "

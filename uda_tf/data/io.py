@@ -137,6 +137,27 @@ def _gzip_size_at_least(path: str, expected: int) -> bool:
     return total >= expected
 
 
+def _check_pixdim(img, path: str) -> None:
+    """nibabel replaces a zero (or -0.0) voxel size by 1 mm when it loads a header, with a
+    log line that names no file; a scan with an invented voxel size would be resampled
+    wrongly, so the stored value is checked here."""
+    klass = type(img.header)
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            stored = klass(f.read(klass.sizeof_hdr), check=False)
+        pixdim = [float(v) for v in stored["pixdim"][1:4]]
+    except Exception:  # unreadable here means unreadable for nibabel too: it reported it
+        return
+    low, high = SPACING_RANGE
+    bad = [v for v in pixdim[:len(img.shape)] if not (np.isfinite(v) and low <= abs(v) <= high)]
+    if bad:
+        raise NiftiError(
+            f"{path}: voxel size pixdim[1:4] = {tuple(pixdim)} (used for its affine: no sform) "
+            f"is not usable; each must be between {low:g} and {high:g} mm (zero, -0, NaN or "
+            "an absurd value is header corruption)")
+
+
 def _check_geometry(img, path: str) -> None:
     """Voxel sizes must be usable; a qform/sform disagreement or a sheared affine is reported
     (docs/CONTRACTS.md): nibabel uses the sform when both are set, and resampling treats the
@@ -158,6 +179,8 @@ def _check_geometry(img, path: str) -> None:
         codes = int(header["sform_code"]), int(header["qform_code"])
     except (TypeError, ValueError):
         codes = (0, 0)
+    if codes[0] <= 0:  # the affine comes from pixdim (qform or none): check it as stored
+        _check_pixdim(img, path)
     if codes[0] > 0 and codes[1] > 0:
         try:
             qform = np.asarray(header.get_qform(), np.float64)
@@ -310,8 +333,9 @@ def _open_picture(path: str, max_voxels: int | None = None):
     except NiftiError:
         raise
     except Image.DecompressionBombError as e:
-        raise NiftiError(f"{path}: Pillow refuses it as a decompression bomb ({e}); "
-                         + _limit_text(max_voxels or MAX_VOXELS)) from e
+        # Pillow checks the declared size in Image.open, before ours can.
+        raise NiftiError(f"{path}: its header declares more pixels than Pillow decodes (its "
+                         f"decompression-bomb limit: {e})") from e
     except Exception as e:  # PIL raises OSError/SyntaxError/ValueError for broken files
         raise NiftiError(
             f"cannot read image file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
