@@ -484,7 +484,9 @@ def test_cli_main_reports_known_conditions_without_a_traceback(tmp_path, monkeyp
         meta["domains"] = {"a": [["c_000"]]}
         (tmp_path / "raw" / "dataset.json").write_text(json.dumps(meta))
     elif problem == "split_file":
-        (tmp_path / "split.json").write_text(json.dumps({"nobody": "train"}))
+        (tmp_path / "split.json").write_text(json.dumps(
+            {"c_000": "train", "c_001": "val", "c_002": "test", "t_000": "unlabelled",
+             "t_001": "unlabelled", "nobody": "train"}))
         kwargs["split_file"] = str(tmp_path / "split.json")
     else:  # an existing output with a damaged manifest of ours
         (tmp_path / "out").mkdir()
