@@ -174,7 +174,7 @@ def _validate_data(manifest: dict, fail) -> None:
         if not (isinstance(sha, str) and len(sha) == 64
                 and all(c in "0123456789abcdef" for c in sha)):
             fail(f"{key} 'sha256'", "64 lowercase hex digits", sha)
-        if shard.get("domain") not in domains:
+        if not isinstance(shard.get("domain"), str) or shard["domain"] not in domains:
             fail(f"{key} 'domain'", f"one of 'domains' {sorted(domains)}", shard.get("domain"))
         if shard.get("split") not in splits:
             fail(f"{key} 'split'", f"one of {', '.join(splits)}", shard.get("split"))
