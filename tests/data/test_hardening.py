@@ -227,7 +227,14 @@ def test_qform_sform_disagreement_is_a_warning_naming_the_file(tmp_path, absl_wa
     [message] = [r.getMessage() for r in absl_warnings.records if "qform" in r.getMessage()]
     assert path in message and "uses the sform" in message
     absl_warnings.clear()
-    io.read_volume(_nifti(str(tmp_path / "agree.nii.gz")))  # nibabel writes both forms equal
+
+    def agree(header):
+        header.set_sform(np.diag([1.5, 1.5, 2.0, 1.0]), code=1)
+        header.set_qform(np.diag([1.5, 1.5, 2.0, 1.0]), code=1)
+
+    path = _nifti(str(tmp_path / "agree.nii.gz"), agree)
+    assert nib.load(path).header["qform_code"] == 1  # both set, equal up to float32
+    io.read_volume(path)
     assert not absl_warnings.records
 
 
