@@ -22,7 +22,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -199,7 +198,7 @@ def _start_progress_dir(output_dir: str, request_id: str, say) -> None:
     previous = sharding.read_json(marker)
     if previous is not None and previous.get("request") != request_id:
         say("discarding the progress of an interrupted run with other inputs or parameters")
-        shutil.rmtree(progress_dir)
+        sharding.remove_progress(output_dir)
     elif previous is not None:
         say(f"resuming an interrupted run in {output_dir}")
     os.makedirs(progress_dir, exist_ok=True)
@@ -553,7 +552,7 @@ def _prepare_locked(output_dir, request, *, overwrite, say, start, config, listi
     if mapping is not None and identifier_map:
         os.makedirs(os.path.dirname(os.path.abspath(identifier_map)), exist_ok=True)
         sharding.write_json_atomic(identifier_map, mapping)
-    shutil.rmtree(os.path.join(output_dir, sharding.PROGRESS_DIR), ignore_errors=True)
+    sharding.remove_progress(output_dir)
     say(
         f"prepared {len(case_entries)} cases, {sum(s['records'] for s in shards)} {output}, "
         f"{len(shards)} shards in {time.time() - start:.1f} s -> {output_dir}"

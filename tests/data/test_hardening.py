@@ -450,7 +450,9 @@ def test_prepare_removes_only_the_shards_it_wrote(tmp_path):
     out = tmp_path / "mine"
     (out / "shards").mkdir(parents=True)
     theirs = {"shards/notes.tfrecord": b"a user's own records",
-              "shards/old.tfrecord.tmp-backup": b"keep", "shards/x.tfrecord.gz": b"gz"}
+              "shards/old.tfrecord.tmp-backup": b"keep", "shards/x.tfrecord.gz": b"gz",
+              ".progress/my-notes.txt": b"another tool's progress"}
+    (out / ".progress").mkdir()
     for name, data in theirs.items():
         (out / name).write_bytes(data)
     first = _prepare(tmp_path / "raw", out, records_per_shard=2)
@@ -458,12 +460,13 @@ def test_prepare_removes_only_the_shards_it_wrote(tmp_path):
     second = _prepare(tmp_path / "raw", out, records_per_shard=4, overwrite=True)
     written = {os.path.basename(s["file"]) for s in first["shards"] + second["shards"]}
     left = set(os.listdir(out / "shards"))
-    assert {os.path.basename(n) for n in theirs} <= left  # none of theirs removed
-    assert left - {os.path.basename(n) for n in theirs} == {
+    their_shards = {os.path.basename(n) for n in theirs if n.startswith("shards/")}
+    assert left - their_shards == {
         os.path.basename(s["file"]) for s in second["shards"]}  # the stale ones went
     assert written - left  # (there were stale ones)
-    for name, data in theirs.items():
+    for name, data in theirs.items():  # none of theirs removed or changed
         assert (out / name).read_bytes() == data
+    assert os.listdir(out / ".progress") == ["my-notes.txt"]  # our markers went
 
 
 def test_a_manifest_json_that_is_not_ours_is_never_replaced(tmp_path):

@@ -76,6 +76,28 @@ def remove_temporary_files(output_dir: str) -> None:
                     os.remove(path)
 
 
+# The names of the markers under .progress/: request.json, <domain>-<split>-<k>.json,
+# <domain>-<split>.done.json (and their temporary files).
+_MARKER = re.compile(r"^(request|.+-(train|val|test|unlabelled)(-\d{5}|\.done))\.json"
+                     r"(\.tmp-\d+)?$")
+
+
+def remove_progress(output_dir: str) -> None:
+    """Removes the progress markers prepare wrote, and `.progress/` once empty; anything else
+    found there (not ours) stays."""
+    directory = os.path.join(output_dir, PROGRESS_DIR)
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        return
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if _MARKER.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty: someone else's files
+
+
 def marked_shards(output_dir: str) -> set[str]:
     """Base names of the shards that the progress markers under `<out>/.progress/` record as
     written by prepare (finished or interrupted runs, any request)."""
