@@ -93,7 +93,10 @@ def _check_size(img, path: str, max_voxels: int) -> None:
     if not isinstance(img, nib.Nifti1Image):
         return
     itemsize = np.dtype(img.get_data_dtype()).itemsize
-    expected = int(img.header.get_data_offset()) + voxels * itemsize
+    # The proxy's offset is the file's vox_offset (nibabel resets the loaded header's to 0).
+    offset = getattr(img.dataobj, "offset", None)
+    expected = int(img.header.get_data_offset() if offset is None else offset) + \
+        voxels * itemsize
     if path.lower().endswith(".gz"):
         if _gzip_size_at_least(path, expected):
             return
