@@ -453,8 +453,8 @@ def prepare(
         return _prepare_locked(
             output_dir, request, overwrite=overwrite, say=say, start=start, config=config,
             listing=listing, cases=cases, problems=problems, assigned=assigned,
-            selected=selected, split_of=split_of, channels=channels, mapping=mapping, output=output,
-            context_slices=int(context_slices), image_dtype=image_dtype,
+            selected=selected, split_of=split_of, channels=channels, mapping=mapping,
+            output=output, context_slices=int(context_slices), image_dtype=image_dtype,
             records_per_shard=records_per_shard, compression=compression,
             workers=int(workers), skip_bad_cases=bool(skip_bad_cases),
             identifier_map=identifier_map,

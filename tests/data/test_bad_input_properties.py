@@ -240,7 +240,8 @@ def msd_root(tmp_path_factory):
     """imagesTr/, labelsTr/ and imagesTs/ with (empty) files the paths above may name: layout
     reading looks at names only."""
     root = tmp_path_factory.mktemp("dataset_json")
-    for name in ("imagesTr/c_000_0000.nii.gz", "labelsTr/c_000.nii.gz", "imagesTr/a/c.nii", "imagesTs/t_000.nii.gz", "imagesTs/t_000_0000.nii.gz"):
+    for name in ("imagesTr/c_000_0000.nii.gz", "labelsTr/c_000.nii.gz", "imagesTr/a/c.nii",
+                 "imagesTs/t_000.nii.gz", "imagesTs/t_000_0000.nii.gz"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"")
     return root
