@@ -22,13 +22,13 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
 from absl import app
 
+from uda_tf import files
 from uda_tf.data import io, layouts
 from uda_tf.data import manifest as manifest_lib
 from uda_tf.data import preprocess, sharding, splits
@@ -103,6 +103,13 @@ def _existing_request(output_dir: str) -> dict | None:
     existing = sharding.read_json(path)
     if not isinstance(existing, dict) or "preprocessing" not in existing:
         return {}  # unreadable: treat as a different request
+    try:
+        return _upgraded_request(existing)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}  # damaged: a different request (refused without --overwrite)
+
+
+def _upgraded_request(existing: dict) -> dict:
     if "output" not in existing:
         existing = dict(existing)
         existing.setdefault("layout_options", {})
@@ -111,11 +118,9 @@ def _existing_request(output_dir: str) -> dict | None:
                               "image_dtype": existing.get("image_dtype", "float32"),
                               "compression": None}
         existing["split"] = {"file_sha256": None, **existing.get("split", {})}
-        try:  # fills the preprocessing keys added since (their defaults)
-            config = preprocess.PreprocessConfig.from_manifest(existing["preprocessing"])
-            existing["preprocessing"] = config.to_manifest()
-        except (KeyError, TypeError, ValueError):
-            return {}
+        # fills the preprocessing keys added since (their defaults)
+        config = preprocess.PreprocessConfig.from_manifest(existing["preprocessing"])
+        existing["preprocessing"] = config.to_manifest()
     return existing
 
 
@@ -129,12 +134,13 @@ def _pool(workers: int):
     )
 
 
-def _prepare_or_error(case, config, label_values, channels, image_dtype):
+def _prepare_or_error(case, config, label_values, channels, image_dtype,
+                      max_voxels=io.MAX_VOXELS):
     """(PreparedCase, None), or (None, the exception) for a bad case; runs in workers."""
     if isinstance(case, layouts.CaseProblem):
         return None, layouts.LayoutError(case.reason)
     try:
-        prepared = preprocess.prepare_case(case, config, label_values)
+        prepared = preprocess.prepare_case(case, config, label_values, max_voxels=max_voxels)
     except (ValueError, OSError) as e:  # NiftiError, FileNotFoundError, unreadable files
         return None, e
     got = prepared.image.shape[3] if prepared.image.ndim == 4 else 1
@@ -192,7 +198,7 @@ def _start_progress_dir(output_dir: str, request_id: str, say) -> None:
     previous = sharding.read_json(marker)
     if previous is not None and previous.get("request") != request_id:
         say("discarding the progress of an interrupted run with other inputs or parameters")
-        shutil.rmtree(progress_dir)
+        sharding.remove_progress(output_dir)
     elif previous is not None:
         say(f"resuming an interrupted run in {output_dir}")
     os.makedirs(progress_dir, exist_ok=True)
@@ -220,7 +226,7 @@ def _write_groups(groups, output_dir, request_id, run, say, show_progress):
     progress = Progress(len(work), enabled=show_progress)
     fn = functools.partial(_prepare_or_error, config=run["config"],
                            label_values=run["label_values"], channels=run["channels"],
-                           image_dtype=run["image_dtype"])
+                           image_dtype=run["image_dtype"], max_voxels=run["max_voxels"])
     pool = _pool(run["workers"])
     remaining = collections.Counter(key for key, *_ in work)
     current = None
@@ -269,10 +275,29 @@ def _write_groups(groups, output_dir, request_id, run, say, show_progress):
     return list(writers.values())
 
 
-def _remove_stale_shards(shards_dir: str, keep: set[str]) -> None:
-    for path in glob.glob(os.path.join(shards_dir, "*.tfrecord*")):
-        if os.path.basename(path) not in keep:
+def _remove_stale_shards(output_dir: str, keep: set[str], ours: set[str]) -> None:
+    """Removes shards of earlier requests that this one did not write again: in a directory
+    prepare created, every `*.tfrecord` under shards/; in one a user pointed --output_dir at,
+    only the shards an earlier manifest or progress marker lists (`ours`), never a file of
+    theirs that happens to sit in a shards/ folder there."""
+    shards_dir = os.path.join(output_dir, SHARDS_DIR)
+    if files.created_by_us(output_dir):
+        ours = ours | {os.path.basename(p) for p in
+                       glob.glob(os.path.join(shards_dir, "*.tfrecord*"))}
+    for name in sorted(ours - keep):
+        path = os.path.join(shards_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
+
+
+def _listed_shards(manifest) -> set[str]:
+    """Base names of the shards an (old) manifest lists under shards/."""
+    names = set()
+    for shard in (manifest or {}).get("shards", []) if isinstance(manifest, dict) else []:
+        file = shard.get("file") if isinstance(shard, dict) else None
+        if isinstance(file, str) and os.path.dirname(os.path.normpath(file)) == SHARDS_DIR:
+            names.add(os.path.basename(file))
+    return names
 
 
 def prepare(
@@ -309,6 +334,7 @@ def prepare(
     layout_options: dict | None = None,
     keep_identifiers: bool = True,
     identifier_map: str | None = None,
+    max_voxels: int | None = None,
 ) -> dict:
     """Prepares `input_dir` into `output_dir`; returns the manifest (see docs/CONTRACTS.md).
 
@@ -321,6 +347,9 @@ def prepare(
     reader (e.g. {"image_glob": ...} for layout "glob").
     `keep_identifiers=False` (the CLI's default) replaces case ids and file paths by derived
     ids (uda_tf/privacy.py); `identifier_map` then receives the mapping back.
+    `max_voxels` (default io.MAX_VOXELS) bounds the voxels a scan's header may declare; it is
+    checked before any voxel is read, so a forged or huge header cannot exhaust memory.
+    One `prepare` at a time writes `output_dir` (files.OutputLock); a second is refused.
     """
     start = time.time()
     say = functools.partial(print, flush=True) if verbose else (lambda *a, **k: None)
@@ -350,6 +379,8 @@ def prepare(
         (image_dtype in ("float32", "float16"),
          f"image_dtype must be float32 or float16, got {image_dtype!r}"),
         (compression in ("", "GZIP"), f"compression must be none or gzip, got {compression!r}"),
+        (max_voxels is None or int(max_voxels) >= 1,
+         f"max_voxels must be >= 1, got {max_voxels}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -379,10 +410,15 @@ def prepare(
         members[c.domain].append((c.case_id, c.label_path is not None))
     for p in problems:
         members[p.domain].append((p.case_id, True))
-    assigned = splits.assign_splits(
-        members, fractions, int(split_seed),
-        splits.read_split_file(split_file) if split_file else None,
-        where=f"--split_file={split_file}")
+    split_assignments = None
+    if split_file:
+        split_assignments = splits.read_split_file(split_file)
+        splits.check_known(
+            split_assignments,
+            {c.case_id for c in listing.cases} | {p.case_id for p in listing.problems},
+            f"--split_file={split_file}", f"{input_dir} (layout {layout!r})")
+    assigned = splits.assign_splits(members, fractions, int(split_seed), split_assignments,
+                                    where=f"--split_file={split_file}")
     mapping = None
     if not keep_identifiers:  # after the split: it is drawn from the original ids
         from uda_tf import privacy
@@ -409,24 +445,64 @@ def prepare(
     }
     if not keep_identifiers:  # absent when kept, so earlier manifests still match
         request["identifiers"] = "derived"
+    # From here on prepare writes: one writer per output directory.
+    created = not os.path.exists(output_dir)
+    with files.OutputLock(output_dir, "prepare --output_dir"):
+        if created:
+            files.mark_created(output_dir, "prepared dataset")
+        return _prepare_locked(
+            output_dir, request, overwrite=overwrite, say=say, start=start, config=config,
+            listing=listing, cases=cases, problems=problems, assigned=assigned,
+            selected=selected, split_of=split_of, channels=channels, mapping=mapping,
+            output=output, context_slices=int(context_slices), image_dtype=image_dtype,
+            records_per_shard=records_per_shard, compression=compression,
+            workers=int(workers), skip_bad_cases=bool(skip_bad_cases),
+            identifier_map=identifier_map,
+            max_voxels=io.MAX_VOXELS if max_voxels is None else int(max_voxels),
+            show_progress=verbose if progress is None else progress)
+
+
+def _prepare_locked(output_dir, request, *, overwrite, say, start, config, listing, cases,
+                    problems, assigned, selected, split_of, channels, mapping, output,
+                    context_slices, image_dtype, records_per_shard, compression, workers,
+                    skip_bad_cases, identifier_map, max_voxels, show_progress) -> dict:
+    """The writing part of `prepare`, under the output lock."""
+    manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
+    previous = sharding.read_json(manifest_path) if os.path.exists(manifest_path) else None
+    if os.path.exists(manifest_path) and not files.created_by_us(output_dir) and not (
+            isinstance(previous, dict) and previous.get("format") == manifest_lib.FORMAT):
+        # Not ours (or unreadable, in a directory prepare did not create): never replaced,
+        # --overwrite or not.
+        raise FileExistsError(
+            f"{manifest_path} exists but is not a uda_tf manifest; prepare will not replace "
+            "it. Choose another --output_dir or move the file away")
     existing = _existing_request(output_dir)
     if existing is not None:
         differing = [k for k in _REQUEST_KEYS if existing.get(k) != request.get(k)]
-        shards_present = all(
-            os.path.isfile(os.path.join(output_dir, s.get("file", "")))
-            for s in existing.get("shards", [{}])
-        )
+        shards_present = not differing and isinstance(existing.get("shards"), list) and all(
+            isinstance(s, dict) and isinstance(s.get("file"), str)
+            and os.path.isfile(os.path.join(output_dir, s["file"]))
+            for s in existing["shards"])
         if not differing and shards_present:
-            say(f"{output_dir} is already prepared with these inputs and parameters; nothing to do")
-            return manifest_lib.load_manifest(output_dir)
+            try:
+                manifest = manifest_lib.load_manifest(output_dir)
+            except manifest_lib.ManifestError as e:
+                if not overwrite:
+                    raise
+                say(f"replacing a damaged manifest ({e})")
+            else:
+                say(f"{output_dir} is already prepared with these inputs and parameters; "
+                    "nothing to do")
+                return manifest
         if not overwrite and differing:
             raise FileExistsError(
                 f"{output_dir} already holds data prepared with different {', '.join(differing)}; "
                 "pass --overwrite (overwrite=True) to replace it"
             )
         # From here until the new manifest lands, the directory reads as incomplete.
-        os.remove(os.path.join(output_dir, manifest_lib.FILENAME))
+        os.remove(manifest_path)
 
+    ours = _listed_shards(previous) | sharding.marked_shards(output_dir)
     request_id = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     _start_progress_dir(output_dir, request_id, say)
     # Group order = write order: domain, then split, then case id.
@@ -435,20 +511,18 @@ def prepare(
     groups = {(d, s): [by_id[c] for c in assigned[d][s]]
               for d in selected for s in split_order if assigned[d].get(s)}
     run = {"config": config, "label_values": len(listing.label_names), "channels": channels,
-           "image_dtype": image_dtype, "output": output, "context_slices": int(context_slices),
+           "image_dtype": image_dtype, "output": output, "context_slices": context_slices,
            "records_per_shard": records_per_shard, "compression": compression,
-           "workers": int(workers), "skip_bad_cases": bool(skip_bad_cases),
+           "workers": workers, "skip_bad_cases": skip_bad_cases, "max_voxels": max_voxels,
            "original_ids": None if mapping is None
            else {k: v["case_id"] for k, v in mapping.items()}}
-    writers = _write_groups(groups, output_dir, request_id, run, say,
-                            verbose if progress is None else progress)
+    writers = _write_groups(groups, output_dir, request_id, run, say, show_progress)
 
     shards = [{k: s[k] for k in ("file", "records", "sha256")} | {"domain": d, "split": sp}
               for (d, sp), w in zip(groups, writers) for s in w.shards]
     case_entries = {cid: r for w in writers for cid, r in w.cases.items()}
     skipped = sorted((e for w in writers for e in w.skipped), key=lambda e: e["case_id"])
-    _remove_stale_shards(os.path.join(output_dir, SHARDS_DIR),
-                         {os.path.basename(s["file"]) for s in shards})
+    _remove_stale_shards(output_dir, {os.path.basename(s["file"]) for s in shards}, ours)
     if skip_bad_cases:
         sharding.write_json_atomic(os.path.join(output_dir, SKIPPED_FILE), skipped)
     size3 = list(config.size) if len(config.size) == 3 else [*config.size, None]
@@ -478,7 +552,7 @@ def prepare(
     if mapping is not None and identifier_map:
         os.makedirs(os.path.dirname(os.path.abspath(identifier_map)), exist_ok=True)
         sharding.write_json_atomic(identifier_map, mapping)
-    shutil.rmtree(os.path.join(output_dir, sharding.PROGRESS_DIR), ignore_errors=True)
+    sharding.remove_progress(output_dir)
     say(
         f"prepared {len(case_entries)} cases, {sum(s['records'] for s in shards)} {output}, "
         f"{len(shards)} shards in {time.time() - start:.1f} s -> {output_dir}"

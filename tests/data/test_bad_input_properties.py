@@ -4,6 +4,7 @@ own error naming the file or flag, within a deadline (nothing hangs), and leaves
 half-written behind."""
 import gzip
 import io as _io
+import json
 import os
 import subprocess
 import sys
@@ -203,3 +204,119 @@ def test_malformed_flagfiles_and_out_of_range_values_are_named():
                           text=True, timeout=180, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 0 and "FLAG PROPERTIES OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- dataset.json and manifest.json: any JSON gives a result or the named error --------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=16)
+PATHS = st.sampled_from(["./imagesTr/c_000.nii.gz", "./labelsTr/c_000.nii.gz", "imagesTr/a/c.nii",
+                         "../outside.nii.gz", "/etc/passwd", "", ".", "./imagesTs/t_000.nii.gz",
+                         "imagesTr/c_000_0000.nii.gz"])
+DATASET_JSON = st.one_of(
+    JSON,
+    st.fixed_dictionaries({
+        "labels": st.one_of(st.just({"background": 0, "organ": 1}),
+                            st.just({"0": "background", "1": "organ"}), JSON),
+        "training": st.one_of(st.lists(st.one_of(
+            st.fixed_dictionaries({"image": st.one_of(PATHS, JSON),
+                                   "label": st.one_of(PATHS, JSON)}), JSON), max_size=3), JSON),
+        "test": st.one_of(st.lists(st.one_of(PATHS, JSON), max_size=3), JSON),
+        "domains": st.one_of(st.none(), st.dictionaries(
+            st.sampled_from(["a", "b", "bad name"]),
+            st.one_of(st.lists(st.one_of(st.sampled_from(["c_000", "c", "t_000"]), JSON),
+                               max_size=3), JSON), max_size=2)),
+        "file_ending": st.one_of(st.just(".nii.gz"), JSON),
+        "channel_names": st.one_of(st.just({"0": "CT"}), JSON),
+        "numTraining": JSON, "name": JSON}))
+
+
+@pytest.fixture(scope="module")
+def msd_root(tmp_path_factory):
+    """imagesTr/, labelsTr/ and imagesTs/ with (empty) files the paths above may name: layout
+    reading looks at names only."""
+    root = tmp_path_factory.mktemp("dataset_json")
+    for name in ("imagesTr/c_000_0000.nii.gz", "labelsTr/c_000.nii.gz", "imagesTr/a/c.nii",
+                 "imagesTs/t_000.nii.gz", "imagesTs/t_000_0000.nii.gz"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    return root
+
+
+@settings(max_examples=50, deadline=5000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(DATASET_JSON)
+def test_any_dataset_json_gives_a_listing_or_a_layout_error(msd_root, meta):
+    from uda_tf.data import layouts
+    (msd_root / "dataset.json").write_text(json.dumps(meta))
+    try:
+        listing = layouts.read_layout("msd", str(msd_root), skip_bad_cases=True)
+    except layouts.LayoutError as e:
+        assert str(e).strip()
+    else:
+        root = os.path.realpath(msd_root)
+        for case in listing.cases:  # nothing listed outside the dataset
+            assert os.path.realpath(case.image_path).startswith(root + os.sep), case
+
+
+@pytest.fixture(scope="module")
+def prepared_manifest(tmp_path_factory):
+    from tests.data import raw_layouts as raw
+    from uda_tf import prepare as prepare_mod
+    root = tmp_path_factory.mktemp("manifest_json")
+    raw.make_msd_with_tests(root / "raw")
+    prepare_mod.prepare(str(root / "raw"), str(root / "out"), size=(8, 8), workers=1,
+                        records_per_shard=4, verbose=False)
+    return json.loads((root / "out" / "manifest.json").read_text())
+
+
+def _locations(value, prefix=()):
+    """Every key path inside a JSON value."""
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += _locations(inner, prefix + (key,))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += _locations(inner, prefix + (index,))
+    return found
+
+
+@settings(max_examples=50, deadline=5000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.data())
+def test_any_manifest_json_loads_or_gives_a_manifest_error(prepared_manifest, tmp_path, data):
+    """Arbitrary JSON, or the real manifest with one value replaced or removed and its
+    content hash renewed (so the structure checks, not the hash, must catch it)."""
+    import copy
+
+    from uda_tf.data import manifest as manifest_lib
+    if data.draw(st.booleans()):
+        manifest = data.draw(JSON | st.floats())
+    else:
+        manifest = copy.deepcopy(prepared_manifest)
+        location = data.draw(st.sampled_from(_locations(manifest)[1:]))
+        parent = manifest
+        for key in location[:-1]:
+            parent = parent[key]
+        if data.draw(st.booleans()):
+            del parent[location[-1]]
+        else:
+            parent[location[-1]] = data.draw(JSON)
+        try:
+            manifest["content_hash"] = manifest_lib.content_hash(manifest)
+        except (ValueError, TypeError, KeyError):
+            pass
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        loaded = manifest_lib.load_manifest(str(tmp_path))
+    except manifest_lib.ManifestError as e:
+        assert str(tmp_path / "manifest.json") in str(e)
+    else:
+        for shard in loaded.get("shards", []):
+            normal = os.path.normpath(shard["file"])
+            assert not os.path.isabs(normal) and not normal.startswith(".."), shard

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import struct
 
 import nibabel as nib
 import numpy as np
+from absl import logging
 from nibabel import orientations
 
 _RAS = orientations.axcodes2ornt(("R", "A", "S"))
@@ -26,6 +28,18 @@ PICTURE_ENDINGS = (".png", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jpg", ".jp
 # How an RGB picture becomes channels: the green channel alone (the usual choice for retinal
 # vessels, whose contrast is highest there), luminance, or all three channels.
 COLOR_MODES = ("green", "gray", "rgb")
+# The most voxels (pixels) a file's header may declare; checked before any voxel is read, so a
+# forged header or a gzip bomb cannot make a reader allocate gigabytes. 2**27 = 512^3 voxels
+# (a 512 MB float32 volume). prepare's --max_voxels raises it per run; other callers (predict,
+# evaluate) read with this default.
+MAX_VOXELS = 2**27
+# Voxel sizes outside this range (mm) are header corruption, not a scanner's choice.
+SPACING_RANGE = (1e-4, 1e4)
+# How far qform and sform may differ (mm, largest matrix element relative to the voxel size
+# or translation) and how far from 90 degrees the voxel axes may lean (cosine) before a file
+# is reported: both stored in float32, so exact equality is not expected.
+AFFINE_TOLERANCE = 1e-3
+SHEAR_TOLERANCE = 1e-3
 
 
 class NiftiError(ValueError):
@@ -62,6 +76,140 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.sqrt((columns**2).sum(axis=0)))
 
 
+def _limit_text(max_voxels: int) -> str:
+    return (f"more than the limit max_voxels={max_voxels} (prepare's --max_voxels raises it, "
+            "if the scan really is that large)")
+
+
+def _check_size(img, path: str, max_voxels: int) -> None:
+    """Before any voxel is read: the header's voxel count against `max_voxels`, and the file
+    (or, for .nii.gz, the gzip stream) long enough to hold them, so a forged or truncated
+    header fails here instead of after allocating what it claims."""
+    shape = tuple(int(n) for n in img.shape)
+    voxels = int(np.prod(shape, dtype=object))
+    if voxels > max_voxels:
+        raise NiftiError(f"{path}: its header declares shape {shape} = {voxels} voxels, "
+                         + _limit_text(max_voxels))
+    if not isinstance(img, nib.Nifti1Image):
+        return
+    itemsize = np.dtype(img.get_data_dtype()).itemsize
+    # The proxy's offset is the file's vox_offset (nibabel resets the loaded header's to 0).
+    offset = getattr(img.dataobj, "offset", None)
+    expected = int(img.header.get_data_offset() if offset is None else offset) + \
+        voxels * itemsize
+    if path.lower().endswith(".gz"):
+        if _gzip_size_at_least(path, expected):
+            return
+        raise NiftiError(f"cannot read voxel data of {path} (truncated or corrupt file?): its "
+                         f"header declares shape {shape} of {np.dtype(img.get_data_dtype())} "
+                         f"({expected} bytes once decompressed), the compressed stream holds "
+                         "fewer; nothing was allocated for them")
+    size = os.path.getsize(path)
+    if size < expected:
+        raise NiftiError(f"cannot read voxel data of {path} (truncated or corrupt file?): its "
+                         f"header declares shape {shape} of {np.dtype(img.get_data_dtype())}, "
+                         f"{expected} bytes with the header, the file has {size}")
+
+
+def _gzip_size_at_least(path: str, expected: int) -> bool:
+    """Whether the gzip file `path` decompresses to at least `expected` bytes.
+
+    The trailer's ISIZE (size mod 2**32 of the last member) answers at once for the usual
+    single-member file; otherwise (several members, a size over 4 GiB, a truncated file whose
+    last bytes are no trailer) the stream is decompressed and counted, never kept: memory
+    stays at one block whatever the file claims.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            (isize,) = struct.unpack("<I", f.read(4))
+    except OSError:
+        return False  # shorter than a gzip trailer
+    if expected < 2**32 and isize == expected:
+        return True
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while total < expected:
+                block = f.read(min(1 << 20, expected - total))
+                if not block:
+                    break
+                total += len(block)
+    except Exception:  # EOFError, zlib.error, BadGzipFile: a truncated or corrupt stream
+        return False
+    return total >= expected
+
+
+def _check_pixdim(img, path: str) -> None:
+    """nibabel replaces a zero (or -0.0) voxel size by 1 mm when it loads a header, with a
+    log line that names no file; a scan with an invented voxel size would be resampled
+    wrongly, so the stored value is checked here."""
+    klass = type(img.header)
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            stored = klass(f.read(klass.sizeof_hdr), check=False)
+        pixdim = [float(v) for v in stored["pixdim"][1:4]]
+    except Exception:  # unreadable here means unreadable for nibabel too: it reported it
+        return
+    low, high = SPACING_RANGE
+    bad = [v for v in pixdim[:len(img.shape)] if not (np.isfinite(v) and low <= abs(v) <= high)]
+    if bad:
+        raise NiftiError(
+            f"{path}: voxel size pixdim[1:4] = {tuple(pixdim)} (used for its affine: no sform) "
+            f"is not usable; each must be between {low:g} and {high:g} mm (zero, -0, NaN or "
+            "an absurd value is header corruption)")
+
+
+def _check_geometry(img, path: str) -> None:
+    """Voxel sizes must be usable; a qform/sform disagreement or a sheared affine is reported
+    (docs/CONTRACTS.md): nibabel uses the sform when both are set, and resampling treats the
+    voxel axes as perpendicular."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = voxel_spacing(affine) if np.isfinite(affine).all() else None
+    if spacing is not None:
+        low, high = SPACING_RANGE
+        bad = [s for s in spacing if not low <= s <= high]
+        if bad:
+            raise NiftiError(
+                f"{path}: voxel size {tuple(round(s, 6) for s in spacing)} mm (from its "
+                f"affine / pixdim) is not usable; each must be between {low:g} and {high:g} mm "
+                "(a zero, NaN or absurd pixdim, or a zero column in the sform/qform)")
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header):
+        return
+    try:
+        codes = int(header["sform_code"]), int(header["qform_code"])
+    except (TypeError, ValueError):
+        codes = (0, 0)
+    if codes[0] <= 0:  # the affine comes from pixdim (qform or none): check it as stored
+        _check_pixdim(img, path)
+    if codes[0] > 0 and codes[1] > 0:
+        try:
+            qform = np.asarray(header.get_qform(), np.float64)
+            sform = np.asarray(header.get_sform(), np.float64)
+        except Exception:  # a corrupt quaternion: nibabel uses the sform anyway
+            qform = sform = None
+        if qform is not None and np.isfinite(qform).all() and np.isfinite(sform).all():
+            scale = max(1.0, float(np.abs(sform).max()))
+            difference = float(np.abs(qform - sform).max())
+            if difference > AFFINE_TOLERANCE * scale:
+                logging.warning(
+                    "%s: its qform and sform disagree (largest difference %.4g mm); uda_tf "
+                    "uses the sform, as nibabel does (other tools may use the qform: check "
+                    "which is right and fix the file's header)", path, difference)
+    if spacing is not None:
+        columns = affine[:3, :3] / np.asarray(spacing)
+        cosines = np.abs(columns.T @ columns - np.eye(3)).max()
+        if cosines > SHEAR_TOLERANCE:
+            angle = float(np.degrees(np.arcsin(min(1.0, cosines))))
+            logging.warning(
+                "%s: its affine is sheared (voxel axes %.3g degrees from perpendicular); "
+                "uda_tf resamples it as if the axes were perpendicular, with the voxel sizes "
+                "%s mm, so the prepared geometry is approximate", path, angle,
+                tuple(round(s, 4) for s in spacing))
+
+
 def _load(path: str) -> nib.spatialimages.SpatialImage:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"NIfTI file not found: {path}")
@@ -85,17 +233,24 @@ def _load(path: str) -> nib.spatialimages.SpatialImage:
 
 
 def read_volume(path: str, is_label: bool = False, *, color: str = "green",
-                binarize: bool = False) -> Volume:
+                binarize: bool = False, max_voxels: int | None = None) -> Volume:
     """Reads `path` and reorients it like `nib.as_closest_canonical` (nearest RAS+ axes).
 
     Images come back as float32 with the header scaling applied; labels as uint8, and a label
     file holding non-integer, non-finite or out-of-range values is an error naming the file.
     `binarize` turns a mask stored as 0/1, 0/255 or probabilities into 0/1 (value >= half the
     maximum). Pictures are read with Pillow (`color` picks their channels, see COLOR_MODES).
+    A header declaring more than `max_voxels` (default MAX_VOXELS) voxels, or more than the
+    file holds, is an error before any voxel is read; unusable voxel sizes are an error, a
+    qform/sform disagreement or a sheared affine a warning naming the file.
     """
+    max_voxels = MAX_VOXELS if max_voxels is None else int(max_voxels)
     if is_picture(path):
-        return read_picture(path, is_label, color=color, binarize=binarize)
+        return read_picture(path, is_label, color=color, binarize=binarize,
+                            max_voxels=max_voxels)
     img = _load(path)
+    _check_size(img, path, max_voxels)
+    _check_geometry(img, path)
     original_affine = np.asarray(img.affine, dtype=np.float64)
     try:
         if not np.isfinite(original_affine).all():
@@ -163,7 +318,7 @@ def _as_label_array(values: np.ndarray, path: str, binarize: bool = False) -> np
     return rounded.astype(np.uint8)
 
 
-def _open_picture(path: str):
+def _open_picture(path: str, max_voxels: int | None = None):
     from PIL import Image  # a dependency only of 2D datasets
 
     if not os.path.isfile(path):
@@ -172,10 +327,18 @@ def _open_picture(path: str):
         if path.lower().endswith(".gz"):  # STARE is distributed as im0001.ppm.gz
             with gzip.open(path, "rb") as f:
                 picture = Image.open(f)
+                _check_picture_size(picture, path, max_voxels)
                 picture.load()
         else:
             picture = Image.open(path)
+            _check_picture_size(picture, path, max_voxels)
             picture.load()
+    except NiftiError:
+        raise
+    except Image.DecompressionBombError as e:
+        # Pillow checks the declared size in Image.open, before ours can.
+        raise NiftiError(f"{path}: its header declares more pixels than Pillow decodes (its "
+                         f"decompression-bomb limit: {e})") from e
     except Exception as e:  # PIL raises OSError/SyntaxError/ValueError for broken files
         raise NiftiError(
             f"cannot read image file {path} (truncated or corrupt?): {type(e).__name__}: {e}"
@@ -185,12 +348,21 @@ def _open_picture(path: str):
     return picture
 
 
+def _check_picture_size(picture, path: str, max_voxels: int | None) -> None:
+    """The pixel count a picture's header declares, before Pillow decodes it."""
+    limit = MAX_VOXELS if max_voxels is None else int(max_voxels)
+    width, height = picture.size
+    if width * height > limit:
+        raise NiftiError(f"{path}: its header declares {width}x{height} = {width * height} "
+                         "pixels, " + _limit_text(limit))
+
+
 def picture_array(path: str, is_label: bool = False, *, color: str = "green",
-                  binarize: bool = False) -> np.ndarray:
+                  binarize: bool = False, max_voxels: int | None = None) -> np.ndarray:
     """[rows, cols] (or [rows, cols, 3] for color="rgb") array of a 2D picture."""
     if color not in COLOR_MODES:
         raise ValueError(f"color must be one of {', '.join(COLOR_MODES)}, got {color!r}")
-    picture = _open_picture(path)
+    picture = _open_picture(path, max_voxels)
     if picture.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
         picture = picture.convert("RGB" if picture.mode not in ("LA", "1") else "L")
     array = np.asarray(picture)
@@ -212,9 +384,10 @@ def picture_array(path: str, is_label: bool = False, *, color: str = "green",
 
 
 def read_picture(path: str, is_label: bool = False, *, color: str = "green",
-                 binarize: bool = False) -> Volume:
+                 binarize: bool = False, max_voxels: int | None = None) -> Volume:
     """A 2D picture as a single-slice volume [rows, cols, 1] (+ [3] channels for rgb)."""
-    array = picture_array(path, is_label, color=color, binarize=binarize)
+    array = picture_array(path, is_label, color=color, binarize=binarize,
+                          max_voxels=max_voxels)
     array = array[:, :, None] if array.ndim == 2 else array[:, :, None, :]
     affine = np.eye(4)
     shape = tuple(int(n) for n in array.shape[:3])

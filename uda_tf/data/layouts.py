@@ -215,22 +215,52 @@ def _msd_images(directory: str, ending: str, allow_plain: bool) -> dict[str, str
     return images
 
 
+def _relative_path(value, root: str, where: str) -> str:
+    """`root`/`value` for a path a dataset.json lists; it must be a relative path that stays
+    inside the dataset root (checked on the text: a linked imagesTr/ may live elsewhere)."""
+    if not isinstance(value, str) or not value:
+        raise LayoutError(f"{where}: expected a non-empty relative path string, got {value!r}")
+    relative = os.path.normpath(value)
+    if os.path.isabs(value) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise LayoutError(f"{where}: {value!r} must be a path relative to the dataset root "
+                          f"{root} that stays inside it (no absolute path, no '..' leaving it)")
+    return os.path.normpath(os.path.join(root, relative))
+
+
+def _unique_case(found: dict, case_id: str, path: str, entry: str, where: str) -> None:
+    """Records `case_id` -> (path, entry); two entries giving one case id would silently keep
+    only the last, so that is an error naming both."""
+    if case_id in found:
+        raise LayoutError(
+            f"{where}: {found[case_id][1]} ({found[case_id][0]}) and {entry} ({path}) both "
+            f"give case id {case_id!r} (case ids are file names without their ending, whatever "
+            "the folder); rename one so every case has its own file name")
+    found[case_id] = (path, entry)
+
+
 def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]:
     """case_id -> (image path, expected label path) of the training (labelled) cases."""
     images_dir = os.path.join(root, "imagesTr")
     labels_dir = os.path.join(root, "labelsTr")
-    if isinstance(meta.get("training"), list):
+    where = f"{root}/dataset.json"
+    training = meta.get("training")
+    if training is not None and not isinstance(training, list):
+        raise LayoutError(f"{where}: 'training' must be a list of {{\"image\": ..., "
+                          f"\"label\": ...}} objects, got {type(training).__name__}")
+    if isinstance(training, list):
         # MSD v1 lists its pairs explicitly and names images without the _0000 suffix.
-        pairs = {}
-        for entry in meta["training"]:
+        found, labels = {}, {}
+        for index, entry in enumerate(training):
+            at = f"{where} 'training'[{index}]"
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
                 raise LayoutError(
-                    f"{root}/dataset.json: every 'training' entry needs 'image' and 'label'"
-                )
-            image = os.path.normpath(os.path.join(root, entry["image"]))
-            label = os.path.normpath(os.path.join(root, entry["label"]))
-            pairs[_msd_v1_case_id(image, ending)] = (image, label)
-        return pairs
+                    f"{at}: expected an object with 'image' and 'label' paths, got {entry!r}")
+            image = _relative_path(entry["image"], root, f"{at} 'image'")
+            label = _relative_path(entry["label"], root, f"{at} 'label'")
+            _unique_case(found, _msd_v1_case_id(image, ending), image,
+                         f"'training'[{index}] {entry['image']!r}", where)
+            labels[image] = label
+        return {case_id: (image, labels[image]) for case_id, (image, _) in found.items()}
     if not os.path.isdir(images_dir):
         raise LayoutError(f"{root} is not an MSD/nnU-Net dataset: expected directory {images_dir}")
     return {
@@ -242,14 +272,40 @@ def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]
 def _msd_test_images(root: str, meta: dict, ending: str) -> dict[str, str]:
     """case_id -> image path of the unlabelled imagesTs/ cases (MSD v1 'test' list, or the
     directory listing)."""
-    if isinstance(meta.get("test"), list):
-        paths = [os.path.normpath(os.path.join(root, p)) for p in meta["test"]
-                 if isinstance(p, str)]
-        return {_msd_v1_case_id(p, ending): p for p in paths}
+    where = f"{root}/dataset.json"
+    test = meta.get("test")
+    if test is not None and not isinstance(test, list):
+        raise LayoutError(f"{where}: 'test' must be a list of image paths, got "
+                          f"{type(test).__name__}")
+    if isinstance(test, list):
+        found = {}
+        for index, value in enumerate(test):
+            path = _relative_path(value, root, f"{where} 'test'[{index}]")
+            _unique_case(found, _msd_v1_case_id(path, ending), path,
+                         f"'test'[{index}] {value!r}", where)
+        return {case_id: path for case_id, (path, _) in found.items()}
     directory = os.path.join(root, "imagesTs")
     if not os.path.isdir(directory):
         return {}
     return _msd_images(directory, ending, allow_plain=True)
+
+
+def _check_domains(meta: dict, where: str) -> None:
+    """'domains' must be {name: [case id strings]}; anything else names the key."""
+    domains = meta.get("domains")
+    if domains is None:
+        return
+    if not isinstance(domains, dict):
+        raise LayoutError(f"{where} 'domains' must map domain names to lists of case ids, "
+                          f"got {type(domains).__name__}")
+    for domain, members in domains.items():
+        if not isinstance(members, list):
+            raise LayoutError(f"{where} 'domains'[{domain!r}] must be a list of case ids, got "
+                              f"{members!r}")
+        for member in members:
+            if not isinstance(member, str):
+                raise LayoutError(f"{where} 'domains'[{domain!r}] holds {member!r}; expected "
+                                  "case id strings only")
 
 
 def _domains_of(meta: dict, case_ids: list[str], root: str, default: str) -> dict[str, str]:
@@ -257,8 +313,7 @@ def _domains_of(meta: dict, case_ids: list[str], root: str, default: str) -> dic
     if domains is None:
         return {case_id: default for case_id in case_ids}
     where = f"{root}/dataset.json 'domains'"
-    if not isinstance(domains, dict) or not all(isinstance(v, list) for v in domains.values()):
-        raise LayoutError(f"{where} must map domain names to lists of case ids")
+    _check_domains(meta, f"{root}/dataset.json")
     known = set(case_ids)
     of_case: dict[str, str] = {}
     for domain, members in domains.items():
@@ -292,13 +347,14 @@ def read_msd(root: str, default_domain: str | None = None) -> Listing:
     channels = meta.get("channel_names", meta.get("modality", {"0": ""}))
     if isinstance(channels, dict) and len(channels) > 1:
         raise LayoutError(
-            f"{where}: {len(channels)} channels {sorted(channels.values())}; "
+            f"{where}: {len(channels)} channels {sorted(map(str, channels.values()))}; "
             "only single-channel datasets are supported"
         )
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in (".nii.gz", ".nii"):
         raise LayoutError(f"{where}: file_ending {ending!r} is not NIfTI (.nii.gz or .nii)")
     name = str(meta.get("name") or os.path.basename(os.path.normpath(root)))
+    _check_domains(meta, where)
     pairs = _msd_pairs(root, meta, ending)
     tests = _msd_test_images(root, meta, ending)
     for case_id, (image, _) in sorted(pairs.items()):

@@ -39,8 +39,153 @@ def write_manifest(out_dir: str, manifest: dict) -> dict:
     return stamped
 
 
+class ManifestError(ValueError):
+    """A manifest.json that is unreadable, edited, or not what `prepare` writes; the message
+    names the file and the key."""
+
+
+_UNLABELLED = "unlabelled"  # splits.UNLABELLED (not imported: this module stays light)
+_DATA_KEYS = ("domains", "cases", "shards")
+
+
+def _is_int(value, low=0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _inside_data_dir(file: str) -> bool:
+    """A relative path that stays under the data directory (checked on the text)."""
+    normal = os.path.normpath(file)
+    return bool(file) and not os.path.isabs(file) and normal != os.pardir and \
+        not normal.startswith(os.pardir + os.sep) and normal != os.curdir
+
+
+def validate(manifest, path: str) -> None:
+    """Checks the structure docs/CONTRACTS.md promises; ManifestError names `path` and the key.
+
+    Every manifest has image_shape, num_classes, label_names and preprocessing (a model's
+    export carries only those); a prepared dataset's also has domains, cases and shards, which
+    must refer to each other and keep every shard file inside the data directory.
+    """
+    def fail(key: str, expected: str, value=None, show=True):
+        got = f", got {value!r}"[:200] if show else ""
+        raise ManifestError(f"{path}: {key} must be {expected}{got}; the file was edited or "
+                            "damaged: prepare the data again")
+
+    if not isinstance(manifest, dict):
+        fail("the top level", "a JSON object", type(manifest).__name__)
+    for key in ("image_shape", "num_classes", "label_names", "preprocessing"):
+        if key not in manifest:
+            fail(f"key {key!r}", "present", show=False)
+    shape = manifest["image_shape"]
+    if not (isinstance(shape, list) and len(shape) in (3, 4)
+            and all(v is None or _is_int(v, 1) for v in shape)):
+        fail("'image_shape'", "a list of 3 or 4 positive integers (or null for a free depth)",
+             shape)
+    classes = manifest["num_classes"]
+    if not _is_int(classes, 1):
+        fail("'num_classes'", "a positive integer", classes)
+    names = manifest["label_names"]
+    if not (isinstance(names, dict) and set(names) == {str(i) for i in range(classes)}
+            and all(isinstance(v, str) for v in names.values())):
+        fail("'label_names'", f'{{"0": name, ..., "{classes - 1}": name}} (one string per '
+             "class of num_classes)", names)
+    if not isinstance(manifest["preprocessing"], dict):
+        fail("'preprocessing'", "an object", manifest["preprocessing"])
+    if "image_dtype" in manifest and manifest["image_dtype"] not in ("float32", "float16"):
+        fail("'image_dtype'", "float32 or float16", manifest["image_dtype"])
+    output = manifest.get("output", {})
+    if not isinstance(output, dict):
+        fail("'output'", "an object", output)
+    if "records" in output and output["records"] not in ("slices", "volumes"):
+        fail("'output' 'records'", "slices or volumes", output["records"])
+    if "context_slices" in output and not _is_int(output["context_slices"]):
+        fail("'output' 'context_slices'", "an integer >= 0", output["context_slices"])
+    if output.get("compression") not in (None, "", "GZIP"):
+        fail("'output' 'compression'", "null or GZIP", output.get("compression"))
+    present = [k for k in _DATA_KEYS if k in manifest]
+    if not present:
+        return
+    if len(present) < len(_DATA_KEYS):
+        missing = [k for k in _DATA_KEYS if k not in manifest]
+        fail(f"keys {missing}", f"present beside {present} (a prepared dataset lists all of "
+             f"{list(_DATA_KEYS)})", show=False)
+    _validate_data(manifest, fail)
+
+
+def _validate_data(manifest: dict, fail) -> None:
+    from uda_tf.data.preprocess import PreprocessConfig  # numpy only; loaded on demand
+
+    try:
+        PreprocessConfig.from_manifest(manifest["preprocessing"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        fail("'preprocessing'", f"the preprocessing parameters prepare records ({e})",
+             manifest["preprocessing"])
+    splits = (*SPLITS, _UNLABELLED)
+    domains, cases = manifest["domains"], manifest["cases"]
+    if not isinstance(cases, dict):
+        fail("'cases'", "an object {case_id: entry}", type(cases).__name__)
+    for case_id, entry in cases.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("domain"), str)
+                and entry.get("split") in splits):
+            fail(f"'cases'[{case_id!r}]", f"an object with a 'domain' and a 'split' "
+                 f"({', '.join(splits)})", entry)
+    if not isinstance(domains, dict):
+        fail("'domains'", "an object {domain: {labelled, cases}}", type(domains).__name__)
+    for domain, entry in domains.items():
+        key = f"'domains'[{domain!r}]"
+        if not (isinstance(entry, dict) and isinstance(entry.get("labelled"), bool)
+                and isinstance(entry.get("cases"), dict)):
+            fail(key, "an object with 'labelled' (true/false) and 'cases' {split: [ids]}",
+                 entry)
+        for split, ids in entry["cases"].items():
+            if split not in splits:
+                fail(f"{key} 'cases' key {split!r}", f"one of {', '.join(splits)}", split)
+            if not isinstance(ids, list):
+                fail(f"{key} 'cases'[{split!r}]", "a list of case ids", ids)
+            for case_id in ids:
+                if not isinstance(case_id, str) or case_id not in cases:
+                    fail(f"{key} 'cases'[{split!r}]", "case ids listed under 'cases'",
+                         case_id)
+                if cases[case_id]["domain"] != domain or cases[case_id]["split"] != split:
+                    fail(f"'cases'[{case_id!r}]", f"in domain {domain!r}, split {split!r} "
+                         f"as {key} says", cases[case_id])
+    for case_id, entry in cases.items():
+        if entry["domain"] not in domains:
+            fail(f"'cases'[{case_id!r}] 'domain'", f"one of 'domains' {sorted(domains)}",
+                 entry["domain"])
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        fail("'shards'", "a list", type(shards).__name__)
+    for index, shard in enumerate(shards):
+        key = f"'shards'[{index}]"
+        if not isinstance(shard, dict):
+            fail(key, "an object {file, records, sha256, domain, split}", shard)
+        file = shard.get("file")
+        if not (isinstance(file, str) and _inside_data_dir(file)):
+            fail(f"{key} 'file'", "a path relative to the data directory that stays inside "
+                 "it (no absolute path, no '..')", file)
+        if not _is_int(shard.get("records")):
+            fail(f"{key} 'records'", "an integer >= 0", shard.get("records"))
+        sha = shard.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64
+                and all(c in "0123456789abcdef" for c in sha)):
+            fail(f"{key} 'sha256'", "64 lowercase hex digits", sha)
+        if not isinstance(shard.get("domain"), str) or shard["domain"] not in domains:
+            fail(f"{key} 'domain'", f"one of 'domains' {sorted(domains)}", shard.get("domain"))
+        if shard.get("split") not in splits:
+            fail(f"{key} 'split'", f"one of {', '.join(splits)}", shard.get("split"))
+    skipped = manifest.get("skipped_cases", [])
+    if not (isinstance(skipped, list) and all(isinstance(e, dict) for e in skipped)):
+        fail("'skipped_cases'", "a list of objects", skipped)
+
+
 def load_manifest(data_dir: str) -> dict:
-    """Reads and checks `<data_dir>/manifest.json`."""
+    """Reads and checks `<data_dir>/manifest.json`: ManifestError (a ValueError) names the
+    file and the key for anything but the structure `prepare` writes, or an edited file."""
     path = os.path.join(data_dir, FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -50,17 +195,26 @@ def load_manifest(data_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ManifestError(f"cannot read {path}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a uda_tf manifest (format != {FORMAT!r})")
+        raise ManifestError(f"{path} is not a uda_tf manifest (format != {FORMAT!r})")
     if manifest.get("version") != VERSION:
-        raise ValueError(
-            f"{path} has manifest version {manifest.get('version')}, this code reads {VERSION}; "
-            "prepare the data again"
+        raise ManifestError(
+            f"{path} has manifest version {manifest.get('version')!r}, this code reads "
+            f"{VERSION}; prepare the data again"
         )
-    if manifest.get("content_hash") != content_hash(manifest):
-        raise ValueError(f"{path} was modified after it was written (content_hash mismatch)")
+    validate(manifest, path)
+    try:
+        expected = content_hash(manifest)
+    except ValueError as e:  # NaN or Infinity, which json.load accepts
+        raise ManifestError(f"{path}: cannot hash its content ({e}); the file was edited: "
+                            "prepare the data again") from e
+    if manifest.get("content_hash") != expected:
+        raise ManifestError(
+            f"{path} was modified after it was written (content_hash mismatch): its shards "
+            "and cases may no longer match it. Prepare the data again (python -m "
+            f"uda_tf.prepare ... --output_dir={data_dir} --overwrite) or restore the file")
     return manifest
 
 

@@ -105,6 +105,10 @@ def define_flags() -> None:
                   "by default cases get derived ids <domain>_<k>.")
     d.DEFINE_string("identifier_map", None, "Write {derived id: original id and files} here "
                     "(outside --output_dir) to map results back to the original scans.")
+    d.DEFINE_integer("max_voxels", io.MAX_VOXELS, "Refuse a scan or picture whose header "
+                     "declares more voxels than this, before reading it (a forged header or a "
+                     "gzip bomb cannot exhaust memory); raise it for really larger scans.",
+                     lower_bound=1)
     d.DEFINE_bool("progress", True, "Progress bar on stderr.")
     flags.mark_flags_as_required(["input_dir", "output_dir"])
 
@@ -136,7 +140,7 @@ def prepare_kwargs() -> dict:
              "foreground_percentile", "normalize_in_foreground", "crop_foreground", "color",
              "output", "context_slices", "image_dtype", "compression", "split", "split_seed",
              "split_file", "records_per_shard", "workers", "skip_bad_cases", "overwrite",
-             "progress", "keep_identifiers", "identifier_map")
+             "progress", "keep_identifiers", "identifier_map", "max_voxels")
     kwargs = {name: FLAGS[name].value for name in names}
     kwargs["layout_options"] = {name: FLAGS[name].value for name in LAYOUT_OPTION_FLAGS
                                 if FLAGS[name].value is not None}

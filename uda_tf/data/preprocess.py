@@ -165,6 +165,11 @@ def normalize_intensity(
         mask = np.broadcast_to(mask[..., None], image.shape)
     sample = image if mask is None else image[mask]
     p_low, p_high = (float(v) for v in np.percentile(sample, clip_percentiles))
+    if not (np.isfinite(p_low) and np.isfinite(p_high)):
+        # Interpolating between values near the float32 limit overflows float32; float64
+        # holds any finite float32 difference.
+        p_low, p_high = (float(v) for v in np.percentile(sample.astype(np.float64),
+                                                         clip_percentiles))
     clipped_sample = np.clip(sample, p_low, p_high)
     mean = float(clipped_sample.mean(dtype=np.float64))
     std = float(clipped_sample.std(dtype=np.float64))
@@ -172,7 +177,11 @@ def normalize_intensity(
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
     offset, scale = intensity_transform(stats, normalization)
-    out = ((np.clip(image, p_low, p_high) - offset) / scale).astype(np.float32)
+    clipped = np.clip(image, p_low, p_high)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = ((clipped - offset) / scale).astype(np.float32)
+    if not np.isfinite(out).all():  # float32 overflow of `clipped - offset` near its limit
+        out = ((clipped.astype(np.float64) - offset) / scale).astype(np.float32)
     return out, stats
 
 
@@ -314,23 +323,40 @@ def _check_label_values(label: io.Volume, path: str, label_values: int) -> None:
         )
 
 
-def prepare_case(case: CaseRecord, config: PreprocessConfig, label_values: int) -> PreparedCase:
+def _check_prepared(prepared: np.ndarray, record: dict, case: CaseRecord) -> None:
+    """The guarantee behind the arithmetic: no NaN or infinity reaches a shard."""
+    bad = int(np.count_nonzero(~np.isfinite(prepared)))
+    stats = record["intensity"].values()
+    if bad or not all(np.isfinite(v) for v in stats) or not np.isfinite(
+            record["crop_pad"]["pad_value"]):
+        raise io.NiftiError(
+            f"case {case.case_id!r} ({case.image_path}): preprocessing produced {bad} NaN or "
+            f"infinite voxels (intensity statistics {record['intensity']}); the image's "
+            "values are probably beyond what float32 arithmetic can scale (near +-3.4e38)")
+
+
+def prepare_case(case: CaseRecord, config: PreprocessConfig, label_values: int, *,
+                 max_voxels: int | None = None) -> PreparedCase:
     """Reads, checks and preprocesses one case; picklable, so it runs in worker processes.
-    Every problem is an io.NiftiError (or FileNotFoundError) naming the file."""
-    image = io.read_volume(case.image_path, color=config.color)
+    Every problem is an io.NiftiError (or FileNotFoundError) naming the file. `max_voxels`
+    bounds every file's declared size (io.read_volume)."""
+    image = io.read_volume(case.image_path, color=config.color, max_voxels=max_voxels)
     _check_image(image, case.image_path)
     label = roi = None
     if case.label_path is not None:
-        label = io.read_volume(case.label_path, is_label=True, binarize=case.binarize_label)
+        label = io.read_volume(case.label_path, is_label=True, binarize=case.binarize_label,
+                               max_voxels=max_voxels)
         _check_grid(image, label, case.image_path, case.label_path, "label")
         _check_label_values(label, case.label_path, label_values)
     if case.mask_path is not None:
-        roi = io.read_volume(case.mask_path, is_label=True, binarize=True)
+        roi = io.read_volume(case.mask_path, is_label=True, binarize=True,
+                             max_voxels=max_voxels)
         _check_grid(image, roi, case.image_path, case.mask_path, "region-of-interest mask")
     try:
         prepared, prepared_label, prepared_roi, record = _preprocess(image, label, roi, config)
     except io.NiftiError as e:
         raise io.NiftiError(f"{case.image_path}: {e}") from e
+    _check_prepared(prepared, record, case)
     record["has_roi"] = roi is not None
     return PreparedCase(case.case_id, case.domain, prepared, prepared_label, record,
                         prepared_roi)

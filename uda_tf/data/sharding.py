@@ -17,9 +17,11 @@ simply written again.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 
 SHARDS_DIR = "shards"
 PROGRESS_DIR = ".progress"
@@ -58,14 +60,59 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+# The names write_json_atomic and GroupWriter give their temporary files (".tmp-<pid>").
+_TEMPORARY = re.compile(r"^.+\.(tfrecord|json)\.tmp-\d+$")
+
+
 def remove_temporary_files(output_dir: str) -> None:
-    """Temporary shards and markers an interrupted run left behind."""
+    """Temporary shards and markers an interrupted run left behind (only names of the form
+    this module writes, so a user's file in a shards/ folder is left alone)."""
     for sub in (SHARDS_DIR, PROGRESS_DIR):
         directory = os.path.join(output_dir, sub)
         if os.path.isdir(directory):
             for name in os.listdir(directory):
-                if ".tmp-" in name:
-                    os.remove(os.path.join(directory, name))
+                path = os.path.join(directory, name)
+                if _TEMPORARY.match(name) and os.path.isfile(path) and not os.path.islink(path):
+                    os.remove(path)
+
+
+# The names of the markers under .progress/: request.json, <domain>-<split>-<k>.json,
+# <domain>-<split>.done.json (and their temporary files).
+_MARKER = re.compile(r"^(request|.+-(train|val|test|unlabelled)(-\d{5}|\.done))\.json"
+                     r"(\.tmp-\d+)?$")
+
+
+def remove_progress(output_dir: str) -> None:
+    """Removes the progress markers prepare wrote, and `.progress/` once empty; anything else
+    found there (not ours) stays."""
+    directory = os.path.join(output_dir, PROGRESS_DIR)
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        return
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if _MARKER.match(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # not empty: someone else's files
+
+
+def marked_shards(output_dir: str) -> set[str]:
+    """Base names of the shards that the progress markers under `<out>/.progress/` record as
+    written by prepare (finished or interrupted runs, any request)."""
+    names = set()
+    for path in glob.glob(os.path.join(output_dir, PROGRESS_DIR, "*.json")):
+        marker = read_json(path)
+        if not isinstance(marker, dict):
+            continue
+        entries = marker.get("shards") if isinstance(marker.get("shards"), list) else []
+        entries = entries + ([marker["shard"]] if isinstance(marker.get("shard"), dict) else [])
+        for entry in entries:
+            file = entry.get("file") if isinstance(entry, dict) else None
+            if isinstance(file, str) and os.path.dirname(os.path.normpath(file)) == SHARDS_DIR:
+                names.add(os.path.basename(file))
+    return names
 
 
 class GroupWriter:

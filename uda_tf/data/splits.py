@@ -55,6 +55,17 @@ def read_split_file(path: str) -> dict[str, str]:
     return dict(data)
 
 
+def check_known(split_file: dict, known, where: str, dataset: str) -> None:
+    """A split file names only cases of this dataset: an id matching no case is most likely a
+    split file for another dataset (or other ids), which would otherwise pass unnoticed."""
+    unknown = sorted(c for c in split_file if c not in set(known))
+    if unknown:
+        raise ValueError(
+            f"{where} names cases {unknown[:5]}{' ...' if len(unknown) > 5 else ''} "
+            f"({len(unknown)} of {len(split_file)}) that are not in {dataset}; a split file "
+            "must describe this dataset's cases (ids as the layout reads them)")
+
+
 def assign_splits(cases_by_domain: dict, fractions, seed: int,
                   split_file: dict | None = None, where: str = "--split_file"):
     """{domain: {split: [case ids]}} for {domain: [(case_id, labelled)]}.
