@@ -243,7 +243,10 @@ def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabil
                             ("entropy", MAP_SUFFIXES[1])):
             if key in result:
                 target = os.path.join(output_dir, f"{case_id}{suffix}.nii.gz")
-                write_nifti(target, result[key], result["affine"], like=path)
+                # A picture (DRIVE, STARE) has no NIfTI header to copy: its prediction is a
+                # NIfTI [rows, cols, 1] on the picture's pixel grid (identity affine).
+                write_nifti(target, result[key], result["affine"],
+                            like=None if io.is_picture(path) else path)
                 written.append(target)
         say(f"[{n}/{len(cases)}] {case_id}: {path} -> {output_dir} "
             f"({time.time() - start:.1f} s)")
