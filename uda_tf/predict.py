@@ -175,12 +175,25 @@ def predict_file(predictor: Predictor, path: str, *, probabilities: bool = False
 
 def write_nifti(path: str, array: np.ndarray, affine, like: str | None = None) -> None:
     """Writes a NIfTI atomically (a hidden temporary name in the same directory, then
-    os.replace); with `like`, keeps that file's qform/sform codes and units."""
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
-    if like is not None:
-        header = nib.load(like).header
-        image.set_sform(image.affine, code=int(header["sform_code"]) or 2)
-        image.set_qform(image.affine, code=int(header["qform_code"]) or 1)
+    os.replace); with `like`, keeps that file's qform and sform (matrices and codes) and
+    units. Each form the file sets is copied as stored: scanner exports often hold a qform
+    and an sform that differ slightly, and a reader that prefers the qform must find the
+    prediction where it finds the scan. `affine` stands in for a form the file lacks."""
+    header = None if like is None else nib.load(like).header
+    # NIfTI-2 input, NIfTI-2 output: its float64 quaternion does not survive NIfTI-1's float32.
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = kind(np.asarray(array), np.asarray(affine, np.float64))
+    if header is not None:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        qform = image.affine
+        if qform_code:
+            try:
+                qform = header.get_qform()
+            except ValueError:  # a quaternion nibabel cannot decode: the affine stands in
+                pass
+        image.set_sform(header.get_sform() if sform_code else image.affine,
+                        code=sform_code or 2)
+        image.set_qform(qform, code=qform_code or 1)
         image.header.set_xyzt_units(*header.get_xyzt_units())
     directory, name = os.path.split(path)
     ending = next((e for e in NIFTI_ENDINGS if name.endswith(e)), ".nii.gz")
