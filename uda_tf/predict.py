@@ -180,19 +180,27 @@ def write_nifti(path: str, array: np.ndarray, affine, like: str | None = None) -
 
     The two may differ (scanner qform, registered sform): viewers and tools that read the
     qform (ITK, FSL with some codes) must place the prediction where they place the scan,
-    so neither is replaced by the other."""
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
-    if like is not None:
-        header = nib.load(like).header
+    so neither is replaced by the other. A NIfTI-2 scan gets a NIfTI-2 prediction: its
+    float64 quaternion does not survive NIfTI-1's float32."""
+    header = None if like is None else nib.load(like).header
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = kind(np.asarray(array), np.asarray(affine, np.float64))
+    if header is not None:
         if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
             # No coded orientation: readers use pixdim alone, which `affine` already encodes.
             image.set_sform(None, code=0)
             image.set_qform(None, code=0)
         else:
-            for getter, setter in ((header.get_sform, image.set_sform),
-                                   (header.get_qform, image.set_qform)):
-                matrix, code = getter(coded=True)
-                setter(matrix, code=int(code))  # matrix None with code 0: unset
+            sform, sform_code = header.get_sform(coded=True)
+            image.set_sform(sform, code=int(sform_code))  # matrix None with code 0: unset
+            qform_code = int(header["qform_code"])
+            qform = None
+            if qform_code:
+                try:
+                    qform = header.get_qform()
+                except ValueError:  # a quaternion nibabel cannot decode: the affine stands in
+                    qform = image.affine
+            image.set_qform(qform, code=qform_code)
         image.header.set_xyzt_units(*header.get_xyzt_units())
     directory, name = os.path.split(path)
     ending = next((e for e in NIFTI_ENDINGS if name.endswith(e)), ".nii.gz")
@@ -363,7 +371,10 @@ def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabil
             result = predict_file(predictor, path, probabilities=save_probabilities,
                                   entropy=save_entropy)
             for _, _, key, target in (t for t in targets if t[0] == case_id):
-                write_nifti(target, result[key], result["affine"], like=path)
+                # A picture (DRIVE, STARE) has no NIfTI header to copy: its prediction is a
+                # NIfTI [rows, cols, 1] on the picture's pixel grid (identity affine).
+                write_nifti(target, result[key], result["affine"],
+                            like=None if io.is_picture(path) else path)
                 written.append(target)
             say(f"[{n}/{len(cases)}] {case_id}: {path} -> {output_dir} "
                 f"({time.time() - start:.1f} s)")
