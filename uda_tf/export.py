@@ -23,7 +23,7 @@ Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Si
 
 `assets.extra/` holds `manifest.json` (the prepared dataset's manifest), `label_names.json`
 and `tf_serving_warmup_requests` (PredictionLog records TF Serving replays at load time).
-Only the segmentor is exported, never the adversarial wrapper (shared/ARCHITECTURE.md).
+Only the segmentor is exported, never the adversarial wrapper (docs/DESIGN.md).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ def replica_mean(per_sample):
     """Per-replica share of the global-batch mean: sum / (per-replica batch x replicas).
 
     Gradients are summed across replicas by the optimizer, so this is what makes N replicas
-    equal one device (shared/ARCHITECTURE.md, loss scaling)."""
+    equal one device (docs/DESIGN.md, distribution)."""
     return tf.nn.compute_average_loss(per_sample)
 
 

@@ -61,7 +61,7 @@ class SegmentationMethod(keras.Model):
         self.ent_loss_tracker = keras.metrics.Mean(name="ent_loss")
         self.val_dice = StreamingDice(self.class_names, name="dice")
         # Sub-networks are functional and already built; marking the wrapper built stops Keras
-        # from calling it on the (source, target) tuple at fit time (ARCHITECTURE.md).
+        # from calling it on the (source, target) tuple at fit time (docs/DESIGN.md).
         self.built = True
 
     # -- construction from resolved flags (one general path for every registered method) --
