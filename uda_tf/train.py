@@ -613,14 +613,19 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
         return ds.skip(batches) if cfg.deterministic else ds
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
-    # the end of a finite dataset).
+    # the end of a finite dataset). Batches are padded to a multiple of the replica count,
+    # the padding weighted 0: any number of replicas and workers and any split size, and the
+    # Dice of exactly the real slices (pipeline.pad_batch).
+    padded = pipeline.padded_batch_size(cfg.global_batch_size, strategy.num_replicas_in_sync)
     if volumes:
         val_ds = pipeline.eval_patches(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                       patch_size, batch_size=cfg.global_batch_size).repeat()
+                                       patch_size, batch_size=cfg.global_batch_size,
+                                       pad_to_batch=padded).repeat()
         val_count = pipeline.num_eval_patches(manifest, cfg.source_domain, "val", patch_size)
     else:
         val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                       batch_size=cfg.global_batch_size).repeat()
+                                       batch_size=cfg.global_batch_size,
+                                       pad_to_batch=padded).repeat()
         val_count = pipeline.num_records(manifest, cfg.source_domain, "val")
     val_steps = math.ceil(val_count / cfg.global_batch_size)
     with strategy.scope():
