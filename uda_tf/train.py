@@ -180,9 +180,11 @@ def define_flags():
             "loss scaling on GPU, mixed_bfloat16 on CPU; weights and outputs stay float32.")
     # outputs
     _define("string", "output_dir", "runs", "Root of the run directories.")
-    _define("string", "run_name", "", "Run directory and MLflow run name (default: "
-            "<method>-<timestamp>).")
-    _define("bool", "overwrite", False, "Replace an existing run directory of the same name.")
+    _define("string", "run_name", "", "Run directory under --output_dir and MLflow run name: "
+            "a plain name, no '/' or '..' (default: <method>-<timestamp>).")
+    _define("bool", "overwrite", False, "Replace an existing run directory of the same name, "
+            "once every check has passed; only a run directory uda_tf created (it holds "
+            ".uda_tf_created) is emptied, never another directory.")
     _define("string", "model_name", "uda_segmentor", "SavedModel name: exported to "
             "<run_dir>/export/<model_name>/<version>.")
     _define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
@@ -190,7 +192,9 @@ def define_flags():
     _define("string", "mlflow_experiment", "", "MLflow experiment name (default: the "
             "--flagfile's basename without .cfg, one experiment per config; else uda_tf).")
     _define("bool", "resume", False, "Continue in the existing run directory --run_name "
-            "(not wiped) and its MLflow run (<run_dir>/mlflow_run_id).")
+            "(not wiped) from its newest backup, and its MLflow run (<run_dir>/mlflow_run_id) "
+            "with what <run_dir>/mlflow_unsent.json holds. A run stopped before its first "
+            "backup starts again from scratch there; a directory that is no run is refused.")
     _define("string", "register_model_name", "", "Register the exported model in the MLflow "
             "Model Registry under this name (empty: do not register).")
     _define("string", "register_alias", "", "Alias (e.g. champion) for the registered version; "
@@ -571,6 +575,14 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
         raise app.UsageError(str(err)) from err
     workers = multiworker.num_workers(strategy)
+    replicas = strategy.num_replicas_in_sync
+    if (replicas - 1) * -(-cfg.global_batch_size // replicas) >= cfg.global_batch_size:
+        # tf.distribute cuts a batch into pieces of ceil(batch / replicas); the last replica
+        # would get none, and a model cannot train on an empty batch.
+        raise app.UsageError(
+            f"--global_batch_size={cfg.global_batch_size} on {replicas} replicas leaves a "
+            f"replica without samples (batches are split in pieces of "
+            f"{-(-cfg.global_batch_size // replicas)}); use a multiple of {replicas}")
     for flag, on in (("--resume", cfg.resume),
                      ("--on_divergence=rollback", cfg.on_divergence == "rollback")):
         # Both restore the chief's backup on the chief alone, which would leave the workers

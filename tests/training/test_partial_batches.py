@@ -83,3 +83,15 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
     for name in ("target_entropy", "target_agreement", "oracle/val_dice"):
         assert logs[name] == pytest.approx(criteria[name], abs=1e-5), name
     assert os.path.isdir(result["saved_model"])
+
+
+def test_training_batch_that_leaves_a_replica_empty_is_refused(tiny_prepared, tmp_path):
+    """4 training samples on 3 replicas are cut 2, 2, 0: refused at start-up, naming it."""
+    from absl import app
+    from tests.test_train_hardening import _cfg
+    from uda_tf import train
+    data_dir, _ = tiny_prepared
+    with pytest.raises(app.UsageError, match="--global_batch_size=4 on 3 replicas leaves a "
+                                             "replica without samples .* multiple of 3"):
+        train.train(_cfg(data_dir, tmp_path / "runs", num_cpu_devices=3, global_batch_size=4))
+    assert not (tmp_path / "runs").exists()
