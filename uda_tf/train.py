@@ -549,7 +549,6 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     from uda_tf.training.selection import selection_monitor
 
     method_cls = get_method(cfg.method)
-    check_names(cfg)
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     if cfg.fda_beta and not method_cls.uses_target:
@@ -562,6 +561,7 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     check_selection(manifest, cfg)
     check_adaptation_flags(cfg)
     check_splits(manifest, cfg, method_cls)
+    check_names(cfg)
     target_labelled = labelled_target_cases(cfg, manifest)
     volumes = pipeline.record_kind(manifest) == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
