@@ -1,7 +1,10 @@
-"""Test session set-up: two logical CPU devices, configured before TensorFlow initialises them.
+"""Test session set-up: three logical CPU devices, configured before TensorFlow initialises
+them.
 
-Distribution tests run MirroredStrategy over the two; single-device tests use
-OneDeviceStrategy("/cpu:0") in the same process (shared/ARCHITECTURE.md, test harness notes).
+Distribution tests run MirroredStrategy over the first two (`two_replicas`) or all three
+(`three_replicas`: a replica count that divides no even batch, for partial final batches);
+single-device tests use OneDeviceStrategy("/cpu:0") in the same process
+(shared/ARCHITECTURE.md, test harness notes).
 """
 import os
 
@@ -11,7 +14,7 @@ import pytest  # noqa: E402
 
 from uda_tf.training import devices  # noqa: E402
 
-devices.split_cpu(2)
+devices.split_cpu(3)
 
 
 @pytest.fixture
@@ -23,6 +26,11 @@ def one_device():
 @pytest.fixture
 def two_replicas():
     return devices.mirrored_cpus(2)
+
+
+@pytest.fixture
+def three_replicas():
+    return devices.mirrored_cpus(3)
 
 
 @pytest.fixture(scope="session")

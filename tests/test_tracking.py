@@ -187,3 +187,69 @@ def test_resume_continues_the_same_run(tmp_path, store):
 ])
 def test_experiment_name(explicit, argv, expected):
     assert tracking.experiment_name(explicit, argv) == expected
+
+
+# -- the unsent queue: never lost, never a traceback --------------------------------------
+
+def _offline_tracker(run_dir, **kwargs):
+    tracking.set_http_defaults()
+    return tracking.RunTracker(f"http://127.0.0.1:{free_port()}", str(run_dir), "exp", "r",
+                               **kwargs)
+
+
+def test_truncated_unsent_file_is_named_and_kept(tmp_path, store):
+    tracker = _offline_tracker(tmp_path)
+    tracker.log_metrics({"loss": 1.0}, step=0, flush=False)
+    path = tracker.finish()
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])  # truncated (a copy cut short, a full disk)
+    with pytest.raises(tracking.UnsentFileError,
+                       match=f"{path}: not complete JSON .*truncated.*kept as it is"):
+        tracking.replay_unsent(path, store)
+    assert open(path, "rb").read() == whole[: len(whole) // 2]
+
+
+def test_resume_takes_over_the_unsent_queue_and_keeps_an_unreadable_one(tmp_path, store,
+                                                                        caplog):
+    import mlflow
+    first = _offline_tracker(tmp_path)
+    first.log_params({"epochs": 2})
+    first.log_metrics({"loss": 1.0}, step=0, flush=False)
+    path = first.finish("FAILED")
+    # Resumed while MLflow is still away: the queue written holds both attempts' values.
+    again = _offline_tracker(tmp_path, resume=True)
+    again.log_metrics({"loss": 0.5}, step=1, flush=False)
+    assert again.finish() == path
+    saved = tracking.read_unsent(path)
+    assert [(m["step"], m["value"]) for m in saved["pending"]["metrics"]] == [(0, 1.0),
+                                                                              (1, 0.5)]
+    assert saved["pending"]["params"] == {"epochs": "2"}
+    # Resumed with MLflow back: everything is sent once and the file removed.
+    last = tracking.RunTracker(store, str(tmp_path), "exp", "r", resume=True)
+    last.log_metrics({"loss": 0.25}, step=2, flush=False)
+    assert last.finish() is None and not os.path.exists(path)
+    history = mlflow.MlflowClient(store).get_metric_history(last.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+
+    # An unreadable queue: a warning naming it, and it is renamed, never overwritten.
+    with open(path, "w") as f:
+        f.write('{"tracking_uri": "http://x", "pend')
+    with caplog.at_level(logging.WARNING):
+        broken = _offline_tracker(tmp_path, resume=True)
+    assert f"{path}: not complete JSON" in caplog.text
+    broken.log_metrics({"loss": 0.1}, step=3, flush=False)
+    assert broken.finish() == path
+    aside = [n for n in os.listdir(tmp_path) if ".unreadable-" in n]
+    assert len(aside) == 1
+    assert (tmp_path / aside[0]).read_text() == '{"tracking_uri": "http://x", "pend'
+    assert [m["step"] for m in tracking.read_unsent(path)["pending"]["metrics"]] == [3]
+
+
+def test_finish_never_raises_when_the_queue_cannot_be_written(tmp_path, caplog):
+    tracker = _offline_tracker(tmp_path / "gone")  # the run directory was removed
+    tracker.log_metrics({"loss": 1.0}, step=0, flush=False)
+    with caplog.at_level(logging.ERROR):
+        tracker.finish()
+    assert "could not be written" in caplog.text
+    assert "1 metric values, 0 artifacts not logged" in caplog.text

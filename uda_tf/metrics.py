@@ -64,12 +64,19 @@ def _streaming_dice_class():
                 setattr(self, name, self.add_variable((n,), initializer="zeros", name=name))
 
         def update_state(self, labels, logits, sample_weight=None):
+            """`sample_weight` [batch]: 1 for a real sample, 0 for padding (a final
+            validation batch filled up to the global batch size, so that every replica
+            gets samples); the padding then counts nowhere."""
             from uda_tf.models.heads import class_probabilities
             n = len(self.class_names)
             # Through the head's probabilities: a sigmoid head has one logit, not n.
             pred = tf.one_hot(tf.argmax(class_probabilities(logits), axis=-1), n,
                               dtype=tf.float32)
             true = tf.one_hot(tf.cast(labels, tf.int32), n, dtype=tf.float32)
+            if sample_weight is not None:
+                keep = tf.reshape(tf.cast(sample_weight, tf.float32),
+                                  [-1] + [1] * (len(pred.shape) - 1))
+                pred, true = pred * keep, true * keep
             axes = list(range(len(pred.shape) - 1))
             self.intersection.assign_add(tf.reduce_sum(pred * true, axes))
             self.pred_total.assign_add(tf.reduce_sum(pred, axes))

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 from absl import app, flags, logging
 
+from uda_tf import files
 from uda_tf.methods import METHODS
 from uda_tf.models import MODELS
 from uda_tf.models.heads import HEADS
@@ -41,7 +42,10 @@ def _define(kind, name, default, help_text, enum_values=None, **kwargs):
 
 
 def define_flags():
-    """Define this CLI's flags (at run time, so importing the module defines nothing)."""
+    """Define this CLI's flags (at run time, so importing the module defines nothing); once
+    per process (tests define them to read their defaults)."""
+    if _NAMES:
+        return
     # data
     _define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
             "(python -m uda_tf.prepare).")
@@ -176,9 +180,11 @@ def define_flags():
             "loss scaling on GPU, mixed_bfloat16 on CPU; weights and outputs stay float32.")
     # outputs
     _define("string", "output_dir", "runs", "Root of the run directories.")
-    _define("string", "run_name", "", "Run directory and MLflow run name (default: "
-            "<method>-<timestamp>).")
-    _define("bool", "overwrite", False, "Replace an existing run directory of the same name.")
+    _define("string", "run_name", "", "Run directory under --output_dir and MLflow run name: "
+            "a plain name, no '/' or '..' (default: <method>-<timestamp>).")
+    _define("bool", "overwrite", False, "Replace an existing run directory of the same name, "
+            "once every check has passed; only a run directory uda_tf created (it holds "
+            ".uda_tf_created) is emptied, never another directory.")
     _define("string", "model_name", "uda_segmentor", "SavedModel name: exported to "
             "<run_dir>/export/<model_name>/<version>.")
     _define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
@@ -186,7 +192,9 @@ def define_flags():
     _define("string", "mlflow_experiment", "", "MLflow experiment name (default: the "
             "--flagfile's basename without .cfg, one experiment per config; else uda_tf).")
     _define("bool", "resume", False, "Continue in the existing run directory --run_name "
-            "(not wiped) and its MLflow run (<run_dir>/mlflow_run_id).")
+            "(not wiped) from its newest backup, and its MLflow run (<run_dir>/mlflow_run_id) "
+            "with what <run_dir>/mlflow_unsent.json holds. A run stopped before its first "
+            "backup starts again from scratch there; a directory that is no run is refused.")
     _define("string", "register_model_name", "", "Register the exported model in the MLflow "
             "Model Registry under this name (empty: do not register).")
     _define("string", "register_alias", "", "Alias (e.g. champion) for the registered version; "
@@ -307,7 +315,10 @@ def require_prepared_data(data_dir, dataset_source):
             f"--data_dir={data_dir}: no prepared dataset there (manifest.json missing).{hint}\n"
             "Prepare it with python -m uda_tf.prepare --output_dir=<dir> and point --data_dir "
             "at <dir>.")
-    return load_manifest(data_dir)
+    try:
+        return load_manifest(data_dir)
+    except ValueError as e:  # unreadable, not a manifest, another version, edited by hand
+        raise app.UsageError(f"--data_dir={data_dir}: {e}") from None
 
 
 def check_domains(manifest, source, target, method_cls):
@@ -379,21 +390,153 @@ def check_selection(manifest, cfg):
                              f"{cfg.target_domain!r} has no labelled val case")
 
 
-def make_run_dir(cfg) -> str:
+def check_names(cfg) -> None:
+    """Names that become paths (the run directory under --output_dir, the export under the
+    run) or MLflow registry names must be plain names: `--run_name=../x --overwrite` would
+    otherwise remove a directory anywhere. Checked before anything is created."""
+    if cfg.run_name:
+        files.check_name(cfg.run_name, "--run_name")
+    files.check_name(cfg.model_name, "--model_name", what="model name")
+    if cfg.register_model_name:
+        # MLflow's registry refuses '/' and ':' too, but only when it registers, after training.
+        files.check_name(cfg.register_model_name, "--register_model_name", what="model name")
+        if ":" in cfg.register_model_name:
+            raise files.BadNameError(f"--register_model_name={cfg.register_model_name!r} must "
+                                     "not contain ':' (MLflow model registry names)")
+    if cfg.register_alias:
+        try:
+            from mlflow.utils.validation import (_validate_model_alias_name,
+                                                 _validate_model_alias_name_reserved)
+        except ImportError:  # a private helper of MLflow: the registry still checks at the end
+            return
+        from mlflow.exceptions import MlflowException
+        try:
+            _validate_model_alias_name(cfg.register_alias)
+            _validate_model_alias_name_reserved(cfg.register_alias)
+        except MlflowException as e:
+            raise files.BadNameError(f"--register_alias={cfg.register_alias!r}: {e.message}") \
+                from None
+
+
+def check_splits(manifest, cfg, method_cls) -> None:
+    """The splits training reads exist: source train and val (checkpoints are chosen on
+    source validation Dice), and target train images when the method or AdaBN reads them.
+    Checked at start-up, before a run directory or an MLflow run exists."""
+    from uda_tf.data import pipeline
+
+    def splits(domain):
+        have = sorted(s for s, cases in manifest["domains"][domain]["cases"].items() if cases)
+        return ", ".join(f"{s} ({pipeline.num_records(manifest, domain, s)} records)"
+                         for s in have) or "none"
+
+    source = cfg.source_domain
+    if not pipeline.num_records(manifest, source, "train"):
+        raise app.UsageError(f"--source_domain={source!r} has no train records to train on; "
+                             f"its splits: {splits(source)}")
+    if not pipeline.num_records(manifest, source, "val"):
+        raise app.UsageError(f"--source_domain={source!r} has no validation records; "
+                             "checkpoints are chosen on source validation Dice; its splits: "
+                             f"{splits(source)}")
+    target = cfg.target_domain
+    needs = [why for why, on in ((f"--method={cfg.method}", method_cls.uses_target),
+                                 ("--adabn", cfg.adabn)) if on]
+    if target is not None and needs and not pipeline.num_records(manifest, target, "train"):
+        raise app.UsageError(f"--target_domain={target!r} has no train images, which "
+                             f"{' and '.join(needs)} read; its splits: {splits(target)}")
+
+
+def plan_run_dir(cfg) -> str:
+    """The run directory, checked without writing anything: inside --output_dir; with
+    --resume an earlier run of ours; otherwise new, empty, or (with --overwrite) one uda_tf
+    created. `claim_run_dir` acts on it once every other check has passed."""
+    from uda_tf.training import resume, tracking
     name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    files.check_name(name, "--run_name")
     run_dir = os.path.join(cfg.output_dir, name)
-    if os.path.exists(run_dir) and os.listdir(run_dir):
+    files.inside(cfg.output_dir, run_dir, "--run_name")  # e.g. a link to somewhere else
+    cfg.run_name = name
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise app.UsageError(f"--run_name={name}: {run_dir} exists and is not a directory")
+    exists = os.path.isdir(run_dir)
+    if cfg.resume:
+        if not exists:
+            raise app.UsageError(f"--resume: there is nothing to resume: the run directory "
+                                 f"{run_dir} does not exist (start the run without --resume)")
+        has_backup = bool(resume.list_backups(os.path.join(run_dir, resume.BACKUP_DIR)))
+        has_run_id = os.path.isfile(os.path.join(run_dir, tracking.RUN_ID_FILE))
+        if not (has_backup or has_run_id or files.created_by_us(run_dir)):
+            raise app.UsageError(
+                f"--resume: there is nothing to resume in {run_dir}: no training backup "
+                f"({resume.BACKUP_DIR}/step-*), no {tracking.RUN_ID_FILE} and no "
+                f"{files.MARKER_FILE}; it "
+                "is not a run of uda_tf")
+        if not has_backup:
+            # Ours (marker or MLflow run id), stopped before its first backup: nothing was
+            # trained yet, so starting from scratch in it loses nothing.
+            logging.warning("--resume: %s has no training backup yet (the run stopped before "
+                            "its first one); training starts from scratch in it", run_dir)
+        return run_dir
+    if exists and _entries(run_dir):
         if not cfg.overwrite:
             raise app.UsageError(f"run directory {run_dir} exists; pick another --run_name or "
                                  "pass --overwrite")
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir)
-    cfg.run_name = name
+        _check_ours(run_dir)
+    return run_dir
+
+
+def _entries(run_dir) -> list[str]:
+    """What a run directory holds, apart from a writer's lock file."""
+    return [n for n in os.listdir(run_dir) if n != files.LOCK_FILE]
+
+
+def _check_ours(run_dir) -> None:
+    if os.path.islink(run_dir) or not files.created_by_us(run_dir):
+        raise files.NotOurDirectoryError(
+            f"--overwrite refuses to remove {run_dir}: it was not created by uda_tf (no "
+            f"{files.MARKER_FILE} in it); nothing was removed. Move it away or choose another "
+            "--run_name.")
+
+
+def claim_run_dir(cfg, run_dir, hold) -> str:
+    """Takes the run directory for this process, once every check has passed: locks it for
+    the whole run (`hold`, an ExitStack; a second train on the same --run_name, --resume
+    included, is refused naming the holder), then with --overwrite empties it.
+
+    The lock file lives in the run directory itself, so --overwrite empties the directory in
+    place, lock file kept, rather than removing and re-creating it: there is no moment at which
+    the directory is unlocked, and nothing between our check and the removal can slip in. The
+    ownership marker goes last, so an interrupted emptying leaves a directory still ours."""
+    hold.enter_context(files.OutputLock(run_dir, "train --run_name"))
+    if not cfg.resume:
+        entries = _entries(run_dir)
+        if entries and not cfg.overwrite:  # created since plan_run_dir looked
+            raise app.UsageError(f"run directory {run_dir} exists; pick another --run_name or "
+                                 "pass --overwrite")
+        if entries:
+            _check_ours(run_dir)
+            for name in sorted(entries, key=lambda n: n == files.MARKER_FILE):
+                path = os.path.join(run_dir, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+    if not files.created_by_us(run_dir):
+        files.mark_created(run_dir, "run")
     return run_dir
 
 
 def train(cfg: SimpleNamespace) -> dict:
-    """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json."""
+    """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json.
+
+    Every check that can fail on the user's input (names, data, domains and splits, flags,
+    the init checkpoint loaded into the model, the output directory) runs before the run
+    directory is touched; the chief then holds the run directory's lock until it returns."""
+    import contextlib
+    with contextlib.ExitStack() as hold:
+        return _train(cfg, hold)
+
+
+def _train(cfg: SimpleNamespace, hold) -> dict:
     import keras
 
     from uda_tf.data import augment, pipeline
@@ -417,6 +560,8 @@ def train(cfg: SimpleNamespace) -> dict:
         raise app.UsageError(str(e)) from None
     check_selection(manifest, cfg)
     check_adaptation_flags(cfg)
+    check_splits(manifest, cfg, method_cls)
+    check_names(cfg)
     target_labelled = labelled_target_cases(cfg, manifest)
     volumes = pipeline.record_kind(manifest) == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
@@ -430,6 +575,14 @@ def train(cfg: SimpleNamespace) -> dict:
     except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
         raise app.UsageError(str(err)) from err
     workers = multiworker.num_workers(strategy)
+    replicas = strategy.num_replicas_in_sync
+    if (replicas - 1) * -(-cfg.global_batch_size // replicas) >= cfg.global_batch_size:
+        # tf.distribute cuts a batch into pieces of ceil(batch / replicas); the last replica
+        # would get none, and a model cannot train on an empty batch.
+        raise app.UsageError(
+            f"--global_batch_size={cfg.global_batch_size} on {replicas} replicas leaves a "
+            f"replica without samples (batches are split in pieces of "
+            f"{-(-cfg.global_batch_size // replicas)}); use a multiple of {replicas}")
     for flag, on in (("--resume", cfg.resume),
                      ("--on_divergence=rollback", cfg.on_divergence == "rollback")):
         # Both restore the chief's backup on the chief alone, which would leave the workers
@@ -441,23 +594,12 @@ def train(cfg: SimpleNamespace) -> dict:
         keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
     chief = multiworker.is_chief(strategy)
     if chief:  # other workers write nowhere but a temporary directory
+        run_dir = plan_run_dir(cfg)  # writes nothing
         guards.check_writable(cfg.output_dir, "--output_dir")  # before any work, not at the end
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
-    if not chief:  # other workers never write into the run (training/multiworker.py)
-        run_dir = multiworker.worker_dir(None, strategy)
-    elif cfg.resume:  # continue the crashed run: same directory (kept) and MLflow run
-        run_dir = os.path.join(cfg.output_dir, cfg.run_name)
-        os.makedirs(run_dir, exist_ok=True)
-    else:
-        run_dir = make_run_dir(cfg)
-    cfg.mlflow_experiment = tracking.experiment_name(cfg.mlflow_experiment, sys.argv)
-    values = dict(vars(cfg))
-    flags_path = os.path.join(run_dir, "flags.cfg")
-    with open(flags_path, "w") as f:
-        f.write(flagfile_text(values))
 
     label_names = {int(k): v for k, v in manifest["label_names"].items()}
     class_names = [label_names[i] for i in range(manifest["num_classes"])]
@@ -483,19 +625,21 @@ def train(cfg: SimpleNamespace) -> dict:
         return ds.skip(batches) if cfg.deterministic else ds
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
-    # the end of a finite dataset).
+    # the end of a finite dataset). Batches are padded to a multiple of the replica count,
+    # the padding weighted 0: any number of replicas and workers and any split size, and the
+    # Dice of exactly the real slices (pipeline.pad_batch).
+    padded = pipeline.padded_batch_size(cfg.global_batch_size, strategy.num_replicas_in_sync)
     if volumes:
         val_ds = pipeline.eval_patches(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                       patch_size, batch_size=cfg.global_batch_size).repeat()
+                                       patch_size, batch_size=cfg.global_batch_size,
+                                       pad_to_batch=padded).repeat()
         val_count = pipeline.num_eval_patches(manifest, cfg.source_domain, "val", patch_size)
     else:
         val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                       batch_size=cfg.global_batch_size).repeat()
+                                       batch_size=cfg.global_batch_size,
+                                       pad_to_batch=padded).repeat()
         val_count = pipeline.num_records(manifest, cfg.source_domain, "val")
     val_steps = math.ceil(val_count / cfg.global_batch_size)
-    if val_steps == 0:
-        raise app.UsageError(f"--source_domain={cfg.source_domain!r} has no validation slices; "
-                             "checkpoints are chosen on source validation Dice")
     with strategy.scope():
         segmentor = make_segmentor(
             sync_batchnorm=cfg.sync_batchnorm and strategy.num_replicas_in_sync > 1)
@@ -511,6 +655,17 @@ def train(cfg: SimpleNamespace) -> dict:
         model.compile_from_flags(cfg)
         model.build_optimizers()
         grad_norms = guards.track_gradient_norms(model)
+    # Every check has passed: only now is the run directory created, locked, or (with
+    # --overwrite) emptied.
+    if chief:
+        run_dir = claim_run_dir(cfg, run_dir, hold)
+    else:  # other workers never write into the run (training/multiworker.py)
+        run_dir = multiworker.worker_dir(None, strategy)
+    cfg.mlflow_experiment = tracking.experiment_name(cfg.mlflow_experiment, sys.argv)
+    values = dict(vars(cfg))
+    flags_path = os.path.join(run_dir, "flags.cfg")
+    with open(flags_path, "w") as f:
+        f.write(flagfile_text(values))
     # Every worker runs the same fit with the same callbacks in the same order (checkpoint,
     # backups, criteria, guard): reading a distributed metric variable, as a backup does, is an
     # all-reduce that every worker must join. The other workers write into their temporary
@@ -702,7 +857,8 @@ def main(argv):
     from uda_tf.training.resume import BackupError
     try:
         result = train(SimpleNamespace(**resolved_flags()))
-    except (DivergenceError, BackupError, OSError, ShardCorruptedError) as e:
+    except (DivergenceError, BackupError, OSError, ShardCorruptedError, files.BadNameError,
+            files.OutputLockedError, files.NotOurDirectoryError) as e:
         sys.exit(f"train: error: {e}")
     if result.get("worker"):
         print("worker done; the chief writes the run")

@@ -246,11 +246,55 @@ def num_records(manifest, domain, split) -> int:
                if s["domain"] == domain and s["split"] == split)
 
 
-def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata=False):
+def padded_batch_size(batch_size: int, replicas: int) -> int:
+    """The smallest multiple of `replicas` that holds `batch_size` samples."""
+    return -(-int(batch_size) // int(replicas)) * int(replicas)
+
+
+def pad_batch(images, labels, batch_size):
+    """(images, labels, weights) of exactly `batch_size` samples: a batch with fewer (the
+    last of a split, or every one when `batch_size` is `padded_batch_size`) is filled up with
+    copies of its own samples, weighted 0 (the real ones 1).
+
+    Under a tf.distribute strategy each batch is split over the replicas in pieces of
+    ceil(batch / replicas): a final batch of 1 on 2 replicas, or any batch of 4 on 3, leaves a
+    replica without a sample, which the models cannot run on (an empty batch fails in the
+    residual blocks), and uneven pieces would weigh the replicas' means unequally. Batches of
+    a multiple of the replica count give every replica the same share; the weights keep the
+    padding out of the loss and the Dice (SegmentationMethod.test_step), so the metrics are
+    those of exactly the real samples. Copies rather than zeros: real images, so nothing
+    non-finite can appear."""
+    n = tf.shape(images)[0]
+    index = tf.concat([tf.range(n), tf.range(batch_size - n) % tf.maximum(n, 1)], 0)
+    weights = tf.concat([tf.ones([n]), tf.zeros([batch_size - n])], 0)
+    images, labels = tf.gather(images, index), tf.gather(labels, index)
+    images.set_shape([batch_size, *images.shape[1:]])
+    labels.set_shape([batch_size, *labels.shape[1:]])
+    weights.set_shape([batch_size])
+    return images, labels, weights
+
+
+def _padded(ds, batch_size):
+    """`pad_batch` on every (images, labels) batch; read by data rather than by file under a
+    multi-worker strategy, so that every worker sees its share of every batch."""
+    ds = ds.map(lambda images, labels: pad_batch(images, labels, batch_size))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata=False,
+                 pad_to_batch=False):
     """One ordered pass over a split: (images, labels), or the parsed dicts when
     `with_metadata` (case_id and slice_index are needed to reassemble volumes).
+    `pad_to_batch` (a size >= `batch_size`, e.g. `padded_batch_size`): (images, labels,
+    weights) batches of that size, each holding up to `batch_size` real slices
+    (`pad_batch`): validation under a distribution strategy.
 
     For 3D datasets each element is one whole volume (a batch of 1: image [1, H, W, D, C])."""
+    if pad_to_batch and (with_metadata or record_kind(manifest) == "volumes"):
+        raise ValueError("pad_to_batch is for 2D (images, labels) batches; 3D validation "
+                         "pads patches (eval_patches)")
     files = shard_files(manifest, data_dir, domain, split)
     ds = _records(files, shuffle_files=False, seed=None, compression=_compression(manifest))
     if record_kind(manifest) == "volumes":
@@ -266,6 +310,8 @@ def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata
             num_parallel_calls=AUTOTUNE)
     if not with_metadata:
         ds = ds.map(lambda e: (e["image"], e["label"]))
+    if pad_to_batch:
+        ds = _padded(ds, max(int(pad_to_batch), batch_size))
     return ds.prefetch(AUTOTUNE)
 
 
@@ -296,14 +342,17 @@ def tile_volume(image, label, patch_size, pad_value=0.0):
 
 
 def eval_patches(data_dir, manifest, domain, split, patch_size, *, batch_size,
-                 with_metadata=False):
+                 with_metadata=False, pad_to_batch=False):
     """One ordered pass over a 3D split as (patches, labels) batches: every volume cut into
     non-overlapping patches of the model's input size (`tile_volume`). Validation of a 3D
     model during training uses these: fixed shapes, so they distribute over replicas and need
     no retracing; Dice pooled over the tiles is the Dice of the whole volumes (the padding is
     background). Whole-volume evaluation uses `uda_tf.inference.sliding_window`.
     `with_metadata`: dicts with `image`, `label` and each patch's `has_label` (the label-free
-    target criteria read them; a case stored without a label gives zero labels)."""
+    target criteria read them; a case stored without a label gives zero labels).
+    `pad_to_batch`: (patches, labels, weights) batches of that size (see eval_dataset)."""
+    if pad_to_batch and with_metadata:
+        raise ValueError("pad_to_batch gives (patches, labels, weights), not metadata dicts")
     if record_kind(manifest) != "volumes":
         raise ValueError("eval_patches needs a 3D dataset (prepared with --output=volumes)")
     patch_size = tuple(int(p) for p in patch_size)
@@ -314,7 +363,10 @@ def eval_patches(data_dir, manifest, domain, split, patch_size, *, batch_size,
             return images, labels
         return {"image": images, "label": labels,
                 "has_label": tf.fill(tf.shape(images)[:1], v["has_label"][0])}
-    return ds.map(tiles).unbatch().batch(batch_size).prefetch(AUTOTUNE)
+    ds = ds.map(tiles).unbatch().batch(batch_size)
+    if pad_to_batch:
+        ds = _padded(ds, max(int(pad_to_batch), batch_size))
+    return ds.prefetch(AUTOTUNE)
 
 
 def num_eval_patches(manifest, domain, split, patch_size) -> int:

@@ -118,6 +118,19 @@ class SegmentationMethod(keras.Model):
         return super()._make_function(
             multiworker.shaped_step(step_function, self.distribute_strategy))
 
+    def _get_metrics_result_or_logs(self, logs):
+        """Keras reports the metrics' own results (their variables, summed over every replica
+        and worker when read) only when a step returns exactly `self.metrics`' keys; otherwise
+        it keeps the last step's logs, which under a strategy are each replica's *local*
+        results averaged over the replicas. `test_step` returns the validation metrics only
+        (a GRL also tracks domain_loss, ...), so on several replicas val_dice was the mean of
+        per-replica Dice, not the Dice of the validation set. Take the metrics' results for
+        the keys the step returned (keras/src/trainers/trainer.py)."""
+        metric_logs = self.get_metrics_result()
+        if isinstance(logs, dict) and logs and set(logs) <= set(metric_logs):
+            return {name: metric_logs[name] for name in logs}
+        return super()._get_metrics_result_or_logs(logs)
+
     def call(self, images, training=False):
         return self.segmentor(images, training=training)["logits"]
 
@@ -173,9 +186,17 @@ class SegmentationMethod(keras.Model):
         return self.minent_weight * ent
 
     def test_step(self, data):
+        """(images, labels) or (images, labels, weights): validation batches padded to the
+        global batch size (pipeline.eval_dataset(pad_to_batch=True)) carry weight 0 on the
+        padding, which then counts in neither the loss nor the Dice."""
         images, labels = data[0], data[1]
+        weights = data[2] if len(data) > 2 else None
         logits = self.segmentor(images, training=False)["logits"]
-        loss = tf.reduce_mean(self.supervised_loss(labels, logits))
-        self.seg_loss_tracker.update_state(loss)
-        self.val_dice.update_state(labels, logits)
+        if weights is None:
+            loss = tf.reduce_mean(self.supervised_loss(labels, logits))
+            self.seg_loss_tracker.update_state(loss)
+        else:  # the mean over the real samples of every replica
+            self.seg_loss_tracker.update_state(self.supervised_loss(labels, logits),
+                                               sample_weight=weights)
+        self.val_dice.update_state(labels, logits, sample_weight=weights)
         return {"seg_loss": self.seg_loss_tracker.result(), **self.val_dice.result()}

@@ -14,18 +14,22 @@ CLUSTERS = ("auto", "tf_config", "slurm", "none")
 def split_cpu(n: int) -> None:
     """Split the host CPU into `n` logical devices (for MirroredStrategy on a CPU machine).
 
-    Must run before TensorFlow initialises its devices; calling it again with the same `n`
-    afterwards is a no-op, a different `n` is an error.
+    Must run before TensorFlow initialises its devices; calling it again afterwards with at
+    most as many devices as were made is a no-op (`mirrored_cpus(n)` takes the first `n`),
+    with more it is an error.
     """
     if n < 1:
         raise ValueError(f"number of CPU devices must be >= 1, got {n}")
     cpus = tf.config.list_physical_devices("CPU")
+    configured = tf.config.get_logical_device_configuration(cpus[0]) or []
+    if len(configured) >= n:  # (before initialisation too: never split into fewer)
+        return
     try:
         tf.config.set_logical_device_configuration(
             cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
     except RuntimeError as err:
         have = len(tf.config.list_logical_devices("CPU"))
-        if have != n:
+        if have < n:
             raise RuntimeError(
                 f"cannot split the CPU into {n} devices: TensorFlow already initialised "
                 f"{have}") from err

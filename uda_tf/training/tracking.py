@@ -6,7 +6,9 @@ server is still unreachable written to `<run_dir>/mlflow_unsent.json`, which
 
     python -m uda_tf.training.tracking --replay=<run_dir>/mlflow_unsent.json
 
-sends later. The happy path costs one batched `log_batch` call per epoch, never one per step:
+sends later; a `--resume` of the run takes its queue over, so nothing is sent twice or lost. A
+file that cannot be read (truncated, edited) is never removed or overwritten: `read_unsent`
+names it in an `UnsentFileError`, and a new queue is written beside it. The happy path costs one batched `log_batch` call per epoch, never one per step:
 a call costs tens of milliseconds on the embedded sqlite store (shared/ARCHITECTURE.md).
 """
 from __future__ import annotations
@@ -110,10 +112,117 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def _write_atomic(path: str, text: str) -> None:
+    """Written in full under a temporary name, synced, then renamed: a reader finds the old
+    file or the new one, never a torn one."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class UnsentFileError(ValueError):
+    """An mlflow_unsent.json that cannot be read back (truncated, edited, not ours)."""
+
+
+def _expect(ok: bool, path: str, where: str, expected: str) -> None:
+    if not ok:
+        raise UnsentFileError(f"{path}: {where} is not {expected}; the file is kept as it is "
+                              "(nothing was sent or removed)")
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_unsent(path: str) -> dict:
+    """The contents of an mlflow_unsent.json written by `RunTracker.finish`, checked field by
+    field; UnsentFileError naming the file and what is wrong otherwise (never another error:
+    tests/training/test_replay_properties.py)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UnsentFileError(f"{path}: cannot be read: {e.strerror or e}") from None
+    try:
+        saved = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UnsentFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the file "
+                              "is kept as it is (nothing was sent or removed)") from None
+    except json.JSONDecodeError as e:
+        raise UnsentFileError(f"{path}: not complete JSON ({e.msg} at line {e.lineno} column "
+                              f"{e.colno}; truncated?); the file is kept as it is (nothing was "
+                              "sent or removed)") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of 5000 digits, deep nesting
+        raise UnsentFileError(f"{path}: not readable JSON ({type(e).__name__}); the file is "
+                              "kept as it is (nothing was sent or removed)") from None
+    _expect(isinstance(saved, dict), path, "the top level", "a JSON object")
+    for key in ("tracking_uri", "experiment"):
+        _expect(_is_text(saved.get(key)), path, f"{key!r}", "a string")
+    for key in ("run_name", "run_id", "last_error"):
+        _expect(saved.get(key) is None or _is_text(saved[key]), path, f"{key!r}",
+                "a string or null")
+    _expect(saved.get("status", "FINISHED") in ("FINISHED", "FAILED", "KILLED", "RUNNING",
+                                                "SCHEDULED"), path, "'status'",
+            "an MLflow run status")
+    pending = saved.get("pending")
+    _expect(isinstance(pending, dict), path, "'pending'", "a JSON object")
+    for key in ("params", "tags"):
+        group = pending.get(key, {})
+        _expect(isinstance(group, dict) and all(_is_text(v) for v in group.values()), path,
+                f"pending {key!r}", "an object of strings")
+    metrics = pending.get("metrics", [])
+    _expect(isinstance(metrics, list), path, "pending 'metrics'", "a list")
+    for i, m in enumerate(metrics):
+        _expect(isinstance(m, dict) and _is_text(m.get("key")) and _is_number(m.get("value"))
+                and all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool)
+                        for k in ("timestamp", "step")),
+                path, f"pending metric {i}", "{key: string, value: number, timestamp: "
+                "integer, step: integer}")
+    artifacts = pending.get("artifacts", [])
+    _expect(isinstance(artifacts, list), path, "pending 'artifacts'", "a list")
+    for i, a in enumerate(artifacts):
+        _expect(isinstance(a, dict) and _is_text(a.get("path"))
+                and (a.get("artifact_path") is None or _is_text(a.get("artifact_path"))),
+                path, f"pending artifact {i}", "{path: string, artifact_path: string or null}")
+    model = pending.get("model")
+    _expect(model is None or (isinstance(model, dict) and _is_text(model.get("saved_model"))
+                              and all(_is_text(model.get(k, ""))
+                                      for k in ("register_name", "alias"))),
+            path, "pending 'model'", "null or {saved_model, register_name, alias: strings}")
+    saved["pending"] = {"params": dict(pending.get("params", {})),
+                        "tags": dict(pending.get("tags", {})),
+                        "metrics": [{k: m[k] for k in ("key", "value", "timestamp", "step")}
+                                    for m in metrics],
+                        "artifacts": [{"path": a["path"],
+                                       "artifact_path": a.get("artifact_path")}
+                                      for a in artifacts],
+                        "model": None if model is None else {
+                            "saved_model": model["saved_model"],
+                            "register_name": model.get("register_name", ""),
+                            "alias": model.get("alias", "")}}
+    return saved
+
+
+def _set_aside(path: str) -> str:
+    """Renames an unreadable queue file out of the way (kept for the user), returns its name."""
+    aside = f"{path[:-len('.json')]}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path[:-len('.json')]}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{n}.json"
+    os.replace(path, aside)
+    return aside
 
 
 class RunTracker:
@@ -139,6 +248,38 @@ class RunTracker:
         self.last_error = None
         self._client = None
         self._failing = False
+        self._adopted = None  # an earlier mlflow_unsent.json whose queue is now ours
+        self._unreadable = None  # one that could not be read: kept, never overwritten
+        if resume:
+            self._adopt_unsent(os.path.join(run_dir, UNSENT_FILE))
+
+    def _adopt_unsent(self, path: str) -> None:
+        """--resume: what the earlier attempt could not send goes first in our queue (removed
+        from disk once sent). An unreadable file is named in a warning and kept."""
+        if not os.path.exists(path):
+            return
+        try:
+            saved = read_unsent(path)
+        except UnsentFileError as e:
+            self._unreadable = path
+            logging.warning("%s\nResuming without it; it will be renamed, not overwritten, if "
+                            "this run has values to keep too.", e)
+            return
+        old = saved["pending"]
+        missing = [a["path"] for a in old["artifacts"] if not os.path.exists(a["path"])]
+        if missing:  # rewritten or removed since: sending them would fail forever
+            logging.warning("%s: %d pending artifact(s) no longer exist and are dropped: %s",
+                            path, len(missing), ", ".join(missing[:5]))
+        self.pending = {"params": old["params"], "tags": old["tags"],
+                        "metrics": old["metrics"],
+                        "artifacts": [a for a in old["artifacts"] if a["path"] not in missing],
+                        "model": old["model"] if old["model"] and os.path.exists(
+                            old["model"]["saved_model"]) else None}
+        if self.resume_id is None:
+            self.resume_id = saved.get("run_id")
+        self._adopted = path
+        logging.warning("--resume: took over the values %s could not send (%s)", path,
+                        self.summary())
 
     # -- queueing ---------------------------------------------------------------------
     def log_params(self, params: dict) -> None:
@@ -244,6 +385,12 @@ class RunTracker:
             logging.warning("MLflow (%s) reachable again; buffered values sent",
                             self.tracking_uri)
             self._failing = False
+        if self._adopted is not None:  # the earlier attempt's queue is sent with ours
+            try:
+                os.remove(self._adopted)
+            except FileNotFoundError:
+                pass
+            self._adopted = None
         return True
 
     def _send_batches(self) -> None:
@@ -267,7 +414,8 @@ class RunTracker:
                 del p["tags"][k]
 
     def finish(self, status: str = "FINISHED") -> str | None:
-        """Flush, end the run; returns the path of mlflow_unsent.json if anything is left."""
+        """Flush, end the run; returns the path of mlflow_unsent.json if anything is left
+        (None: all sent). Never raises: a queue that cannot be written is logged as lost."""
         sent = self.flush()
         if sent:
             try:
@@ -277,20 +425,33 @@ class RunTracker:
                 self.last_error = f"{type(e).__name__}: {e}"
         path = os.path.join(self.run_dir, UNSENT_FILE)
         what = self.summary()
-        _write_atomic(path, json.dumps({
-            "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-            "run_name": self.run_name, "run_id": self.run_id or self.resume_id,
-            "status": status, "last_error": self.last_error, "pending": self.pending},
-            indent=1))
+        written = False
+        try:
+            if self._unreadable is not None and os.path.exists(self._unreadable):
+                aside = _set_aside(self._unreadable)
+                logging.warning("kept the unreadable %s as %s", self._unreadable, aside)
+                self._unreadable = None
+            _write_atomic(path, json.dumps({
+                "tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                "run_name": self.run_name, "run_id": self.run_id or self.resume_id,
+                "status": status, "last_error": self.last_error, "pending": self.pending},
+                indent=1))
+            written = True
+        except (OSError, TypeError, ValueError) as e:
+            # Never the end of a training that is already done: say what is lost instead.
+            logging.error("MLflow (%s) unreachable and %s could not be written (%s): %s not "
+                          "logged", self.tracking_uri, path, e, what)
         if mlflow.active_run() is not None:
             try:  # a run we started stays RUNNING on the server; only the local state ends
                 mlflow.end_run(status=status)
             except Exception:
                 pass
-        logging.warning(
-            "MLflow (%s) still unreachable at the end: could not log %s (last error: %s).\n"
-            "Saved to %s; send it later with\n  python -m uda_tf.training.tracking --replay=%s",
-            self.tracking_uri, what, (self.last_error or "")[:300], path, path)
+        if written:
+            logging.warning(
+                "MLflow (%s) still unreachable at the end: could not log %s (last error: %s)."
+                "\nSaved to %s; send it later with\n  python -m uda_tf.training.tracking "
+                "--replay=%s", self.tracking_uri, what, (self.last_error or "")[:300], path,
+                path)
         return path
 
 
@@ -365,9 +526,9 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
 
 def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
     """Send an mlflow_unsent.json written by `RunTracker.finish`; removes it once sent.
-    Returns the logged model's info (if one was pending)."""
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    Returns the logged model's info (if one was pending). UnsentFileError (the file kept) if
+    it cannot be read; RuntimeError (the file kept, rewritten) if MLflow is still away."""
+    saved = read_unsent(path)
     tracker = RunTracker(tracking_uri or saved["tracking_uri"], os.path.dirname(path),
                          saved["experiment"], saved["run_name"])
     tracker.resume_id = saved.get("run_id")
@@ -389,8 +550,8 @@ def main(argv):
     set_http_defaults()
     try:
         replay_unsent(FLAGS.replay, FLAGS.tracking_uri or None)
-    except RuntimeError as e:
-        raise SystemExit(str(e)) from e
+    except (RuntimeError, UnsentFileError) as e:
+        raise SystemExit(f"tracking: error: {e}") from None
     print(f"sent {FLAGS.replay} to MLflow and removed it")
 
 
