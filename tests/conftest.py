@@ -4,7 +4,7 @@ them.
 Distribution tests run MirroredStrategy over the first two (`two_replicas`) or all three
 (`three_replicas`: a replica count that divides no even batch, for partial final batches);
 single-device tests use OneDeviceStrategy("/cpu:0") in the same process
-(shared/ARCHITECTURE.md, test harness notes).
+(logical devices can only be configured before TensorFlow initialises them).
 """
 import os
 

@@ -15,7 +15,8 @@ is chosen by one of (`--select_on`):
   with test-time augmentation for medical image segmentation") use as an uncertainty estimate.
 * `oracle`: Dice on target validation labels. Reported under the `oracle/` prefix whenever
   labels exist, and used to choose a checkpoint only when asked for by name, since it needs
-  exactly the labels UDA assumes are missing (shared/ARCHITECTURE.md).
+  exactly the labels UDA assumes are missing (docs/DESIGN.md, "Target labels stay out of
+  training").
 
 `TargetCriteria` adds `target_entropy`, `target_agreement` and `oracle/val_dice` (+ per class)
 to the epoch logs in `on_epoch_end`; Keras passes one logs dict through the callbacks in list
