@@ -9,7 +9,7 @@ server is still unreachable written to `<run_dir>/mlflow_unsent.json`, which
 sends later; a `--resume` of the run takes its queue over, so nothing is sent twice or lost. A
 file that cannot be read (truncated, edited) is never removed or overwritten: `read_unsent`
 names it in an `UnsentFileError`, and a new queue is written beside it. The happy path costs one batched `log_batch` call per epoch, never one per step:
-a call costs tens of milliseconds on the embedded sqlite store (shared/ARCHITECTURE.md).
+a call costs tens of milliseconds on the embedded sqlite store (docs/DESIGN.md, stack facts).
 """
 from __future__ import annotations
 
