@@ -33,21 +33,21 @@ import pytest
 from PIL import Image
 
 from tests.data import raw_layouts as raw
+from uda_tf.data.prepare_flags import LAYOUT_OPTION_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = max(1, int(os.environ.get("UDA_E2E_JOBS", "2")))
 STEP_TIMEOUT = 300
 
-# What a user passes per layout, and what must come out. `predict`: the predict inputs
-# ("layout" = --layout with --input_dir, else --input globs relative to the raw folder);
-# `images`/`labels`: {case id: file relative to the raw folder} expected from the file
+# What a user passes per layout, and what must come out. predict reads the raw layout
+# (--layout with --input_dir and prepare's layout options); `images`/`labels`: {case id: file relative to the raw folder} expected from the file
 # names alone (not from the code under test); `labels` None: the labels are pictures, which
 # evaluate reads from the prepared test split (--data_dir --domain --model).
 LAYOUTS = {
     "cc359": dict(
         make=raw.release_cc359, prepare=["--spacing=1,1,1"],
         train=["--source_domain=philips_15", "--target_domain=ge_3", "--method=grl"],
-        predict="layout", classes=["brain"],
+        classes=["brain"],
         images={c: f"Original/{c}_{tail}.nii.gz" for c, tail in (
             ("CC0001", "philips_15_55_M"), ("CC0002", "philips_15_43_F"),
             ("CC0003", "philips_15_61_M"), ("CC0101", "ge_3_39_M"), ("CC0102", "ge_3_58_F"))},
@@ -58,7 +58,7 @@ LAYOUTS = {
     "crossmoda": dict(
         make=raw.release_crossmoda, prepare=["--spacing=0.5,0.5,1.5"],
         train=["--source_domain=ceT1", "--target_domain=hrT2", "--method=grl"],
-        predict="layout", classes=["vestibular_schwannoma", "cochlea"],
+        classes=["vestibular_schwannoma", "cochlea"],
         images={**{f"{b}_ceT1": f"source_training/{b}_ceT1.nii.gz" for b in (
             "crossmoda2021_ldn_1", "crossmoda2021_ldn_2", "crossmoda2022_etz_3")},
                 **{f"{b}_hrT2": f"target_training/{b}_hrT2.nii.gz" for b in (
@@ -67,26 +67,26 @@ LAYOUTS = {
             "crossmoda2021_ldn_1", "crossmoda2021_ldn_2", "crossmoda2022_etz_3")}),
     "msd_v1": dict(
         make=raw.release_msd_v1, layout="msd", prepare=["--spacing=4,4,4"],
-        train=["--source_domain=BrainSample"], predict="layout", classes=["tissue", "bright"],
+        train=["--source_domain=BrainSample"], classes=["tissue", "bright"],
         images={**{f"brain_00{i}": f"imagesTr/brain_00{i}.nii.gz" for i in (1, 2, 3)},
                 "brain_004": "imagesTs/brain_004.nii.gz"},
         labels={f"brain_00{i}": f"labelsTr/brain_00{i}.nii.gz" for i in (1, 2, 3)}),
     "msd_v2": dict(
         make=raw.release_msd_v2, layout="msd", prepare=["--spacing=1,1,2.5"],
-        train=["--source_domain=Dataset003_Liver"], predict="layout",
+        train=["--source_domain=Dataset003_Liver"],
         classes=["liver", "tumour"],
         images={**{f"liver_{i}": f"imagesTr/liver_{i}_0000.nii.gz" for i in (0, 1, 2)},
                 **{f"liver_{i}": f"imagesTs/liver_{i}_0000.nii.gz" for i in (130, 131)}},
         labels={f"liver_{i}": f"labelsTr/liver_{i}.nii.gz" for i in (0, 1, 2)}),
     "drive": dict(
         make=raw.release_drive, prepare=["--spacing=1,1,1"], train=["--source_domain=drive"],
-        predict="layout", classes=["vessel"], domain="drive",
+        classes=["vessel"], domain="drive",
         images={**{f"{n}_training": f"training/images/{n}_training.tif" for n in (21, 22, 23)},
                 **{f"0{n}_test": f"test/images/0{n}_test.tif" for n in (1, 2)}},
         labels=None),
     "stare": dict(
         make=raw.release_stare, prepare=["--spacing=1,1,1"], train=["--source_domain=stare"],
-        predict="layout", classes=["vessel"], domain="stare",
+        classes=["vessel"], domain="stare",
         images={**{f"im000{n}": f"stare-images/im000{n}.ppm" for n in (1, 2, 3, 4)},
                 "im0005": "stare-images/im0005.ppm.gz"},
         labels=None),
@@ -97,11 +97,11 @@ LAYOUTS = {
                  "--spacing=4,4,4"],
         train=["--source_domain=siteA", "--target_domain=siteB", "--method=minent",
                "--minent_weight=0.001"],
-        predict=["scans/*/*_img.nii.gz"], classes=["foreground"],
-        images={f"{c}_img": f"scans/{site}/{c}_img.nii.gz" for site, c in (
+        classes=["foreground"],
+        images={c: f"scans/{site}/{c}_img.nii.gz" for site, c in (
             ("siteA", "p01"), ("siteA", "p02"), ("siteA", "p03"), ("siteB", "q01"),
             ("siteB", "q02"))},
-        labels={f"p0{i}_img": f"segs/p0{i}_seg.nii.gz" for i in (1, 2, 3)}),
+        labels={f"p0{i}": f"segs/p0{i}_seg.nii.gz" for i in (1, 2, 3)}),
 }
 
 
@@ -152,9 +152,10 @@ def run_chain(name, work):
         out["result"] = json.load(f)
     model = out["result"]["saved_model"]
     predictions = out["predictions"] = os.path.join(work, "predictions")
-    inputs = ([f"--layout={layout}", f"--input_dir={out['raw']}"]
-              if spec["predict"] == "layout"
-              else ["--input=" + ",".join(os.path.join(out["raw"], p) for p in spec["predict"])])
+    options = [a for a in spec["prepare"] if a.startswith(
+        tuple(f"--{o}=" for o in LAYOUT_OPTION_FLAGS))]
+    # predict reads the raw layout as prepare did, with the same layout options
+    inputs = [f"--layout={layout}", f"--input_dir={out['raw']}", *options]
     proc = _step("predict", ["-m", "uda_tf.predict", f"--model={model}", *inputs,
                              f"--output_dir={predictions}"], steps)
     if proc.returncode:

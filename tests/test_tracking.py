@@ -253,3 +253,24 @@ def test_finish_never_raises_when_the_queue_cannot_be_written(tmp_path, caplog):
         tracker.finish()
     assert "could not be written" in caplog.text
     assert "1 metric values, 0 artifacts not logged" in caplog.text
+
+
+def test_replay_drops_artifacts_that_no_longer_exist(tmp_path, store, caplog):
+    import mlflow
+    tracker = _offline_tracker(tmp_path)
+    tracker.log_metrics({"loss": 1.0}, step=0, flush=False)
+    kept, gone = tmp_path / "kept.txt", tmp_path / "gone.txt"
+    kept.write_text("kept")
+    gone.write_text("gone")
+    tracker.log_artifact(str(kept))
+    tracker.log_artifact(str(gone))
+    path = tracker.finish()
+    gone.unlink()  # removed before the server came back: sending it would fail at every try
+    with caplog.at_level("WARNING"):
+        tracking.replay_unsent(path, store)
+    assert not os.path.exists(path)
+    assert "1 pending artifact(s) no longer exist" in caplog.text and str(gone) in caplog.text
+    client = mlflow.MlflowClient(store)
+    run_id = (tmp_path / tracking.RUN_ID_FILE).read_text().strip()
+    assert [a.path for a in client.list_artifacts(run_id)] == ["kept.txt"]
+    assert len(client.get_metric_history(run_id, "loss")) == 1

@@ -223,11 +223,13 @@ def case_id_of(path: str) -> str:
     return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
 
 
-def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None = None):
-    """[(case_id, path)] from file paths/globs, or from every case of a raw dataset layout."""
+def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None = None,
+                   layout_options: dict | None = None):
+    """[(case_id, path)] from file paths/globs, or from every case of a raw dataset layout
+    (`layout_options` go to its reader, e.g. {"image_glob": ...} for layout "glob")."""
     if layout and input_dir:
         from uda_tf.data.layouts import read_layout
-        listing = read_layout(layout, input_dir)
+        listing = read_layout(layout, input_dir, **(layout_options or {}))
         return [(c.case_id, c.image_path) for c in listing.cases]
     found = []
     for pattern in patterns:
@@ -258,7 +260,8 @@ class OutputWouldReplaceInputError(ValueError):
     """--output_dir is where the inputs or a dataset's labels live."""
 
 
-def protected_paths(cases, layout: str | None = None, input_dir: str | None = None
+def protected_paths(cases, layout: str | None = None, input_dir: str | None = None,
+                    layout_options: dict | None = None
                     ) -> tuple[dict[str, tuple[str, bool]], dict[str, str]]:
     """({folder: (why, nested)}, {file: why}) that predictions must not be written into or
     over. Folders: those of the input scans; with `layout`/`input_dir`, those of every label
@@ -290,7 +293,8 @@ def protected_paths(cases, layout: str | None = None, input_dir: str | None = No
                            f"it is {name}/ of the dataset the input {path} belongs to")
     if layout and input_dir:
         from uda_tf.data.layouts import read_layout
-        for case in read_layout(layout, input_dir, skip_bad_cases=True).cases:
+        for case in read_layout(layout, input_dir, skip_bad_cases=True,
+                                **(layout_options or {})).cases:
             add_file(case.label_path, "label", True)
             add_file(case.mask_path, "mask", True)
         for name in DATASET_FOLDERS:
@@ -350,8 +354,8 @@ def check_outputs(targets, output_dir: str, protected, *,
 
 def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabilities=False,
                   save_entropy=False, say=print, layout: str | None = None,
-                  input_dir: str | None = None, overwrite_input_files: bool = False
-                  ) -> list[str]:
+                  input_dir: str | None = None, overwrite_input_files: bool = False,
+                  layout_options: dict | None = None) -> list[str]:
     """Predicts every (case_id, path) and writes <output_dir>/<case_id>[suffix].nii.gz.
 
     Every output path is checked first (`output_targets`, `check_outputs` against the inputs
@@ -360,7 +364,8 @@ def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabil
     from uda_tf.files import OutputLock
     targets = output_targets(cases, output_dir, save_probabilities=save_probabilities,
                              save_entropy=save_entropy)
-    check_outputs(targets, output_dir, protected_paths(cases, layout, input_dir),
+    check_outputs(targets, output_dir,
+                  protected_paths(cases, layout, input_dir, layout_options),
                   overwrite_input_files=overwrite_input_files)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise NotADirectoryError(f"--output_dir={output_dir} is a file, not a directory")
@@ -396,6 +401,8 @@ def define_flags():
     flags.DEFINE_enum("layout", None, sorted(LAYOUTS), "Raw dataset layout to read with "
                       "--input_dir instead of --input (every case is predicted).")
     flags.DEFINE_string("input_dir", None, "Raw dataset directory for --layout.")
+    from uda_tf.data.prepare_flags import define_layout_option_flags
+    define_layout_option_flags()  # --image_glob ... as prepare takes them
     flags.DEFINE_string("output_dir", None, "Where <case>.nii.gz predictions go.")
     flags.DEFINE_bool("overwrite_input_files", False, "Allow --output_dir to be the folder of "
                       "the --input scans, or to be (or lie inside) a folder of a dataset's "
@@ -418,6 +425,7 @@ def define_flags():
 
 def main(argv):
     from absl import flags, logging
+    from uda_tf.data.prepare_flags import layout_options_from_flags
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"predict: error: unexpected arguments: {' '.join(argv[1:])}")
@@ -429,13 +437,18 @@ def main(argv):
                          "--input_dir")
     try:
         patch = None if not FLAGS.patch_size else [int(p) for p in FLAGS.patch_size]
-        cases = resolve_inputs(FLAGS.input, FLAGS.layout, FLAGS.input_dir)
+        options = layout_options_from_flags()
+        if options and not FLAGS.layout:
+            raise ValueError(f"--{sorted(options)[0]} is a layout option: it needs --layout "
+                             "with --input_dir")
+        cases = resolve_inputs(FLAGS.input, FLAGS.layout, FLAGS.input_dir, options)
         # Where the outputs go is checked before the model is loaded (seconds) and before
         # anything is predicted; predict_cases checks again (a library call has no main).
         check_outputs(output_targets(cases, FLAGS.output_dir,
                                      save_probabilities=FLAGS.save_probabilities,
                                      save_entropy=FLAGS.save_entropy),
-                      FLAGS.output_dir, protected_paths(cases, FLAGS.layout, FLAGS.input_dir),
+                      FLAGS.output_dir,
+                      protected_paths(cases, FLAGS.layout, FLAGS.input_dir, options),
                       overwrite_input_files=FLAGS.overwrite_input_files)
         predictor = load_predictor(FLAGS.model, manifest=FLAGS.manifest, flags_path=FLAGS.flags,
                                    tta=FLAGS.tta, batch_size=FLAGS.batch_size,
@@ -443,7 +456,7 @@ def main(argv):
         predict_cases(predictor, cases, FLAGS.output_dir,
                       save_probabilities=FLAGS.save_probabilities,
                       save_entropy=FLAGS.save_entropy, layout=FLAGS.layout,
-                      input_dir=FLAGS.input_dir,
+                      input_dir=FLAGS.input_dir, layout_options=options,
                       overwrite_input_files=FLAGS.overwrite_input_files)
     except (ValueError, OSError, RuntimeError) as e:
         # ValueError: NiftiError, LayoutError, bad names, a model that does not fit the data;

@@ -26,6 +26,32 @@ def _validator(parse):
     return check
 
 
+def define_layout_option_flags() -> None:
+    """The options of the layout readers (`--image_glob`, `--mask_suffix`, ...), shared by
+    prepare and predict (`predict --layout=glob` needs the same globs as prepare)."""
+    d = flags
+    d.DEFINE_string("image_glob", None, "glob: images, relative to --input_dir ('**' recurses).")
+    d.DEFINE_string("label_glob", None, "glob: label files, relative to --input_dir.")
+    d.DEFINE_string("mask_glob", None, "glob: region-of-interest masks, relative to --input_dir.")
+    d.DEFINE_string("case_regex", None, "glob: regex finding the case id in each relative path "
+                    "(group 'case', else group 1; default: file name without extension/_0000).")
+    d.DEFINE_string("domain_regex", None, "glob: regex finding the domain in each image path "
+                    "(group 'domain', else group 1).")
+    d.DEFINE_string("label_names", None, "glob: class names, value 0 first "
+                    "(default background,foreground).")
+    d.DEFINE_bool("binary_labels", None, "glob: labels are binary masks stored as 0/255 etc.")
+    d.DEFINE_string("mask_suffix", None, "cc359: mask file suffix: ss (Silver-standard, "
+                    "default), staple or manual.")
+    d.DEFINE_enum("annotator", None, ["ah", "vk"], "stare: observer whose labels to use "
+                  "(default ah).")
+
+
+def layout_options_from_flags() -> dict:
+    """The layout options that were set (the reader refuses one it does not take)."""
+    return {name: FLAGS[name].value for name in LAYOUT_OPTION_FLAGS
+            if FLAGS[name].value is not None}
+
+
 def define_flags() -> None:
     """Defines the flags (on first call only).
 
@@ -45,21 +71,7 @@ def define_flags() -> None:
     d.DEFINE_string("default_domain", None, "Domain of every case when the layout names none "
                     "(default: the dataset name; drive/stare: drive/stare).")
     d.DEFINE_list("domains", None, "Only prepare these domains (default: all).")
-    # -- layout options ------------------------------------------------------------------------
-    d.DEFINE_string("image_glob", None, "glob: images, relative to --input_dir ('**' recurses).")
-    d.DEFINE_string("label_glob", None, "glob: label files, relative to --input_dir.")
-    d.DEFINE_string("mask_glob", None, "glob: region-of-interest masks, relative to --input_dir.")
-    d.DEFINE_string("case_regex", None, "glob: regex finding the case id in each relative path "
-                    "(group 'case', else group 1; default: file name without extension/_0000).")
-    d.DEFINE_string("domain_regex", None, "glob: regex finding the domain in each image path "
-                    "(group 'domain', else group 1).")
-    d.DEFINE_string("label_names", None, "glob: class names, value 0 first "
-                    "(default background,foreground).")
-    d.DEFINE_bool("binary_labels", None, "glob: labels are binary masks stored as 0/255 etc.")
-    d.DEFINE_string("mask_suffix", None, "cc359: mask file suffix: ss (Silver-standard, "
-                    "default), staple or manual.")
-    d.DEFINE_enum("annotator", None, ["ah", "vk"], "stare: observer whose labels to use "
-                  "(default ah).")
+    define_layout_option_flags()
     # -- preprocessing -------------------------------------------------------------------------
     d.DEFINE_list("spacing", ["2", "2", "2"], "Target voxel spacing in mm (x,y,z of RAS).")
     d.DEFINE_list("size", ["96", "112"], "Size after centre pad/crop: H,W (in-plane) or H,W,D "
@@ -142,7 +154,6 @@ def prepare_kwargs() -> dict:
              "split_file", "records_per_shard", "workers", "skip_bad_cases", "overwrite",
              "progress", "keep_identifiers", "identifier_map", "max_voxels")
     kwargs = {name: FLAGS[name].value for name in names}
-    kwargs["layout_options"] = {name: FLAGS[name].value for name in LAYOUT_OPTION_FLAGS
-                                if FLAGS[name].value is not None}
+    kwargs["layout_options"] = layout_options_from_flags()
     return dict(input_dir=FLAGS.input_dir, output_dir=FLAGS.output_dir, layout=FLAGS.layout,
                 **kwargs)

@@ -265,16 +265,7 @@ class RunTracker:
             logging.warning("%s\nResuming without it; it will be renamed, not overwritten, if "
                             "this run has values to keep too.", e)
             return
-        old = saved["pending"]
-        missing = [a["path"] for a in old["artifacts"] if not os.path.exists(a["path"])]
-        if missing:  # rewritten or removed since: sending them would fail forever
-            logging.warning("%s: %d pending artifact(s) no longer exist and are dropped: %s",
-                            path, len(missing), ", ".join(missing[:5]))
-        self.pending = {"params": old["params"], "tags": old["tags"],
-                        "metrics": old["metrics"],
-                        "artifacts": [a for a in old["artifacts"] if a["path"] not in missing],
-                        "model": old["model"] if old["model"] and os.path.exists(
-                            old["model"]["saved_model"]) else None}
+        self.pending = still_sendable(saved["pending"], path)
         if self.resume_id is None:
             self.resume_id = saved.get("run_id")
         self._adopted = path
@@ -524,6 +515,22 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     return result
 
 
+def still_sendable(pending: dict, path: str) -> dict:
+    """`pending` less the artifacts (and model) whose files no longer exist: removed or
+    rewritten since, sending them would fail at every try. A warning names them."""
+    missing = [a["path"] for a in pending["artifacts"] if not os.path.exists(a["path"])]
+    model = pending["model"]
+    if model and not os.path.exists(model["saved_model"]):
+        missing.append(model["saved_model"])
+        model = None
+    if missing:
+        logging.warning("%s: %d pending artifact(s) no longer exist and are dropped: %s",
+                        path, len(missing), ", ".join(missing[:5]))
+    return {"params": pending["params"], "tags": pending["tags"], "metrics": pending["metrics"],
+            "artifacts": [a for a in pending["artifacts"] if a["path"] not in missing],
+            "model": model}
+
+
 def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
     """Send an mlflow_unsent.json written by `RunTracker.finish`; removes it once sent.
     Returns the logged model's info (if one was pending). UnsentFileError (the file kept) if
@@ -532,7 +539,7 @@ def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
     tracker = RunTracker(tracking_uri or saved["tracking_uri"], os.path.dirname(path),
                          saved["experiment"], saved["run_name"])
     tracker.resume_id = saved.get("run_id")
-    tracker.pending = saved["pending"]
+    tracker.pending = still_sendable(saved["pending"], path)
     if tracker.finish(saved.get("status", "FINISHED")) is not None:
         raise RuntimeError(f"MLflow still unreachable; {path} kept ({tracker.last_error})")
     os.remove(path)
