@@ -31,6 +31,7 @@ from collections import defaultdict
 import numpy as np
 
 from uda_tf import metrics
+from uda_tf.cli_errors import reported_as
 from uda_tf.metrics import volume_dice  # noqa: F401  (kept importable from here)
 
 METRIC_NAMES = metrics.METRICS
@@ -376,7 +377,11 @@ def main(argv):
     options = {"tolerance_mm": FLAGS.tolerance_mm, "convention": FLAGS.distance_convention,
                "cap_mm": FLAGS.distance_cap_mm or None, "figures": FLAGS.figures,
                "oracle": FLAGS.oracle}
-    try:
+    # ValueError: bad flags, manifests, ShardCorruptedError, SignatureError,
+    # ModelInputError, clashing case files; OSError: missing files. A TensorFlow error:
+    # e.g. a shard damaged after the sha256 check or with --nocheck_shards.
+    with reported_as("evaluate", f"evaluating {FLAGS.model or FLAGS.predictions} on "
+                                 f"{FLAGS.data_dir or FLAGS.labels}"):
         if prepared:
             from uda_tf.data.manifest import load_manifest
             manifest = load_manifest(FLAGS.data_dir)
@@ -403,20 +408,6 @@ def main(argv):
         if FLAGS.mlflow_run_id:
             log_to_mlflow(FLAGS.output_dir, FLAGS.mlflow_run_id, FLAGS.mlflow_tracking_uri,
                           FLAGS.mlflow_artifact_path)
-    except (ValueError, OSError, RuntimeError) as e:
-        # ValueError: bad flags, manifests, ShardCorruptedError, SignatureError,
-        # ModelInputError, clashing case files; OSError: missing files.
-        raise SystemExit(f"evaluate: error: {e}") from e
-    except Exception as e:  # noqa: BLE001
-        tf = sys.modules.get("tensorflow")  # not loaded: it cannot be a TensorFlow error
-        if tf is None or not isinstance(e, tf.errors.OpError):
-            raise
-        # E.g. a shard damaged after the sha256 check or with --nocheck_shards: DataLossError
-        # from the reader, naming no file but the op.
-        raise SystemExit(f"evaluate: error: TensorFlow {type(e).__name__} while evaluating "
-                         f"{FLAGS.model or FLAGS.predictions} on "
-                         f"{FLAGS.data_dir or FLAGS.labels}: "
-                         f"{(e.message or str(e)).splitlines()[0]}") from e
     _print_summary(summary, FLAGS.output_dir)
 
 

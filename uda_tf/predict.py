@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from uda_tf import inference
+from uda_tf.cli_errors import reported_as
 from uda_tf.data import io
 from uda_tf.files import same_or_inside
 
@@ -435,7 +436,9 @@ def main(argv):
     if bool(FLAGS.input) == bool(FLAGS.input_dir):
         raise SystemExit("predict: error: pass either --input=<files or globs> or --layout with "
                          "--input_dir")
-    try:
+    # ValueError: NiftiError, LayoutError, bad names, a model that does not fit the data;
+    # OSError: missing files, a full disk; RuntimeError: OutputLockedError.
+    with reported_as("predict", f"predicting with --model={FLAGS.model}"):
         patch = None if not FLAGS.patch_size else [int(p) for p in FLAGS.patch_size]
         options = layout_options_from_flags()
         if options and not FLAGS.layout:
@@ -458,17 +461,6 @@ def main(argv):
                       save_entropy=FLAGS.save_entropy, layout=FLAGS.layout,
                       input_dir=FLAGS.input_dir, layout_options=options,
                       overwrite_input_files=FLAGS.overwrite_input_files)
-    except (ValueError, OSError, RuntimeError) as e:
-        # ValueError: NiftiError, LayoutError, bad names, a model that does not fit the data;
-        # OSError: missing files, a full disk; RuntimeError: OutputLockedError.
-        raise SystemExit(f"predict: error: {e}") from e
-    except Exception as e:  # noqa: BLE001
-        tf = sys.modules.get("tensorflow")  # not loaded: it cannot be a TensorFlow error
-        if tf is None or not isinstance(e, tf.errors.OpError):
-            raise
-        raise SystemExit(f"predict: error: TensorFlow {type(e).__name__} while predicting "
-                         f"with --model={FLAGS.model}: {(e.message or str(e)).splitlines()[0]}"
-                         ) from e
     print(f"wrote {len(cases)} prediction(s) to {FLAGS.output_dir}")
 
 

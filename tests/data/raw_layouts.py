@@ -92,13 +92,13 @@ def make_drive(root, shape=(20, 18), test_labels=False):
             os.rmdir(os.path.join(root, which, "1st_manual"))
 
 
-def make_stare(root, shape=(16, 20)):
-    """im0001.ppm (and im0003.ppm.gz, as downloaded) with labels-ah/im0001.ah.ppm and
-    labels-vk/im0001.vk.ppm; im0003 is unlabelled."""
-    for n in (1, 2, 3):
+def make_stare(root, shape=(16, 20), count=3):
+    """im0001.ppm ... (the last one as im000<count>.ppm.gz, unlabelled, as downloaded) with
+    labels-ah/im0001.ah.ppm and labels-vk/im0001.vk.ppm (0/255 annotations)."""
+    for n in range(1, count + 1):
         image, manual, _ = _picture(shape, n)
         os.makedirs(os.path.join(root, "stare-images"), exist_ok=True)
-        if n == 3:
+        if n == count:
             buffer = pyio.BytesIO()
             Image.fromarray(image).save(buffer, format="PPM")
             with gzip.open(os.path.join(root, "stare-images", f"im{n:04d}.ppm.gz"), "wb") as f:
@@ -308,21 +308,7 @@ def release_drive(root):
 def release_stare(root):
     """STARE: 8-bit RGB .ppm pictures (one gzipped, as downloaded), labels-ah/ and
     labels-vk/ .ppm annotations (0/255); four labelled pictures and one unlabelled."""
-    for n in (1, 2, 3, 4, 5):
-        image, manual, _ = _picture((20, 22), n)
-        os.makedirs(os.path.join(root, "stare-images"), exist_ok=True)
-        if n == 5:
-            buffer = pyio.BytesIO()
-            Image.fromarray(image).save(buffer, format="PPM")
-            with gzip.open(os.path.join(root, "stare-images", f"im{n:04d}.ppm.gz"), "wb") as f:
-                f.write(buffer.getvalue())
-            continue
-        Image.fromarray(image).save(os.path.join(root, "stare-images", f"im{n:04d}.ppm"))
-        for observer in ("ah", "vk"):
-            os.makedirs(os.path.join(root, f"labels-{observer}"), exist_ok=True)
-            label = manual if observer == "ah" else np.roll(manual, 1, axis=1)
-            Image.fromarray(np.stack([label] * 3, -1)).save(
-                os.path.join(root, f"labels-{observer}", f"im{n:04d}.{observer}.ppm"))
+    make_stare(root, shape=(20, 22), count=5)
 
 
 def release_glob(root):
