@@ -380,9 +380,14 @@ def memory_bomb(work):
     peak = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_RSS_KB', "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
             "sys.argv[0] = 'prepare'; runpy.run_module('uda_tf.prepare', run_name='__main__')")
-    for name, shape, with_data in (("header only", (1000, 1000, 500), False),
-                                   ("gzip bomb", (600, 600, 600), True)):
-        root = os.path.join(work, "bomb_" + name.split()[0])
+    # The third raises --max_voxels past the claim: the file-size check (the gzip trailer's
+    # length against the header's) must refuse it before the voxels are allocated.
+    for name, shape, with_data, extra in (
+            ("header only", (1000, 1000, 500), False, []),
+            ("gzip bomb", (600, 600, 600), True, []),
+            ("header only, --max_voxels=1e9", (1000, 1000, 500), False,
+             ["--max_voxels=1000000000"])):
+        root = os.path.join(work, "bomb_" + str(len(rows)))
         for sub in ("imagesTr", "labelsTr"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
         header = nib.Nifti1Header()
@@ -404,7 +409,7 @@ def memory_bomb(work):
             json.dump({"name": "bomb", "labels": {"background": 0, "x": 1},
                        "channel_names": {"0": "T1"}, "file_ending": ".nii.gz"}, f)
         proc = run([PY, "-c", peak, "--layout=msd", f"--input_dir={root}",
-                    f"--output_dir={root}_out", "--workers=1", "--noprogress"])
+                    f"--output_dir={root}_out", "--workers=1", "--noprogress", *extra])
         kb = [int(line.split()[1]) for line in proc.stderr.splitlines()
               if line.startswith("PEAK_RSS_KB")]
         message = [line for line in proc.stderr.splitlines() if "error" in line]
