@@ -3,7 +3,7 @@
 #   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t uda-tf-train .
 #   docker run --rm --gpus all -v $PWD/demo_out:/data uda-tf-train \
 #       --flagfile=configs/demo.cfg --data_dir=/data/prepared --output_dir=/data/runs
-# The other CLIs are in the image too: --entrypoint python ... -m uda_tf.prepare | export | ...
+# The other CLIs are in the image too: --entrypoint python ... -m uda_tf.cli.prepare | export | ...
 # export/serving/docker-compose.yml runs it next to an MLflow server and TF Serving.
 FROM tensorflow/tensorflow:2.21.0-gpu
 
@@ -19,7 +19,7 @@ WORKDIR /opt/uda_tf
 COPY setup.cfg pyproject.toml README.md ./
 COPY uda_tf ./uda_tf
 # The import check fails the build if setup.cfg lacks tensorflow-serving-api (export warm-up).
-RUN pip install . && python -c "import uda_tf.train, uda_tf.export, tensorflow_serving.apis"
+RUN pip install . && python -c "import uda_tf.cli.train, uda_tf.serving.export, tensorflow_serving.apis"
 COPY train.py ./
 COPY configs ./configs
 

@@ -10,14 +10,14 @@ DEMO_OUT ?= demo_out
 install: $(STAMP)
 
 # Re-install when the packaging changes; `pip install -e` keeps code edits live.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m uda_tf.demo --output_root=$(DEMO_OUT)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m uda_tf.cli.demo --output_root=$(DEMO_OUT)
 
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest

@@ -29,7 +29,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from uda_tf.data.sharding import write_json_atomic  # noqa: E402
-from uda_tf.demo import _step  # noqa: E402  (the demo's quiet subprocess runner)
+from uda_tf.cli.demo import _step  # noqa: E402  (the demo's quiet subprocess runner)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_root", "/tmp/uda_adaptation", "Data, runs and MLflow store go here.")
@@ -112,12 +112,12 @@ def main(argv):
     tracking_uri = "sqlite:///" + os.path.join(root, "mlflow.db")
     start = time.time()
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
-        _step("phantom", ["-m", "uda_tf.phantom", f"--output_dir={raw}",
+        _step("phantom", ["-m", "uda_tf.cli.phantom", f"--output_dir={raw}",
                           "--domains=scanner_a,scanner_b",
                           f"--subjects_per_domain={FLAGS.subjects_per_domain}",
                           f"--seed={FLAGS.data_seed}"])
     if not os.path.isfile(os.path.join(prepared, "manifest.json")):
-        _step("prepare", ["-m", "uda_tf.prepare", "--layout=msd", f"--input_dir={raw}",
+        _step("prepare", ["-m", "uda_tf.cli.prepare", "--layout=msd", f"--input_dir={raw}",
                           f"--output_dir={prepared}", f"--split={FLAGS.split}",
                           f"--split_seed={FLAGS.data_seed}", "--spacing=2,2,2", "--size=96,112"])
 
@@ -126,7 +126,7 @@ def main(argv):
         for seed in seeds:
             name = f"{method}_seed{seed}"
             flagfile, extra = configs[method]
-            args = ["-m", "uda_tf.train", f"--flagfile={flagfile}",
+            args = ["-m", "uda_tf.cli.train", f"--flagfile={flagfile}",
                     f"--method={_method_of(method, flagfile)}",
                     f"--data_dir={prepared}", f"--output_dir={runs}", f"--run_name={name}",
                     "--source_domain=scanner_a", "--target_domain=scanner_b",

@@ -78,7 +78,7 @@ def _peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
 
 
 def measure_prepare(a: dict) -> dict:
-    from uda_tf.prepare import prepare
+    from uda_tf.data.prepare import prepare
 
     start = time.perf_counter()
     manifest = prepare(a["raw"], a["out"], spacing=(1, 1, 2), size=a["size"], workers=2,

@@ -100,7 +100,7 @@ def sigkill_training(work, data, reference):
 
 def sigkill_prepare(work, raw):
     def prep(out):
-        return [PY, "-m", "uda_tf.prepare", "--layout=msd", f"--input_dir={raw}",
+        return [PY, "-m", "uda_tf.cli.prepare", "--layout=msd", f"--input_dir={raw}",
                 f"--output_dir={out}", "--size=16,24", "--records_per_shard=4", "--workers=1",
                 "--noprogress"]
     ref, out = os.path.join(work, "prep_ref"), os.path.join(work, "prep_killed")
@@ -121,7 +121,7 @@ def sigkill_prepare(work, raw):
 def sigkill_export(work, reference):
     ckpt = os.path.join(reference, "checkpoints", "best.weights.h5")
     root = os.path.join(work, "export")
-    args = [PY, "-m", "uda_tf.export", f"--checkpoint={ckpt}", f"--export_dir={root}"]
+    args = [PY, "-m", "uda_tf.cli.export", f"--checkpoint={ckpt}", f"--export_dir={root}"]
     model_dir = os.path.join(root, "m")
     killed = kill_when(args, lambda: os.path.isdir(model_dir) and any(
         n.endswith(".partial") for n in os.listdir(model_dir)))
@@ -142,7 +142,7 @@ def mlflow_unreachable(work, data):
         return {"survived": False, "data_lost": "unknown", "detail": last_line(proc.stderr)}
     pending = json.load(open(unsent))["pending"]
     uri = f"sqlite:///{work}/replay.db"
-    replay = run([PY, "-m", "uda_tf.training.tracking", f"--replay={unsent}",
+    replay = run([PY, "-m", "uda_tf.cli.replay_mlflow", f"--replay={unsent}",
                   f"--tracking_uri={uri}"])
     sent = replay.returncode == 0 and not os.path.exists(unsent)
     return {"survived": True, "data_lost": "none" if sent else "buffer not replayed",
@@ -157,7 +157,7 @@ from tests.helpers import CLASS_NAMES, tiny_batch, tiny_segmentor
 from uda_tf.methods import GRL
 from uda_tf.models.discriminators import domain_classifier
 from uda_tf.training import guards, resume
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.methods.schedules import LambdaSchedule
 seg = tiny_segmentor()
 m = GRL(seg, CLASS_NAMES, domain_classifier=domain_classifier(
     [seg.output["features"].shape[1:]], hidden=(8,)),
@@ -296,7 +296,7 @@ def escaping_names(work, data):
         "--run_name=../victim": run(train_args(data, out, "../victim", "--overwrite")),
         "--run_name=<abs path>": run(train_args(data, out, victim, "--overwrite")),
         "uda-export --model_name=../../x": run(
-            [PY, "-m", "uda_tf.export",
+            [PY, "-m", "uda_tf.cli.export",
              f"--checkpoint={os.path.join(work, 'runs', 'reference', 'checkpoints', 'best.weights.h5')}",
              f"--export_dir={os.path.join(work, 'export_escape')}", "--model_name=../../x"]),
     }
@@ -314,7 +314,7 @@ def escaping_names(work, data):
 def concurrent_prepares(work, raw):
     """Two prepares into one output directory at once: one writes, the other is refused."""
     out = os.path.join(work, "prep_concurrent")
-    args = [PY, "-m", "uda_tf.prepare", "--layout=msd", f"--input_dir={raw}",
+    args = [PY, "-m", "uda_tf.cli.prepare", "--layout=msd", f"--input_dir={raw}",
             f"--output_dir={out}", "--size=16,24", "--records_per_shard=2", "--workers=1",
             "--noprogress"]
     first = subprocess.Popen(args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
@@ -379,7 +379,7 @@ def memory_bomb(work):
     rows = []
     peak = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_RSS_KB', "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
-            "sys.argv[0] = 'prepare'; runpy.run_module('uda_tf.prepare', run_name='__main__')")
+            "sys.argv[0] = 'prepare'; runpy.run_module('uda_tf.data.prepare', run_name='__main__')")
     # The third raises --max_voxels past the claim: the file-size check (the gzip trailer's
     # length against the header's) must refuse it before the voxels are allocated.
     for name, shape, with_data, extra in (
@@ -435,7 +435,7 @@ def main():
     import pathlib
     raw = str(make_msd(pathlib.Path(work) / "raw"))
     data = os.path.join(work, "prepared")
-    run([PY, "-m", "uda_tf.prepare", "--layout=msd", f"--input_dir={raw}",
+    run([PY, "-m", "uda_tf.cli.prepare", "--layout=msd", f"--input_dir={raw}",
          f"--output_dir={data}", "--size=16,24", "--records_per_shard=8", "--workers=1",
          "--noprogress"])
     out = os.path.join(work, "runs")

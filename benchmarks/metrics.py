@@ -118,10 +118,10 @@ def make_manifest(directory, size, spacing):
 def bench_predict_2d(tmp: str, depth: int) -> dict:
     import nibabel as nib
 
-    from uda_tf import inference
-    from uda_tf.export import export_segmentor
+    from uda_tf.evaluation import inference
+    from uda_tf.serving.export import export_segmentor
     from uda_tf.models.unet import residual_unet_2d
-    from uda_tf.predict import load_predictor, predict_file, predict_volume
+    from uda_tf.evaluation.predict import load_predictor, predict_file, predict_volume
     from uda_tf.data import io
     size = (96, 112)
     manifest = make_manifest(os.path.join(tmp, "prepared"), size, (2.0, 2.0, 2.0))
@@ -149,7 +149,7 @@ def bench_sliding_window(depth: int) -> dict:
     import keras
     import tensorflow as tf
 
-    from uda_tf import inference
+    from uda_tf.evaluation import inference
     volume = np.random.default_rng(0).random((96, 112, depth, 1), dtype=np.float32)
     patch = (64, 64, min(64, depth))
 

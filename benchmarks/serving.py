@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serving.py [--batch_sizes=1,4,16,64] [--seconds=8]
 
 Exports the demo-size segmentor (uda_tf.models.unet.residual_unet_2d((96, 112, 1), 4), random
-weights: speed does not depend on them) with uda_tf.export.export_segmentor, loads it with
+weights: speed does not depend on them) with uda_tf.serving.export.export_segmentor, loads it with
 tf.saved_model.load as TF Serving's runtime does, and times one signature call per request
 (input already in memory, `labels` copied back to numpy, as a server must). Prints a table and
 writes benchmarks/results/serving.json. What it measures is the model's compute on this
@@ -74,7 +74,7 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from uda_tf.export import export_segmentor
+    from uda_tf.serving.export import export_segmentor
     from uda_tf.models.unet import residual_unet_2d
 
     shape, classes = (96, 112, 1), 4

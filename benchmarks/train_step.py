@@ -53,7 +53,7 @@ def define_flags():
 def method_config(name: str) -> SimpleNamespace:
     """train.py's flag values (defaults, or as given here) for method `name`, with this
     benchmark's batch. Schedules see a long run, so that lambda ramps stay near their start."""
-    from uda_tf import train
+    from uda_tf.cli import train
     values = train.resolved_flags()
     values.update(method=name, global_batch_size=FLAGS.batch, epochs=1000,
                   steps_per_epoch=FLAGS.steps)
@@ -179,7 +179,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from uda_tf import train
+    from uda_tf.cli import train
     train.define_flags()  # method options with train.py's defaults (see method_config)
     define_flags()
     app.run(main)

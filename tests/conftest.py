@@ -37,7 +37,7 @@ def three_replicas():
 def tiny_prepared(tmp_path_factory):
     """The tiny two-domain MSD dataset of tests/helpers.py, prepared to 16x24 slices."""
     from tests.helpers import make_msd
-    from uda_tf.prepare import prepare
+    from uda_tf.data.prepare import prepare
     raw = make_msd(tmp_path_factory.mktemp("tiny_raw"))
     out = tmp_path_factory.mktemp("tiny_prepared")
     manifest = prepare(str(raw), str(out), size=(16, 24), records_per_shard=8, workers=1,

@@ -22,7 +22,7 @@ done
 curl -fs http://localhost:8501/v1/models/uda_demo
 
 # The client runs in the training image, on the compose network (host "serving").
-docker compose run --rm --no-deps --entrypoint python train -m uda_tf.serving_client \
+docker compose run --rm --no-deps --entrypoint python train -m uda_tf.cli.serve_client \
   --host=serving --model_name=uda_demo --protocol=rest \
   --nifti=/data/raw/imagesTr/scanner_b_000_0000.nii.gz \
   --manifest=/data/prepared/manifest.json --output=/data/scanner_b_000_mask.nii.gz

@@ -141,7 +141,7 @@ def make_msd_with_tests(root):
 # The builders above keep every header plain (float32, diagonal RAS affine). Those below give
 # each layout the geometry and storage of its public release (orientation codes, oblique and
 # flipped affines, qform/sform codes, int16 with scl_slope/scl_inter, uint8 labels), with tiny
-# voxel counts; tests/test_layouts_e2e.py runs each through every command line. Where a
+# voxel counts; tests/cli/test_layouts_e2e.py runs each through every command line. Where a
 # property of a release is not documented, the docstring says what is assumed.
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 _WORLD_AXIS = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}

@@ -143,7 +143,7 @@ _FLAG_PROPERTIES = textwrap.dedent('''
     import os, sys, tempfile
     from absl import flags
     from hypothesis import given, settings, strategies as st
-    from uda_tf import train
+    from uda_tf.cli import train
     train.define_flags()
     FLAGS = flags.FLAGS
     BOUNDED = {n: FLAGS[n].parser.lower_bound for n in train._NAMES
@@ -266,7 +266,7 @@ def test_any_dataset_json_gives_a_listing_or_a_layout_error(msd_root, meta):
 @pytest.fixture(scope="module")
 def prepared_manifest(tmp_path_factory):
     from tests.data import raw_layouts as raw
-    from uda_tf import prepare as prepare_mod
+    from uda_tf.data import prepare as prepare_mod
     root = tmp_path_factory.mktemp("manifest_json")
     raw.make_msd_with_tests(root / "raw")
     prepare_mod.prepare(str(root / "raw"), str(root / "out"), size=(8, 8), workers=1,

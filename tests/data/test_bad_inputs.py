@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.data import raw_layouts as raw
-from uda_tf import prepare as prepare_mod
+from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import io, layouts, preprocess
 
 CONFIG = preprocess.PreprocessConfig(spacing=(1.5, 1.5, 2.0), size=(8, 8))

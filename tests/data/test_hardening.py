@@ -21,7 +21,7 @@ import pytest
 
 from tests.data import raw_layouts as raw
 from uda_tf import files
-from uda_tf import prepare as prepare_mod
+from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import io, layouts, preprocess, sharding
 from uda_tf.data import manifest as manifest_lib
 from uda_tf.data.integrity import verify_shards
@@ -425,7 +425,7 @@ def test_second_prepare_into_the_same_directory_is_refused(tmp_path, monkeypatch
         if second:
             return
         second["proc"] = subprocess.run(
-            [sys.executable, "-m", "uda_tf.prepare", f"--input_dir={tmp_path / 'raw'}",
+            [sys.executable, "-m", "uda_tf.cli.prepare", f"--input_dir={tmp_path / 'raw'}",
              f"--output_dir={out}", "--size=8,8", "--workers=1", "--noprogress",
              "--records_per_shard=2"],
             capture_output=True, text=True, cwd=REPO, timeout=180,
@@ -485,7 +485,7 @@ def test_a_manifest_json_that_is_not_ours_is_never_replaced(tmp_path):
 @pytest.mark.parametrize("problem", ["domains", "split_file", "manifest"])
 def test_cli_main_reports_known_conditions_without_a_traceback(tmp_path, monkeypatch, capsys,
                                                                 problem):
-    from uda_tf.data import prepare_flags
+    from uda_tf.cli import prepare_flags
     raw.make_msd_with_tests(tmp_path / "raw")
     kwargs = dict(input_dir=str(tmp_path / "raw"), output_dir=str(tmp_path / "out"),
                   size=(8, 8), workers=1, verbose=False)
@@ -504,7 +504,8 @@ def test_cli_main_reports_known_conditions_without_a_traceback(tmp_path, monkeyp
             {"format": manifest_lib.FORMAT, "version": 1, "preprocessing": []}))
     monkeypatch.setattr(prepare_flags, "prepare_kwargs", lambda: kwargs)
     with pytest.raises(SystemExit) as exit_info:
-        prepare_mod.main(["prepare"])
+        from uda_tf.cli import prepare as prepare_cli
+        prepare_cli.main(["prepare"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("prepare: error: ") and len(err.splitlines()) == 1, err

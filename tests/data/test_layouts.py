@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tests.data import raw_layouts as raw
-from uda_tf import prepare as prepare_mod
+from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import io, layouts, manifest as manifest_lib, pipeline, tfrecord
 
 

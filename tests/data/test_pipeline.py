@@ -70,7 +70,7 @@ import pytest  # noqa: E402
 
 from tests.helpers import make_msd  # noqa: E402
 from uda_tf.data import manifest as manifest_lib, tfrecord  # noqa: E402
-from uda_tf.prepare import prepare  # noqa: E402
+from uda_tf.data.prepare import prepare  # noqa: E402
 
 
 @pytest.fixture(scope="module")

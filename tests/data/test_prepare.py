@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import LABELS, LPS_CASE, make_msd
-from uda_tf import prepare as prepare_mod
+from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import io, layouts, manifest as manifest_lib, preprocess, tfrecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -194,7 +194,7 @@ def test_errors_name_what_is_wrong(tmp_path):
     os.remove(raw / "dataset.json")
     with pytest.raises(layouts.LayoutError, match="dataset.json"):
         layouts.read_layout("msd", str(raw))
-    with pytest.raises(FileNotFoundError, match="not a prepared dataset.*uda_tf.prepare"):
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset.*uda_tf.cli.prepare"):
         manifest_lib.load_manifest(str(tmp_path / "o4"))
 
 
@@ -207,7 +207,7 @@ def test_shard_files_names_available_splits(prepared):
 
 def test_cli_rejects_unknown_flag_and_layout(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    base = [sys.executable, "-m", "uda_tf.prepare", f"--input_dir={tmp_path}",
+    base = [sys.executable, "-m", "uda_tf.cli.prepare", f"--input_dir={tmp_path}",
             f"--output_dir={tmp_path / 'out'}"]
     for arg, expected in (("--bogus_flag", "bogus_flag"), ("--layout=nope", "layout")):
         proc = subprocess.run(base + [arg], capture_output=True, text=True, cwd=REPO, env=env,

@@ -1,4 +1,4 @@
-"""`python -m uda_tf.prepare` with a flagfile, layout options, a split file and
+"""`python -m uda_tf.cli.prepare` with a flagfile, layout options, a split file and
 --skip_bad_cases; flag errors name the flag. One subprocess per CLI run (TF start-up costs
 seconds), the rest in-process."""
 import json
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.data import raw_layouts as raw
-from uda_tf import prepare as prepare_mod
+from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import manifest as manifest_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +17,7 @@ ENV = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _cli(args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "uda_tf.prepare", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "uda_tf.cli.prepare", *args], capture_output=True,
                           text=True, cwd=REPO, env=ENV, timeout=timeout)
 
 

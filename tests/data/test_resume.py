@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import make_msd
 from uda_tf import files
-from uda_tf import prepare as prepare_mod
+from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import sharding
 
 

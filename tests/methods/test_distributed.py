@@ -10,7 +10,7 @@ from tests.methods.test_adversarial import tiny_discriminators
 from uda_tf.methods import GRL, Adversarial, MinEnt, SourceOnly
 from uda_tf.methods.grl import OUTPUT_KEY
 from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.methods.schedules import LambdaSchedule
 
 
 def _build(method, strategy, norm):

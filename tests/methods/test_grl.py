@@ -10,7 +10,7 @@ from uda_tf import losses
 from uda_tf.methods import GRL
 from uda_tf.methods.grl import OUTPUT_KEY, feature_keys
 from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.methods.schedules import LambdaSchedule
 
 LR, LAM = 0.1, 0.5
 

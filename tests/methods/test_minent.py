@@ -11,7 +11,7 @@ from tests.helpers import CLASS_NAMES, tiny_batch, tiny_segmentor
 from uda_tf import losses
 from uda_tf.methods import GRL, MinEnt, SourceOnly
 from uda_tf.models.discriminators import domain_classifier
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.methods.schedules import LambdaSchedule
 
 LR, W = 0.1, 0.5
 

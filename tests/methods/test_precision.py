@@ -13,7 +13,7 @@ from uda_tf import losses
 from uda_tf.methods import GRL, SourceOnly
 from uda_tf.methods.base import SegmentationMethod
 from uda_tf.models.discriminators import domain_classifier
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.methods.schedules import LambdaSchedule
 
 
 @pytest.fixture

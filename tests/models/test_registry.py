@@ -11,7 +11,7 @@ from uda_tf.methods import GRL, SourceOnly
 from uda_tf.methods.grl import feature_keys
 from uda_tf.models import MODELS, check_flags, input_shape_from_flags, segmentor_from_flags
 from uda_tf.models.discriminators import domain_classifier
-from uda_tf.training.schedules import LambdaSchedule
+from uda_tf.methods.schedules import LambdaSchedule
 
 CLASSES = ["background", "a", "b"]
 MANIFESTS = {

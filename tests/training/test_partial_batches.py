@@ -58,8 +58,8 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
     without a sample (InvalidArgumentError, a FAILED MLflow run). Now the run finishes and its
     val_dice is the Dice of the checkpoint on the 10 slices, computed on one device; the
     label-free criteria and oracle/val_dice (read outside the strategy) match too."""
-    from tests.test_train_hardening import _cfg
-    from uda_tf import train
+    from tests.cli.test_train_hardening import _cfg
+    from uda_tf.cli import train
     from uda_tf.metrics import StreamingDice
     from uda_tf.models import segmentor_from_flags
     from uda_tf.training.selection import TargetCriteria
@@ -88,8 +88,8 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
 def test_training_batch_that_leaves_a_replica_empty_is_refused(tiny_prepared, tmp_path):
     """4 training samples on 3 replicas are cut 2, 2, 0: refused at start-up, naming it."""
     from absl import app
-    from tests.test_train_hardening import _cfg
-    from uda_tf import train
+    from tests.cli.test_train_hardening import _cfg
+    from uda_tf.cli import train
     data_dir, _ = tiny_prepared
     with pytest.raises(app.UsageError, match="--global_batch_size=4 on 3 replicas leaves a "
                                              "replica without samples .* multiple of 3"):

@@ -1,4 +1,4 @@
-"""The end-to-end demo on built-in data: `make demo` (or `python -m uda_tf.demo`).
+"""The end-to-end demo on built-in data: `make demo` (or `python -m uda_tf.cli.demo`).
 
 Runs the real command-line tools one after another, as a user would:
 phantom scans -> prepare -> train source_only -> train grl (each: fit, keep the best
@@ -85,17 +85,17 @@ def main(argv):
         print(f"=== phantom data already in {raw}")
     else:
         _step("1. generate the built-in phantom scans (NIfTI, nnU-Net layout)",
-              ["-m", "uda_tf.phantom", f"--output_dir={raw}",
+              ["-m", "uda_tf.cli.phantom", f"--output_dir={raw}",
                f"--domains={','.join(FLAGS.domains)}",
                f"--subjects_per_domain={FLAGS.subjects_per_domain}", f"--seed={FLAGS.seed}"])
     _step("2. prepare: RAS, resample, normalise, slice, shard",
-          ["-m", "uda_tf.prepare", "--layout=msd", f"--input_dir={raw}",
+          ["-m", "uda_tf.cli.prepare", "--layout=msd", f"--input_dir={raw}",
            f"--output_dir={prepared}", f"--split={FLAGS.split}", "--spacing=2,2,2",
            "--size=96,112"])
     results = {}
     for i, method in enumerate(FLAGS.methods, start=3):
         _step(f"{i}. train {method}: {source} (labelled) -> {target} (unlabelled)",
-              ["-m", "uda_tf.train", f"--flagfile={FLAGS.config}", f"--method={method}",
+              ["-m", "uda_tf.cli.train", f"--flagfile={FLAGS.config}", f"--method={method}",
                f"--data_dir={prepared}", f"--output_dir={runs}", f"--run_name={method}",
                f"--source_domain={source}", f"--target_domain={target}",
                f"--mlflow_tracking_uri={tracking_uri}", f"--seed={FLAGS.seed}", "--overwrite",

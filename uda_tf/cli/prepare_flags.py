@@ -1,4 +1,4 @@
-"""Every flag of `python -m uda_tf.prepare`, validated at start-up (errors name the flag)."""
+"""Every flag of `python -m uda_tf.cli.prepare`, validated at start-up (errors name the flag)."""
 from __future__ import annotations
 
 from absl import flags
@@ -62,7 +62,7 @@ def define_flags() -> None:
     if _defined:
         return
     _defined = True
-    from uda_tf.prepare import OUTPUTS, check_split, parse_numbers
+    from uda_tf.data.prepare import OUTPUTS, check_split, parse_numbers
 
     d = flags
     d.DEFINE_enum("layout", "msd", sorted(layouts.LAYOUTS), "Raw dataset layout.")
@@ -111,7 +111,7 @@ def define_flags() -> None:
     d.DEFINE_bool("skip_bad_cases", False, "Leave out unusable cases and list them in "
                   "<output_dir>/skipped_cases.json instead of stopping.")
     d.DEFINE_bool("overwrite", False, "Replace an output prepared with other parameters.")
-    # privacy (uda_tf/privacy.py)
+    # privacy (uda_tf/data/privacy.py)
     d.DEFINE_bool("keep_identifiers", False, "Keep case ids from file names (often patient "
                   "names) and file paths in the shards, manifest and skipped-case report; "
                   "by default cases get derived ids <domain>_<k>.")

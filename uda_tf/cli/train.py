@@ -26,7 +26,7 @@ from uda_tf.models import MODELS
 from uda_tf.models.heads import HEADS
 from uda_tf.models.layers import NORMALIZATIONS
 from uda_tf.training.devices import CLUSTERS
-from uda_tf.training.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
+from uda_tf.methods.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
 from uda_tf.training.selection import SELECT_ON
 
 FLAGS = flags.FLAGS
@@ -48,7 +48,7 @@ def define_flags():
         return
     # data
     _define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
-            "(python -m uda_tf.prepare).")
+            "(python -m uda_tf.cli.prepare).")
     _define("string", "dataset_source", "", "Where the raw dataset comes from and how to prepare "
             "it; printed when --data_dir holds no prepared dataset.")
     _define("string", "source_domain", None, "Labelled source domain (a domain in the manifest).")
@@ -308,12 +308,12 @@ def require_prepared_data(data_dir, dataset_source):
     from uda_tf.data.manifest import load_manifest
     if not data_dir:
         raise app.UsageError("--data_dir is required: a directory written by "
-                             "python -m uda_tf.prepare")
+                             "python -m uda_tf.cli.prepare")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         hint = f"\nDataset: {dataset_source}" if dataset_source else ""
         raise app.UsageError(
             f"--data_dir={data_dir}: no prepared dataset there (manifest.json missing).{hint}\n"
-            "Prepare it with python -m uda_tf.prepare --output_dir=<dir> and point --data_dir "
+            "Prepare it with python -m uda_tf.cli.prepare --output_dir=<dir> and point --data_dir "
             "at <dir>.")
     try:
         return load_manifest(data_dir)
@@ -540,12 +540,13 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     import keras
 
     from uda_tf.data import augment, pipeline
-    from uda_tf.evaluate import evaluate_model
-    from uda_tf.export import export_segmentor, load_serving_fn
+    from uda_tf.evaluation.evaluate import evaluate_model
+    from uda_tf.serving.export import export_segmentor, load_serving_fn
     from uda_tf.methods import get_method
-    from uda_tf import inference
+    from uda_tf.evaluation import inference
     from uda_tf.models import check_flags, input_shape_from_flags, segmentor_from_flags
-    from uda_tf.training import adapt, devices, figures, guards, multiworker, tracking
+    from uda_tf.evaluation import figures
+    from uda_tf.training import adapt, devices, guards, multiworker, tracking
     from uda_tf.training.selection import selection_monitor
 
     method_cls = get_method(cfg.method)

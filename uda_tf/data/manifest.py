@@ -190,7 +190,7 @@ def load_manifest(data_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{data_dir} is not a prepared dataset (no {FILENAME}); run "
-            f"python -m uda_tf.prepare --input_dir=<raw data> --output_dir={data_dir}"
+            f"python -m uda_tf.cli.prepare --input_dir=<raw data> --output_dir={data_dir}"
         )
     try:
         with open(path, encoding="utf-8") as f:
@@ -214,7 +214,7 @@ def load_manifest(data_dir: str) -> dict:
         raise ManifestError(
             f"{path} was modified after it was written (content_hash mismatch): its shards "
             "and cases may no longer match it. Prepare the data again (python -m "
-            f"uda_tf.prepare ... --output_dir={data_dir} --overwrite) or restore the file")
+            f"uda_tf.data.prepare ... --output_dir={data_dir} --overwrite) or restore the file")
     return manifest
 
 

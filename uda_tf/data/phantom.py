@@ -7,7 +7,7 @@ spread function, thick-slice partial volume, Rician noise, a stored intensity ra
 NIfTI orientation. Labels (0 background, 1 CSF, 2 GM, 3 WM) come from the same resampled tissue
 maps that produce the image, so image and label never disagree.
 
-    python -m uda_tf.phantom --output_dir=/tmp/phantom --domains=scanner_a,scanner_b
+    python -m uda_tf.cli.phantom --output_dir=/tmp/phantom --domains=scanner_a,scanner_b
 
 writes the nnU-Net v2 / MSD layout of docs/CONTRACTS.md. Anatomy: MNI ICBM152 2009a nonlinear
 symmetric template (Fonov et al., NeuroImage 2011; McConnell Brain Imaging Centre), as
@@ -22,13 +22,11 @@ import json
 import multiprocessing
 import os
 import re
-import time
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from absl import app, flags
 from nibabel import orientations
 from scipy import ndimage
 
@@ -375,40 +373,3 @@ def generate(output_dir, domains=("scanner_a", "scanner_b"), subjects_per_domain
 
 # Flags are defined on demand (by run) so that importing this module as a library, e.g. from
 # the demo next to other CLIs, cannot collide with their flag names.
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-    if "subjects_per_domain" in FLAGS:
-        return
-    flags.DEFINE_string("output_dir", None, "Dataset root to write (dataset.json, imagesTr, "
-                        "labelsTr).", required=True)
-    flags.DEFINE_list("domains", ["scanner_a", "scanner_b"],
-                      f"Scanner domains to render, from: {', '.join(DOMAINS)}.")
-    flags.DEFINE_integer("subjects_per_domain", 10, "Subjects per domain.", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "Seed; each subject draws from (seed, domain, index).")
-    flags.DEFINE_integer("workers", 2, "Worker processes.", lower_bound=1)
-
-    def known(names):
-        bad = [n for n in names if n not in DOMAINS]
-        if bad or not names:
-            what = f"unknown domain(s) {', '.join(bad)}" if bad else "no domain given"
-            # absl prefixes "flag --domains=<value>: " to this message.
-            raise flags.ValidationError(f"{what}; allowed: {', '.join(DOMAINS)}")
-        return True
-
-    flags.register_validator("domains", known)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    start = time.perf_counter()
-    path = generate(FLAGS.output_dir, FLAGS.domains, FLAGS.subjects_per_domain, FLAGS.seed,
-                    FLAGS.workers, log=print)
-    print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
-
-
-def run():
-    define_flags()
-    app.run(main)

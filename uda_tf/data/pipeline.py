@@ -347,7 +347,7 @@ def eval_patches(data_dir, manifest, domain, split, patch_size, *, batch_size,
     non-overlapping patches of the model's input size (`tile_volume`). Validation of a 3D
     model during training uses these: fixed shapes, so they distribute over replicas and need
     no retracing; Dice pooled over the tiles is the Dice of the whole volumes (the padding is
-    background). Whole-volume evaluation uses `uda_tf.inference.sliding_window`.
+    background). Whole-volume evaluation uses `uda_tf.evaluation.inference.sliding_window`.
     `with_metadata`: dicts with `image`, `label` and each patch's `has_label` (the label-free
     target criteria read them; a case stored without a label gives zero labels).
     `pad_to_batch`: (patches, labels, weights) batches of that size (see eval_dataset)."""

@@ -1,15 +1,15 @@
 """Raw scans -> preprocessed 2D slices or 3D volumes in sharded TFRecords plus manifest.json.
 
-    python -m uda_tf.prepare --layout=msd --input_dir=RAW --output_dir=PREPARED
-    python -m uda_tf.prepare --layout=cc359 --input_dir=CC359 --output_dir=OUT --spacing=1,1,1
-    python -m uda_tf.prepare --flagfile=configs/prepare_phantom.cfg
+    python -m uda_tf.cli.prepare --layout=msd --input_dir=RAW --output_dir=PREPARED
+    python -m uda_tf.cli.prepare --layout=cc359 --input_dir=CC359 --output_dir=OUT --spacing=1,1,1
+    python -m uda_tf.cli.prepare --flagfile=configs/prepare_phantom.cfg
 
-In Python: `uda_tf.prepare.prepare(input_dir, output_dir, layout="msd", ...)`.
+In Python: `uda_tf.data.prepare.prepare(input_dir, output_dir, layout="msd", ...)`.
 Cases are preprocessed in parallel processes (a text progress bar on stderr); every shard is
 written under a temporary name, renamed, and marked complete, so an interrupted run re-run with
 the same arguments keeps the finished shards and ends with the same shards and manifest as an
 uninterrupted run (uda_tf/data/sharding.py). `manifest.json` is written last.
-The output format is specified in docs/CONTRACTS.md; the flags are in uda_tf/data/prepare_flags.py.
+The output format is specified in docs/CONTRACTS.md; the flags are in uda_tf/cli/prepare_flags.py.
 """
 from __future__ import annotations
 
@@ -22,11 +22,9 @@ import itertools
 import json
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from absl import app
 
 from uda_tf import files
 from uda_tf.data import io, layouts
@@ -239,7 +237,7 @@ def _write_groups(groups, output_dir, request_id, run, say, show_progress):
                     raise error
                 reason = str(error)
                 if run["original_ids"] is not None:
-                    from uda_tf.privacy import scrub
+                    from uda_tf.data.privacy import scrub
                     reason = scrub(reason, case, run["original_ids"][case.case_id],
                                    case.case_id)
                 current.case_skipped({"case_id": case.case_id, "domain": case.domain,
@@ -346,7 +344,7 @@ def prepare(
     `records_per_shard` defaults to 256 slices or 4 volumes. `layout_options` go to the layout
     reader (e.g. {"image_glob": ...} for layout "glob").
     `keep_identifiers=False` (the CLI's default) replaces case ids and file paths by derived
-    ids (uda_tf/privacy.py); `identifier_map` then receives the mapping back.
+    ids (uda_tf/data/privacy.py); `identifier_map` then receives the mapping back.
     `max_voxels` (default io.MAX_VOXELS) bounds the voxels a scan's header may declare; it is
     checked before any voxel is read, so a forged or huge header cannot exhaust memory.
     One `prepare` at a time writes `output_dir` (files.OutputLock); a second is refused.
@@ -421,7 +419,7 @@ def prepare(
                                     where=f"--split_file={split_file}")
     mapping = None
     if not keep_identifiers:  # after the split: it is drawn from the original ids
-        from uda_tf import privacy
+        from uda_tf.data import privacy
         privacy.check_map_path(identifier_map, output_dir)
         cases, problems, assigned, mapping = privacy.pseudonymize(cases, problems, assigned)
     split_of = {cid: s for d in assigned for s, ids in assigned[d].items() for cid in ids}
@@ -559,31 +557,3 @@ def _prepare_locked(output_dir, request, *, overwrite, say, start, config, listi
         + (f"; skipped {len(skipped)} bad cases (see {SKIPPED_FILE})" if skipped else "")
     )
     return manifest
-
-
-def main(argv) -> None:
-    from uda_tf.data import prepare_flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        prepare(**prepare_flags.prepare_kwargs())
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def define_flags() -> None:
-    """Defines the CLI flags (on first call only); see uda_tf/data/prepare_flags.py."""
-    from uda_tf.data import prepare_flags
-
-    prepare_flags.define_flags()
-
-
-def run() -> None:
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

@@ -2,7 +2,7 @@
 
 Every function takes a `predict_fn(batch) -> probabilities`: batch [N, H, W, C] (2D slices) or
 [N, h, w, d, C] (3D patches), float32, channels-last; probabilities [N, ..., K] that sum to 1
-over K. A SavedModel's `serving_default` (uda_tf.export) wrapped by `saved_model_fn` is one.
+over K. A SavedModel's `serving_default` (uda_tf.serving.export) wrapped by `saved_model_fn` is one.
 
 * `predict_slices`: a prepared volume [H, W, D, C] cut into its D slices, predicted in batches.
 * `sliding_window`: a volume [H, W, D, C] covered by overlapping patches, each patch's
@@ -58,7 +58,7 @@ def check_model_input(model_shape, data_shape, *, model: str, data: str,
 
 
 def saved_model_fn(serving_fn):
-    """`predict_fn` of a SavedModel signature (`uda_tf.export.load_serving_fn`)."""
+    """`predict_fn` of a SavedModel signature (`uda_tf.serving.export.load_serving_fn`)."""
     return lambda batch: serving_fn(image=np.asarray(batch, np.float32))["probabilities"].numpy()
 
 
@@ -177,7 +177,7 @@ def sliding_window(predict_fn, volume, patch_size, *, overlap: float = 0.5,
 
 
 def volume_predict_fn(predict_fn, patch_size, *, overlap: float = 0.5, batch_size: int = 2):
-    """A predict_fn for whole prepared volumes, as `uda_tf.evaluate.evaluate_model` passes 3D
+    """A predict_fn for whole prepared volumes, as `uda_tf.evaluation.evaluate.evaluate_model` passes 3D
     records: images [B, H, W, D, C] -> {"labels" [B, H, W, D] int32, "entropy" [B, H, W, D]},
     each volume by `sliding_window` over patches of `patch_size` with `predict_fn`."""
     def predict(images):

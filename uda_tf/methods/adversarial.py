@@ -22,7 +22,7 @@ from uda_tf import losses
 from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
 from uda_tf.models import heads
 from uda_tf.models.discriminators import entropy_discriminator, feature_discriminator
-from uda_tf.training.schedules import learning_rates_from_flags
+from uda_tf.methods.schedules import learning_rates_from_flags
 
 #: --adv_discriminators values and the discriminators each one trains
 DISCRIMINATOR_SETS = {"feature": ("feature",), "entropy": ("entropy",),

@@ -7,8 +7,8 @@ import tensorflow as tf
 from uda_tf import losses
 from uda_tf.metrics import StreamingDice
 from uda_tf.models.heads import parse_class_weights
-from uda_tf.training.schedules import learning_rates_from_flags
-from uda_tf.training import multiworker
+from uda_tf.methods.schedules import learning_rates_from_flags
+from uda_tf import keras_compat
 
 
 def split_batch(data):
@@ -109,14 +109,14 @@ class SegmentationMethod(keras.Model):
         rounds); train.py adds them."""
         return []
 
-    # -- multi-worker fit (keras #20585; the workarounds live in training/multiworker.py) ----
+    # -- multi-worker fit (keras #20585; the workarounds live in uda_tf/keras_compat.py) ----
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if multiworker.needs_symbolic_build(self):
+        if keras_compat.needs_symbolic_build(self):
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _make_function(self, step_function):
         return super()._make_function(
-            multiworker.shaped_step(step_function, self.distribute_strategy))
+            keras_compat.shaped_step(step_function, self.distribute_strategy))
 
     def _get_metrics_result_or_logs(self, logs):
         """Keras reports the metrics' own results (their variables, summed over every replica

@@ -18,7 +18,7 @@ from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
 from uda_tf.models import heads
 from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.models.layers import GradientReversal
-from uda_tf.training.schedules import LambdaSchedule, learning_rates_from_flags
+from uda_tf.methods.schedules import LambdaSchedule, learning_rates_from_flags
 
 
 GRL_FEATURES = ("bottleneck", "encoder", "output")

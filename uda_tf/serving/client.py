@@ -1,6 +1,6 @@
 """Client for a uda_tf model behind TF Serving, over REST or gRPC.
 
-    python -m uda_tf.serving_client --model_name=uda_demo --nifti=scan.nii.gz \
+    python -m uda_tf.cli.serve_client --model_name=uda_demo --nifti=scan.nii.gz \
         --manifest=<SavedModel>/assets.extra/manifest.json --output=mask.nii.gz [--protocol=grpc]
     (thin script: export/client.py)
 
@@ -20,62 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 
 import numpy as np
 
+from uda_tf.serving.protocol import decode_rest_reply, predict_request, raw_input_names, rest_body
+
 PROTOCOLS = ("rest", "grpc")
-
-
-def predict_request(model_name: str, inputs: dict, *, signature: str = "serving_default",
-                    version: int | None = None, output_filter=()):
-    """A tensorflow_serving PredictRequest with `inputs` {name: array} as TensorProtos."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = int(version)
-    for name, value in inputs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(value)))
-    request.output_filter.extend(output_filter)
-    return request
-
-
-def rest_body(inputs: dict, *, signature: str = "serving_default", row_format: bool = False):
-    """TF Serving REST predict body. Row format lists one dict per instance (every input
-    shares the batch dimension); columnar format sends each input whole."""
-    arrays = {name: np.asarray(value) for name, value in inputs.items()}
-    if not row_format:
-        return {"signature_name": signature,
-                "inputs": {name: a.tolist() for name, a in arrays.items()}}
-    sizes = {name: a.shape[0] for name, a in arrays.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"row format needs one batch size for every input, got {sizes}")
-    count = next(iter(sizes.values()))
-    return {"signature_name": signature,
-            "instances": [{name: a[i].tolist() for name, a in arrays.items()}
-                          for i in range(count)]}
-
-
-def decode_rest_reply(reply: dict, output_names=None) -> dict:
-    """{name: array} from a REST predict reply (columnar `outputs` or row `predictions`)."""
-    if "error" in reply:
-        raise RuntimeError(f"TF Serving error: {reply['error']}")
-    if "outputs" in reply:
-        outputs = reply["outputs"]
-        if not isinstance(outputs, dict):  # a single-output signature sends the bare value
-            outputs = {(output_names or ["output"])[0]: outputs}
-        return {name: np.asarray(value) for name, value in outputs.items()}
-    if "predictions" in reply:
-        rows = reply["predictions"]
-        if rows and isinstance(rows[0], dict):
-            return {name: np.asarray([r[name] for r in rows]) for name in rows[0]}
-        return {(output_names or ["output"])[0]: np.asarray(rows)}
-    raise ValueError(f"unexpected TF Serving reply keys {sorted(reply)}")
 
 
 def http_transport(timeout: float):
@@ -161,7 +113,6 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
     resample and crop/pad the raw intensities here and let `serving_raw` clip and normalise
     with the volume's statistics, sent per slice."""
     from uda_tf.data import io, preprocess
-    from uda_tf.export import raw_input_names
     config = preprocess.PreprocessConfig.from_manifest(manifest["preprocessing"])
     volume = io.read_volume(nifti_path, color=config.color)
     # The same function `prepare` runs; its record holds this scan's geometry and statistics.
@@ -194,80 +145,3 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
     io.write_volume(tmp, mask.astype(np.uint8), record["original_affine"])
     os.replace(tmp, output_path)
     return mask
-
-
-def define_flags():
-    from absl import flags
-    flags.DEFINE_string("model_name", None, "Model name in TF Serving's models.config.")
-    flags.DEFINE_integer("model_version", None, "Model version (default: the server's latest).")
-    flags.DEFINE_enum("protocol", "rest", list(PROTOCOLS), "REST (JSON) or gRPC.")
-    flags.DEFINE_string("host", "localhost", "TF Serving host.")
-    flags.DEFINE_integer("rest_port", 8501, "TF Serving REST port.")
-    flags.DEFINE_integer("grpc_port", 8500, "TF Serving gRPC port.")
-    flags.DEFINE_float("timeout", 60.0, "Seconds per request.")
-    flags.DEFINE_string("nifti", None, "NIfTI volume to segment (writes --output as NIfTI).")
-    flags.DEFINE_string("npy", None, "Preprocessed slices [N, H, W, C] float32 .npy to segment "
-                        "with serving_default (writes --output as .npy labels).")
-    flags.DEFINE_string("manifest", None, "manifest.json of the model's dataset (the SavedModel "
-                        "carries one in assets.extra/manifest.json); needed by --nifti.")
-    flags.DEFINE_string("output", None, "Where the label map goes.")
-    flags.DEFINE_integer("batch_size", 16, "Slices per request.", lower_bound=1)
-    flags.DEFINE_bool("raw", False, "--nifti: send raw intensities to serving_raw instead of "
-                      "normalising here.")
-    flags.DEFINE_bool("row_format", False, "REST: send 'instances' rows instead of 'inputs'.")
-    flags.mark_flags_as_required(["model_name", "output"])
-
-
-def _read_manifest(path: str) -> dict:
-    if not path:
-        raise SystemExit("--nifti needs --manifest (e.g. <SavedModel>/assets.extra/manifest.json)")
-    path = os.path.join(path, "manifest.json") if os.path.isdir(path) else path
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"--manifest={path}: cannot read it: {e}") from e
-
-
-def main(argv):
-    import grpc
-    from absl import flags
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
-    if bool(FLAGS.nifti) == bool(FLAGS.npy):
-        raise SystemExit("give exactly one of --nifti and --npy")
-    client = ServingClient(FLAGS.model_name, protocol=FLAGS.protocol, host=FLAGS.host,
-                           rest_port=FLAGS.rest_port, grpc_port=FLAGS.grpc_port,
-                           version=FLAGS.model_version, timeout=FLAGS.timeout,
-                           row_format=FLAGS.row_format)
-    try:
-        if FLAGS.nifti:
-            mask = segment_nifti(client, FLAGS.nifti, _read_manifest(FLAGS.manifest),
-                                 FLAGS.output, batch_size=FLAGS.batch_size, raw=FLAGS.raw)
-            counts = dict(zip(*np.unique(mask, return_counts=True)))
-            print(f"wrote {FLAGS.output}: shape {mask.shape}, voxels per label "
-                  f"{ {int(k): int(v) for k, v in counts.items()} }")
-            return
-        if not os.path.isfile(FLAGS.npy):
-            raise SystemExit(f"--npy={FLAGS.npy}: no such file")
-        images = np.load(FLAGS.npy, allow_pickle=False)  # arrays only, never pickles
-        labels = predict_slices(client, images.astype(np.float32),
-                                batch_size=FLAGS.batch_size)
-    except grpc.RpcError as e:
-        raise SystemExit(f"gRPC {FLAGS.host}:{FLAGS.grpc_port} failed: {e.code()} "
-                         f"{e.details()}") from e
-    except (ConnectionError, RuntimeError, ValueError, OSError) as e:
-        raise SystemExit(f"client failed: {e}") from e
-    np.save(FLAGS.output, labels)
-    print(f"wrote {FLAGS.output}: labels {labels.shape}")
-
-
-def run():
-    from absl import app
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    sys.exit(run())

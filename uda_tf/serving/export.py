@@ -1,12 +1,12 @@
 """SavedModel export of the segmentor for TF Serving.
 
-    python -m uda_tf.export --checkpoint=runs/grl/checkpoints/best.weights.h5
+    python -m uda_tf.cli.export --checkpoint=runs/grl/checkpoints/best.weights.h5
     (console script: uda-export; thin script: export/export_savedmodel.py)
 
 Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Signatures:
 
 * `serving_default`: `image` [N, H, W, C] float32, slices already preprocessed as by
-  `python -m uda_tf.prepare` -> `probabilities` [N, H, W, K] float32, `labels` [N, H, W] int32,
+  `python -m uda_tf.cli.prepare` -> `probabilities` [N, H, W, K] float32, `labels` [N, H, W] int32,
   `entropy` [N, H, W] float32 (normalised to [0, 1]). 3D models take patches [N, h, w, d, C]
   of their training patch size and return [N, h, w, d, ...] alike; a sigmoid head's one logit
   is returned as K = 2 probabilities.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import keras
 import numpy as np
@@ -39,6 +38,7 @@ import tensorflow as tf
 from uda_tf.files import OutputLock, check_name
 from uda_tf.losses import entropy_map
 from uda_tf.models.heads import class_probabilities
+from uda_tf.serving.protocol import predict_request, raw_input_names
 
 SERVING_DEFAULT = "serving_default"
 SERVING_RAW = "serving_raw"
@@ -59,17 +59,6 @@ def next_version(model_dir: str) -> int:
         return 1
     versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()]
     return max(versions, default=0) + 1
-
-
-def raw_input_names(normalization: str) -> tuple[str, ...]:
-    """Inputs of `serving_raw`: TF Serving requires every input of a signature, so zscore
-    models take `mean` and `std` and minmax models do not."""
-    if normalization == "minmax":
-        return ("image", "p_low", "p_high")
-    if normalization == "zscore":
-        return ("image", "p_low", "p_high", "mean", "std")
-    raise ValueError(f"manifest preprocessing.normalization must be minmax or zscore, "
-                     f"got {normalization!r}")
 
 
 def normalize_raw(image, stats: dict, normalization: str):
@@ -110,7 +99,6 @@ def write_warmup_requests(path: str, model_name: str, requests) -> int:
     PredictionLog protos, assets.extra/tf_serving_warmup_requests); returns the count."""
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from uda_tf.serving_client import predict_request
     count = 0
     with tf.io.TFRecordWriter(path) as writer:
         for signature, inputs in requests:
@@ -333,53 +321,9 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
     export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
     model_name = model_name or values.get("model_name") or "uda_segmentor"
     check_export_target(export_root, model_name, root_flag=root_flag, name_flag=name_flag)
-    from uda_tf.safe_load import check_weights_file
+    from uda_tf.serving.safe_load import check_weights_file
     check_weights_file(weights, "--checkpoint")
     segmentor = segmentor_from_flags(values, manifest)
     segmentor.load_weights(weights)
     return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest,
                             warmup_batch_sizes=warmup_batch_sizes)
-
-
-def define_flags():
-    from absl import flags
-    flags.DEFINE_string("checkpoint", None, "best.weights.h5 (with flags.cfg next to it), its "
-                        "checkpoints directory, or the run directory.")
-    flags.DEFINE_string("export_dir", None, "Export root: the SavedModel goes to "
-                        "<export_dir>/<model_name>/<version> (default: <run_dir>/export).")
-    flags.DEFINE_string("model_name", None, "Model name (default: the run's --model_name).")
-    flags.DEFINE_integer("version", None, "Version directory (default: next free integer).",
-                         lower_bound=1)
-    flags.DEFINE_string("manifest", None, "manifest.json or prepared data directory (default: "
-                        "next to the checkpoint, else the run's --data_dir).")
-    flags.mark_flag_as_required("checkpoint")
-
-
-def main(argv):
-    from absl import flags, logging
-
-    from uda_tf.files import OutputLockedError
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise SystemExit(f"export: error: unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # the SavedModel writer logs every file at INFO
-    try:
-        path = export_checkpoint(FLAGS.checkpoint, FLAGS.export_dir, FLAGS.model_name,
-                                 FLAGS.version, FLAGS.manifest)
-        loaded = tf.saved_model.load(path)
-    except (ValueError, OSError, OutputLockedError, tf.errors.OpError) as e:
-        # ValueError: bad names, flags, manifests, weights that do not fit; OSError: missing or
-        # clashing files, a full disk; OutputLockedError: another export of the same model.
-        raise SystemExit(f"export: error: {e}") from e
-    print(f"SavedModel: {path}")
-    print(f"signatures: {', '.join(sorted(loaded.signatures))}")
-
-
-def run():
-    from absl import app
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    sys.exit(run())

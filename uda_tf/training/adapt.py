@@ -17,6 +17,8 @@ import re
 
 import keras
 
+from uda_tf import keras_compat
+
 
 def load_init_checkpoint(segmentor: keras.Model, path: str) -> None:
     """Load segmentor weights from `path` (a `.weights.h5` file written by train.py), with an
@@ -56,7 +58,7 @@ def freeze_layers(segmentor: keras.Model, pattern: str) -> list[str]:
 
 
 def batchnorm_layers(model: keras.Model) -> list:
-    return [layer for layer in model._flatten_layers(include_self=False)
+    return [layer for layer in keras_compat.all_layers(model)
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 

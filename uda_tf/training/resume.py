@@ -294,8 +294,8 @@ def fit_from_backup(model, make_train_ds, backup: TrainingBackup, *, epochs: int
     # built with their optimizers before fit, and SegmentationMethod._maybe_symbolic_build
     # then skips the peek (the same override that multi-worker training needs, keras #20585).
     if hasattr(model, "all_optimizers"):
-        from uda_tf.training import multiworker
-        if multiworker.needs_symbolic_build(model):
+        from uda_tf import keras_compat
+        if keras_compat.needs_symbolic_build(model):
             raise BackupError("resume needs the model and every optimizer built before fit "
                               "(build_optimizers), or Keras' build peek shifts the data")
     epoch = backup.epoch

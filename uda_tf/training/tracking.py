@@ -4,7 +4,7 @@ Every MLflow call goes through `RunTracker`, which never lets the tracking serve
 training: what cannot be sent is kept, retried at the next epoch, flushed at the end, and if the
 server is still unreachable written to `<run_dir>/mlflow_unsent.json`, which
 
-    python -m uda_tf.training.tracking --replay=<run_dir>/mlflow_unsent.json
+    python -m uda_tf.cli.replay_mlflow --replay=<run_dir>/mlflow_unsent.json
 
 sends later; a `--resume` of the run takes its queue over, so nothing is sent twice or lost. A
 file that cannot be read (truncated, edited) is never removed or overwritten: `read_unsent`
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 import warnings
 
@@ -440,7 +439,7 @@ class RunTracker:
         if written:
             logging.warning(
                 "MLflow (%s) still unreachable at the end: could not log %s (last error: %s)."
-                "\nSaved to %s; send it later with\n  python -m uda_tf.training.tracking "
+                "\nSaved to %s; send it later with\n  python -m uda_tf.cli.replay_mlflow "
                 "--replay=%s", self.tracking_uri, what, (self.last_error or "")[:300], path,
                 path)
         return path
@@ -475,7 +474,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
                     name: str = "model") -> dict:
     """Log a SavedModel as an MLflow pyfunc model in the active run and register it with an
-    alias when asked. uda_tf/serving_pyfunc.py wraps the exported directory itself, so the
+    alias when asked. uda_tf/serving/pyfunc.py wraps the exported directory itself, so the
     MLflow model is byte for byte what TF Serving serves; mlflow.tensorflow.log_model does take
     the Keras 3 segmentor (checked with MLflow 3.17), but its predict returns the raw Keras
     outputs (logits, features), not probabilities/labels/entropy."""
@@ -544,30 +543,3 @@ def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
         raise RuntimeError(f"MLflow still unreachable; {path} kept ({tracker.last_error})")
     os.remove(path)
     return tracker.model_info
-
-
-def main(argv):
-    from absl import flags
-    FLAGS = flags.FLAGS
-    if len(argv) > 1 or not FLAGS.replay:
-        raise SystemExit("usage: python -m uda_tf.training.tracking "
-                         "--replay=<run_dir>/mlflow_unsent.json [--tracking_uri=...]")
-    if not os.path.isfile(FLAGS.replay):
-        raise SystemExit(f"--replay={FLAGS.replay}: no such file")
-    set_http_defaults()
-    try:
-        replay_unsent(FLAGS.replay, FLAGS.tracking_uri or None)
-    except (RuntimeError, UnsentFileError) as e:
-        raise SystemExit(f"tracking: error: {e}") from None
-    print(f"sent {FLAGS.replay} to MLflow and removed it")
-
-
-def run():
-    from absl import app, flags
-    flags.DEFINE_string("replay", None, "mlflow_unsent.json to send.")
-    flags.DEFINE_string("tracking_uri", "", "Send to this tracking URI instead of the saved one.")
-    app.run(main)
-
-
-if __name__ == "__main__":
-    sys.exit(run())

@@ -1,0 +1,86 @@
+"""train.py as two worker processes on 127.0.0.1 (TF_CONFIG), the way a user starts a
+multi-worker run: the adversarial method trains on both, the chief writes the run (checkpoint,
+SavedModel, evaluation, one MLflow run) and the other worker writes nothing that outlives it.
+Flags that cannot work across workers are refused, naming the flag."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.methods.test_multiworker import _free_ports
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _start_workers(args, tmp_path, n=2):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    procs = []
+    for index in range(n):
+        tmpdir = tmp_path / f"tmp{index}"
+        tmpdir.mkdir()
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
+               "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmpdir)}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _wait(procs, limit):
+    deadline, outputs = time.monotonic() + limit, []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1, deadline - time.monotonic())))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path):
+    data_dir, _ = tiny_prepared
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    procs = _start_workers([
+        f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+        "--method=adversarial", "--adv_both_domains", "--cluster=tf_config",
+        "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4", "--base_filters=2",
+        f"--output_dir={tmp_path}/runs", "--run_name=mw", f"--mlflow_tracking_uri={uri}",
+        "--model_name=mw", "--mlflow_experiment=test", "--mlflow_sample_slices=0"], tmp_path)
+    # about 70 s on a quiet 2-core machine; the limit allows for a loaded one
+    outputs = _wait(procs, 480)
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, (out[-2000:], err[-4000:])
+    assert "worker done; the chief writes the run" in outputs[1][0]
+
+    run = tmp_path / "runs" / "mw"
+    result = json.loads((run / "result.json").read_text())
+    assert os.listdir(tmp_path / "runs") == ["mw"]
+    assert (run / "checkpoints" / "best.weights.h5").is_file()
+    assert os.path.isdir(result["saved_model"])
+    assert result["evaluations"]["source"]["summary"]["foreground"]["dice"]["n"] > 0
+    # the other worker's temporary run directory is gone
+    assert os.listdir(tmp_path / "tmp1") == []
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1  # only the chief tracks
+    metrics = client.get_metric_history(runs[0].info.run_id, "d_loss_entropy")
+    assert [m.step for m in metrics] == [0, 1]
+    assert runs[0].data.tags["workers"] == "2", runs[0].data.tags
+
+
+@pytest.mark.parametrize("flag", ["--on_divergence=rollback", "--resume"])
+def test_flags_that_need_one_worker_are_refused(flag, tiny_prepared, tmp_path):
+    data_dir, _ = tiny_prepared
+    procs = _start_workers([f"--data_dir={data_dir}", "--source_domain=dom_a",
+                            "--target_domain=dom_b", "--method=grl", "--cluster=tf_config",
+                            f"--output_dir={tmp_path}/runs", "--run_name=x", flag], tmp_path)
+    for proc, (_, err) in zip(procs, _wait(procs, 240)):
+        assert proc.returncode != 0
+        assert flag.split("=")[0] in err and "several workers" in err, err[-2000:]

@@ -1,0 +1,276 @@
+"""MLflow tracking as a user meets it: a tiny training logs params, per-epoch metrics, plots,
+sample segmentations and a registered model; with the server unreachable, training still
+finishes and keeps what it could not send. The two training runs go in parallel."""
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from uda_tf.training import tracking
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the in-process tests (creating one costs a second or two)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_prepared, tmp_path_factory):
+    """Starts both trainings at once (TensorFlow start-up dominates; two cores), then waits."""
+    data_dir, manifest = tiny_prepared
+    tmp = tmp_path_factory.mktemp("tracking")
+    flagfile = tmp / "tiny_exp.cfg"
+    flagfile.write_text("\n".join([
+        f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+        "--method=source_only", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
+        "--base_filters=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
+        "--mlflow_sample_slices=3"]) + "\n")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    offline_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    commands = {
+        "online": [f"--flagfile={flagfile}", "--run_name=online", f"--mlflow_tracking_uri={uri}",
+                   "--register_model_name=tiny_seg", "--register_alias=champion"],
+        "offline": [f"--flagfile={flagfile}", "--run_name=offline",
+                    f"--mlflow_tracking_uri={offline_uri}", "--mlflow_experiment=explicit"],
+    }
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args],
+                                    cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, out, err, tmp / "runs" / name)
+    return results, uri, manifest
+
+
+def test_run_logs_params_metrics_artifacts_and_model(runs):
+    import mlflow
+    (code, out, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
+    assert code == 0, err[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    run_id = result["mlflow"]["run_id"]
+    assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() == run_id
+    assert not (run_dir / tracking.UNSENT_FILE).exists()
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "online"
+    # one experiment per config: named after the flagfile
+    assert client.get_experiment(run.info.experiment_id).name == "tiny_exp"
+    for line in (run_dir / "flags.cfg").read_text().splitlines()[1:]:  # every resolved flag
+        name = line[2:].split("=")[0]
+        assert name in run.data.params or name[2:] in run.data.params  # --noflag
+    assert run.data.params["epochs"] == "2"
+    assert run.data.params["mlflow_experiment"] == "tiny_exp"
+    assert run.data.tags["dataset_content_hash"] == manifest["content_hash"]
+    for name in ("seg_loss", "val_dice", "val_seg_loss"):
+        history = client.get_metric_history(run_id, name)
+        assert [m.step for m in history] == [0, 1]
+        assert np.isfinite([m.value for m in history]).all()
+
+    # artifacts next to the sqlite store, not in ./mlruns of the working directory
+    assert run.info.artifact_uri.startswith(str(run_dir.parent.parent))
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    assert {"flags.cfg", "manifest.json", "eval", "plots", "samples"} <= listed
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/seg_loss.png", "plots/dice.png"} <= plots
+    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert samples == ["samples/segmentations.png"]
+    local = client.download_artifacts(run_id, "samples/segmentations.png")
+    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the SavedModel as an MLflow model, registered under an alias, predicting as served
+    version = client.get_model_version_by_alias("tiny_seg", "champion")
+    assert version.run_id == run_id
+    assert result["mlflow"]["model"]["registered_model"] == "tiny_seg"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny_seg@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    import tensorflow as tf
+    x = np.random.default_rng(0).random((2, 16, 24, 1), dtype=np.float32)
+    got = model.predict(x)
+    serve = tf.saved_model.load(result["saved_model"]).signatures["serving_default"]
+    expected = serve(image=tf.constant(x))
+    np.testing.assert_array_equal(got["labels"], expected["labels"].numpy())
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"].numpy(),
+                               atol=1e-6)
+
+
+def test_unreachable_server_never_stops_training(runs, store):
+    import mlflow
+    code, out, err, run_dir = runs[0]["offline"]
+    assert code == 0, err[-3000:]
+    assert (run_dir / "result.json").is_file()
+    assert "could not log" in err and "mlflow_unsent.json" in err
+    assert err.count("Retrying at the next epoch") == 1  # warned once, not per epoch
+    unsent = json.loads((run_dir / tracking.UNSENT_FILE).read_text())
+    assert unsent["experiment"] == "explicit"  # an explicit flag beats the flagfile's name
+    pending = unsent["pending"]
+    assert pending["params"]["run_name"] == "offline"
+    assert {m["step"] for m in pending["metrics"] if m["key"] == "seg_loss"} == {0, 1}
+    assert pending["model"]["saved_model"].endswith(os.path.join("export", "tiny", "1"))
+
+    # Later, with a store that answers: the replay sends everything and removes the file.
+    info = tracking.replay_unsent(str(run_dir / tracking.UNSENT_FILE), store)
+    assert not (run_dir / tracking.UNSENT_FILE).exists()
+    client = mlflow.MlflowClient(store)
+    run = client.get_run((run_dir / tracking.RUN_ID_FILE).read_text().strip())
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "source_only"
+    assert len(client.get_metric_history(run.info.run_id, "seg_loss")) == 2
+    assert info["model_uri"].startswith("models:/")
+
+
+def test_buffered_values_are_sent_when_the_server_comes_back(tmp_path, caplog, store):
+    import mlflow
+    tracking.set_http_defaults()
+    tracker = tracking.RunTracker(f"http://127.0.0.1:{free_port()}", str(tmp_path), "exp",
+                                  "flaky")
+    tracker.log_params({"lr": 0.1})
+    with caplog.at_level(logging.WARNING):
+        assert tracker.log_metrics({"loss": 1.0}, step=0) is False
+        assert tracker.log_metrics({"loss": 0.5}, step=1) is False
+    assert sum("could not log yet" in r.getMessage() for r in caplog.records) == 1
+    tracker.tracking_uri = store  # the server is back
+    assert tracker.log_metrics({"loss": 0.25}, step=2) is True
+    assert tracker.finish() is None
+    client = mlflow.MlflowClient(tracker.tracking_uri)
+    history = client.get_metric_history(tracker.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert history[0].timestamp <= history[2].timestamp  # logged when measured, not when sent
+    assert client.get_run(tracker.run_id).data.params == {"lr": "0.1"}
+
+
+def test_resume_continues_the_same_run(tmp_path, store):
+    import mlflow
+    uri = store
+    first = tracking.RunTracker(uri, str(tmp_path), "exp", "crashy")
+    first.log_params({"epochs": 10, "resume": False})
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.finish("FAILED")  # the crash
+
+    again = tracking.RunTracker(uri, str(tmp_path), "exp", "crashy", resume=True)
+    again.log_params({"epochs": 10, "resume": True})
+    again.log_metrics({"loss": 0.5}, step=1)
+    again.finish()
+    assert again.run_id == first.run_id
+    run = mlflow.MlflowClient(uri).get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["resume"] == "False" and run.data.tags["resumed/resume"] == "True"
+    history = mlflow.MlflowClient(uri).get_metric_history(first.run_id, "loss")
+    assert [m.step for m in history] == [0, 1]
+
+
+@pytest.mark.parametrize("explicit,argv,expected", [
+    ("", ["train.py", "--flagfile=configs/demo.cfg", "--flagfile=override.cfg"], "demo"),
+    ("", ["train.py", "--flagfile", "/x/grl_crossmoda.cfg"], "grl_crossmoda"),
+    ("mine", ["train.py", "--flagfile=configs/demo.cfg"], "mine"),
+    ("", ["train.py", "--method=grl"], "uda_tf"),
+])
+def test_experiment_name(explicit, argv, expected):
+    assert tracking.experiment_name(explicit, argv) == expected
+
+
+# -- the unsent queue: never lost, never a traceback --------------------------------------
+
+def _offline_tracker(run_dir, **kwargs):
+    tracking.set_http_defaults()
+    return tracking.RunTracker(f"http://127.0.0.1:{free_port()}", str(run_dir), "exp", "r",
+                               **kwargs)
+
+
+def test_truncated_unsent_file_is_named_and_kept(tmp_path, store):
+    tracker = _offline_tracker(tmp_path)
+    tracker.log_metrics({"loss": 1.0}, step=0, flush=False)
+    path = tracker.finish()
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])  # truncated (a copy cut short, a full disk)
+    with pytest.raises(tracking.UnsentFileError,
+                       match=f"{path}: not complete JSON .*truncated.*kept as it is"):
+        tracking.replay_unsent(path, store)
+    assert open(path, "rb").read() == whole[: len(whole) // 2]
+
+
+def test_resume_takes_over_the_unsent_queue_and_keeps_an_unreadable_one(tmp_path, store,
+                                                                        caplog):
+    import mlflow
+    first = _offline_tracker(tmp_path)
+    first.log_params({"epochs": 2})
+    first.log_metrics({"loss": 1.0}, step=0, flush=False)
+    path = first.finish("FAILED")
+    # Resumed while MLflow is still away: the queue written holds both attempts' values.
+    again = _offline_tracker(tmp_path, resume=True)
+    again.log_metrics({"loss": 0.5}, step=1, flush=False)
+    assert again.finish() == path
+    saved = tracking.read_unsent(path)
+    assert [(m["step"], m["value"]) for m in saved["pending"]["metrics"]] == [(0, 1.0),
+                                                                              (1, 0.5)]
+    assert saved["pending"]["params"] == {"epochs": "2"}
+    # Resumed with MLflow back: everything is sent once and the file removed.
+    last = tracking.RunTracker(store, str(tmp_path), "exp", "r", resume=True)
+    last.log_metrics({"loss": 0.25}, step=2, flush=False)
+    assert last.finish() is None and not os.path.exists(path)
+    history = mlflow.MlflowClient(store).get_metric_history(last.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+
+    # An unreadable queue: a warning naming it, and it is renamed, never overwritten.
+    with open(path, "w") as f:
+        f.write('{"tracking_uri": "http://x", "pend')
+    with caplog.at_level(logging.WARNING):
+        broken = _offline_tracker(tmp_path, resume=True)
+    assert f"{path}: not complete JSON" in caplog.text
+    broken.log_metrics({"loss": 0.1}, step=3, flush=False)
+    assert broken.finish() == path
+    aside = [n for n in os.listdir(tmp_path) if ".unreadable-" in n]
+    assert len(aside) == 1
+    assert (tmp_path / aside[0]).read_text() == '{"tracking_uri": "http://x", "pend'
+    assert [m["step"] for m in tracking.read_unsent(path)["pending"]["metrics"]] == [3]
+
+
+def test_finish_never_raises_when_the_queue_cannot_be_written(tmp_path, caplog):
+    tracker = _offline_tracker(tmp_path / "gone")  # the run directory was removed
+    tracker.log_metrics({"loss": 1.0}, step=0, flush=False)
+    with caplog.at_level(logging.ERROR):
+        tracker.finish()
+    assert "could not be written" in caplog.text
+    assert "1 metric values, 0 artifacts not logged" in caplog.text
+
+
+def test_replay_drops_artifacts_that_no_longer_exist(tmp_path, store, caplog):
+    import mlflow
+    tracker = _offline_tracker(tmp_path)
+    tracker.log_metrics({"loss": 1.0}, step=0, flush=False)
+    kept, gone = tmp_path / "kept.txt", tmp_path / "gone.txt"
+    kept.write_text("kept")
+    gone.write_text("gone")
+    tracker.log_artifact(str(kept))
+    tracker.log_artifact(str(gone))
+    path = tracker.finish()
+    gone.unlink()  # removed before the server came back: sending it would fail at every try
+    with caplog.at_level("WARNING"):
+        tracking.replay_unsent(path, store)
+    assert not os.path.exists(path)
+    assert "1 pending artifact(s) no longer exist" in caplog.text and str(gone) in caplog.text
+    client = mlflow.MlflowClient(store)
+    run_id = (tmp_path / tracking.RUN_ID_FILE).read_text().strip()
+    assert [a.path for a in client.list_artifacts(run_id)] == ["kept.txt"]
+    assert len(client.get_metric_history(run_id, "loss")) == 1
