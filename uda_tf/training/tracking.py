@@ -490,8 +490,9 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     signature = ModelSignature(
         inputs=Schema([spec(serve.structured_input_signature[1]["image"])]),
         outputs=Schema([spec(s, key) for key, s in sorted(serve.structured_outputs.items())]))
+    # A models-from-code file, given to MLflow as a path (not imported: serving is a layer up).
     code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "serving_pyfunc.py")
+                        "serving", "pyfunc.py")
     with warnings.catch_warnings():  # "add type hints", "no input example": not for tensors
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
