@@ -117,3 +117,22 @@ def test_output_of_the_previous_version_is_recognised(raw, tmp_path, capsys):
                                 workers=1)
     assert "nothing to do" in capsys.readouterr().out
     assert again["preprocessing"] == old["preprocessing"]  # left as it was
+
+
+def test_marked_shards_lists_the_shards_of_markers_and_an_earlier_manifest(tmp_path):
+    """The shards prepare may remove as its own: those its progress markers (any request)
+    and an earlier manifest list under shards/; nothing outside shards/, nothing malformed."""
+    progress = tmp_path / sharding.PROGRESS_DIR
+    progress.mkdir()
+    sharding.write_json_atomic(str(progress / "a-train-00000.json"),
+                               {"shard": {"file": "shards/a-train-00000.tfrecord"}})
+    sharding.write_json_atomic(str(progress / "a-train.done.json"), {"shards": [
+        {"file": "shards/a-train-00001.tfrecord"}, {"file": "elsewhere/x.tfrecord"}, "bad"]})
+    (progress / "torn.json").write_text("{")
+    manifest = {"shards": [{"file": "shards/b-val-00000.tfrecord"}, {"file": 3},
+                           {"file": "shards/../escape.tfrecord"}]}
+    marked = {"a-train-00000.tfrecord", "a-train-00001.tfrecord"}
+    assert sharding.marked_shards(str(tmp_path)) == marked
+    assert sharding.marked_shards(str(tmp_path), manifest) == marked | {"b-val-00000.tfrecord"}
+    assert sharding.marked_shards(str(tmp_path), ["not", "a", "manifest"]) == marked
+    assert sharding.marked_shards(str(tmp_path / "absent"), manifest) == {"b-val-00000.tfrecord"}

@@ -78,11 +78,32 @@ def sample(images, coords, *, order: int, fill, labels=None, label_fill=0):
     indices as offsets of the lower corner, and nested lerps, so a 2D bilinear lookup is ~20
     elementwise passes plus 4 gathers (5 with labels)."""
     rank = images.shape.rank - 2
-    shape = tf.shape(images)
-    n, spatial = shape[0], shape[1:-1]
     channels = images.shape[-1]
     # One channel: gather from a 1D view (half the cost of gathering rows of [M, 1]).
     flat = tf.reshape(images, [-1] if channels == 1 else [-1, channels])
+    index, frac, step, inside = _lower_corners(coords, tf.shape(images)[:-1], rank)
+    nearest = index
+    for i in range(rank):
+        nearest += tf.where(frac[i] >= 0.5, step[i], 0)
+    if order == 0:
+        out = tf.gather(flat, nearest)
+    else:
+        out = _interpolate(flat, index, frac, step, channels)
+    if channels == 1:
+        out = out[..., None]
+    fill = tf.cast(tf.reshape(fill, [-1] + [1] * coords[0].shape.rank), images.dtype)
+    out = tf.where(inside[..., None], out, fill)
+    if labels is None:
+        return out
+    picked = tf.gather(tf.reshape(labels, [-1]), nearest)
+    return out, tf.where(inside, picked, tf.cast(label_fill, labels.dtype))
+
+
+def _lower_corners(coords, shape, rank: int):
+    """For `sample`: the flat index of each point's lower cell corner, its fractional offsets
+    per axis, the index step to the upper corner per axis, and which points lie inside the
+    volume; `shape` = [n, *S]."""
+    n, spatial = shape[0], shape[1:]
     strides = [tf.reduce_prod(spatial[i + 1:]) for i in range(rank)]
     out_rank = coords[0].shape.rank
     base = tf.reshape(tf.range(n) * tf.reduce_prod(spatial), [-1] + [1] * (out_rank - 1))
@@ -91,10 +112,6 @@ def sample(images, coords, *, order: int, fill, labels=None, label_fill=0):
     for c, limit in zip(coords, limits):
         ok = (c >= -0.5) & (c <= limit + 0.5)
         inside = ok if inside is None else inside & ok
-
-    def expand(t):
-        return t if channels == 1 else t[..., None]
-
     # Along an axis of size 1 the "upper" corner is the lower one.
     step = [tf.where(spatial[i] > 1, strides[i], 0) for i in range(rank)]
     index, frac = base, []
@@ -104,33 +121,25 @@ def sample(images, coords, *, order: int, fill, labels=None, label_fill=0):
         f = tf.minimum(tf.floor(c), tf.maximum(limit - 1.0, 0.0))
         index += tf.cast(f, tf.int32) * stride
         frac.append(c - f)
-    nearest = index
-    for i in range(rank):
-        nearest += tf.where(frac[i] >= 0.5, step[i], 0)
-    if order == 0:
-        out = tf.gather(flat, nearest)
-    else:
-        weights = [expand(f) for f in frac]
+    return index, frac, step, inside
 
-        def corner_value(axis, offset):
-            # Interpolates along axes >= axis, the lower corner shifted by `offset`.
-            if axis == rank:
-                return tf.gather(flat, offset)
-            low = corner_value(axis + 1, offset)
-            high = corner_value(axis + 1, offset + step[axis])
-            # (1 - w) low + w high, not low + w (high - low): exact at w = 0 and w = 1, so
-            # mirrored samples (whole-voxel coordinates) keep their values bit for bit.
-            return (1.0 - weights[axis]) * low + weights[axis] * high
 
-        out = corner_value(0, index)
-    if channels == 1:
-        out = out[..., None]
-    fill = tf.cast(tf.reshape(fill, [-1] + [1] * out_rank), images.dtype)
-    out = tf.where(inside[..., None], out, fill)
-    if labels is None:
-        return out
-    picked = tf.gather(tf.reshape(labels, [-1]), nearest)
-    return out, tf.where(inside, picked, tf.cast(label_fill, labels.dtype))
+def _interpolate(flat, index, frac, step, channels):
+    """For `sample`: the (bi/tri)linear value at each point from the corners of its cell."""
+    rank = len(frac)
+    weights = [f if channels == 1 else f[..., None] for f in frac]
+
+    def corner_value(axis, offset):
+        # Interpolates along axes >= axis, the lower corner shifted by `offset`.
+        if axis == rank:
+            return tf.gather(flat, offset)
+        low = corner_value(axis + 1, offset)
+        high = corner_value(axis + 1, offset + step[axis])
+        # (1 - w) low + w high, not low + w (high - low): exact at w = 0 and w = 1, so
+        # mirrored samples (whole-voxel coordinates) keep their values bit for bit.
+        return (1.0 - weights[axis]) * low + weights[axis] * high
+
+    return corner_value(0, index)
 
 
 def spatial_transform(images, labels=None, *, angles=None, scales=None, displacement=None,

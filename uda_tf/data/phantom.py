@@ -189,15 +189,19 @@ def _domain_key(domain: str) -> int:
     return zlib.crc32(domain.encode())
 
 
-def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 1.0) -> Subject:
-    """Render subject `index` of `domain`; a pure function of (domain, index, seed).
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """The random parts of one subject that precede its fields, in the order they are drawn."""
+    means: np.ndarray     # jittered tissue means, float32 [6]
+    rotation: np.ndarray  # [3, 3]
+    scale: np.ndarray     # [3]
+    shift: np.ndarray     # mm [3]
+    skull_mm: float
+    scalp_mm: float
+    elastic_mm: float
 
-    spacing_scale > 1 coarsens the grid (same field of view) for fast tests.
-    """
-    params = DOMAINS[check_domains([domain])[0]]
-    tpl = _template()
-    rng = np.random.default_rng([seed, _domain_key(domain), index])
 
+def _draw(rng, params: Domain) -> _Draw:
     jitter = 1.0 + params.contrast_jitter * rng.standard_normal(6)
     means = (np.array(params.means) * jitter).astype(np.float32)
     rotation = _rotation(np.deg2rad(rng.uniform(-5.0, 5.0, 3)))
@@ -205,8 +209,22 @@ def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 
     shift = rng.uniform(-4.0, 4.0, 3)
     skull_mm, scalp_mm = rng.uniform(3.0, 5.0), rng.uniform(4.0, 6.0)
     elastic_mm = rng.uniform(2.0, 3.0)
+    return _Draw(means, rotation, scale, shift, skull_mm, scalp_mm, elastic_mm)
 
-    # Output grid in RAS axis order; the stored orientation is applied at the end.
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    """The output grid in RAS axis order (the stored orientation is applied at the end)."""
+    stored: np.ndarray    # the stored orientation, as nibabel's ornt array
+    nominal: np.ndarray   # the domain's spacing, RAS axis order
+    spacing: np.ndarray   # nominal * spacing_scale
+    shape: np.ndarray
+    origin: np.ndarray
+    n_sub: list           # sub-slices rendered per voxel along each axis
+    fine_axes: list       # mm coordinates of the rendered (sub-slice) samples per axis
+
+
+def _grid(params: Domain, spacing_scale: float) -> _Grid:
     stored = orientations.axcodes2ornt(params.orientation)
     nominal = np.empty(3)
     nominal[stored[:, 0].astype(int)] = params.spacing
@@ -217,13 +235,18 @@ def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 
     n_sub = [int(round(s)) if s >= 1.5 else 1 for s in nominal]
     fine_axes = [origin[a] - spacing[a] / 2 + (np.arange(shape[a] * n_sub[a]) + 0.5)
                  * spacing[a] / n_sub[a] for a in range(3)]
+    return _Grid(stored, nominal, spacing, shape, origin, n_sub, fine_axes)
 
+
+def _template_coords(tpl: _Template, rng, draw: _Draw, fine_axes) -> np.ndarray:
+    """Template voxel coordinates [3, X, Y, Z] of every rendered sample."""
     # Subject mm -> template voxel: y = c + R diag(1/scale) (x - c) + shift + u(x).
-    linear = tpl.world_to_voxel[:3, :3] @ rotation @ np.diag(1.0 / scale)
-    offset = tpl.world_to_voxel[:3, :3] @ (HEAD_CENTRE_MM + shift) + tpl.world_to_voxel[:3, 3]
+    linear = tpl.world_to_voxel[:3, :3] @ draw.rotation @ np.diag(1.0 / draw.scale)
+    offset = (tpl.world_to_voxel[:3, :3] @ (HEAD_CENTRE_MM + draw.shift)
+              + tpl.world_to_voxel[:3, 3])
     # Elastic displacement with an expected RMS length of elastic_mm, in template voxels.
     coords = _smooth_field(rng, fine_axes, control_mm=30.0, channels=3)
-    to_voxel = tpl.world_to_voxel[:3, :3] * elastic_mm / np.sqrt(3.0)
+    to_voxel = tpl.world_to_voxel[:3, :3] * draw.elastic_mm / np.sqrt(3.0)
     coords = np.einsum("mn,nijk->mijk", to_voxel.astype(np.float32), coords)
     centred = [(axis - HEAD_CENTRE_MM[a]).astype(np.float32) for a, axis in enumerate(fine_axes)]
     for k in range(3):
@@ -231,7 +254,13 @@ def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 
         coords[k] += (linear[k, 0] * centred[0]).astype(np.float32)[:, None, None]
         coords[k] += (linear[k, 1] * centred[1]).astype(np.float32)[None, :, None]
         coords[k] += (linear[k, 2] * centred[2]).astype(np.float32)[None, None, :]
+    return coords
 
+
+def _render(tpl: _Template, coords, draw: _Draw, n_sub):
+    """(signal, tissue [..., 3]) on the output grid: the template's tissues sampled at
+    `coords`, with the skull and scalp around them, each slab averaged."""
+    means = draw.means
     distance = ndimage.map_coordinates(tpl.distance, coords, order=1, mode="constant",
                                        cval=100.0, output=np.float32)
     # Tissue maps only where the brain reaches: two thirds of the field of view is not brain and
@@ -245,37 +274,55 @@ def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 
     csf = np.clip(np.clip(1.0 - distance, 0.0, 1.0) - gm - wm, 0.0, 1.0)
     outside = np.clip(1.0 - (csf + gm + wm), 0.0, 1.0)
     # Skull (dark on T1) then scalp and fat (bright) as soft shells by distance from the brain.
-    head = _sigmoid((skull_mm + scalp_mm - distance) / 0.5)
-    scalp = head * _sigmoid((distance - skull_mm) / 0.5)
+    head = _sigmoid((draw.skull_mm + draw.scalp_mm - distance) / 0.5)
+    scalp = head * _sigmoid((distance - draw.skull_mm) / 0.5)
     signal = (outside * ((1.0 - head) * means[0] + (head - scalp) * means[4] + scalp * means[5])
               + csf * means[1] + gm * means[2] + wm * means[3])
     # Image and tissue maps see the same slab average, so labels follow what the image shows.
     tissue = np.stack([_slab_mean(m, n_sub) for m in (csf, gm, wm)], axis=-1)
-    signal = _slab_mean(signal, n_sub)
+    return _slab_mean(signal, n_sub), tissue
 
+
+def _acquire(signal, rng, params: Domain, grid: _Grid) -> np.ndarray:
+    """The stored intensities (before reorientation) a scanner records of `signal`."""
     # Multiplicative low-frequency bias field, the intensity non-uniformity model of Sled et al.
     # 1998 (N3): a smooth log-field on a coarse lattice.
-    out_axes = [origin[a] + np.arange(shape[a]) * spacing[a] for a in range(3)]
+    out_axes = [grid.origin[a] + np.arange(grid.shape[a]) * grid.spacing[a] for a in range(3)]
     log_bias = _smooth_field(rng, out_axes, control_mm=60.0, channels=1)[0]
     log_bias -= np.float32(log_bias.mean())  # a global gain is the contrast jitter's job
     log_bias *= np.float32(params.bias_std)
     signal *= np.exp(log_bias)
     # Gaussian PSF in mm; the through-slice PSF is already the slab average.
-    sigma_vox = params.psf_fwhm_mm / 2.3548 / spacing
-    signal = ndimage.gaussian_filter(signal, sigma=sigma_vox * (nominal < 1.5), truncate=3.0)
+    sigma_vox = params.psf_fwhm_mm / 2.3548 / grid.spacing
+    signal = ndimage.gaussian_filter(signal, sigma=sigma_vox * (grid.nominal < 1.5), truncate=3.0)
     # Magnitude of complex Gaussian noise: the Rician model of MR magnitude images
     # (Gudbjartsson & Patz 1995), which lifts the air above zero.
     real = signal + params.noise_std * rng.standard_normal(signal.shape, dtype=np.float32)
     imag = params.noise_std * rng.standard_normal(signal.shape, dtype=np.float32)
     magnitude = np.sqrt(real ** 2 + imag ** 2)
-    image = np.clip(np.round(params.offset + params.gain * magnitude), 0, params.max_value)
+    return np.clip(np.round(params.offset + params.gain * magnitude), 0, params.max_value)
+
+
+def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 1.0) -> Subject:
+    """Render subject `index` of `domain`; a pure function of (domain, index, seed).
+
+    spacing_scale > 1 coarsens the grid (same field of view) for fast tests.
+    """
+    params = DOMAINS[check_domains([domain])[0]]
+    tpl = _template()
+    rng = np.random.default_rng([seed, _domain_key(domain), index])
+    draw = _draw(rng, params)
+    grid = _grid(params, spacing_scale)
+    signal, tissue = _render(tpl, _template_coords(tpl, rng, draw, grid.fine_axes), draw,
+                             grid.n_sub)
+    image = _acquire(signal, rng, params, grid)
 
     affine = np.eye(4)
-    affine[:3, :3] = np.diag(spacing)
-    affine[:3, 3] = origin
+    affine[:3, :3] = np.diag(grid.spacing)
+    affine[:3, 3] = grid.origin
     # Reorient from the RAS rendering grid to the stored axis order and flips.
-    to_stored = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), stored)
-    affine = affine @ orientations.inv_ornt_aff(to_stored, tuple(shape))
+    to_stored = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), grid.stored)
+    affine = affine @ orientations.inv_ornt_aff(to_stored, tuple(grid.shape))
     image = orientations.apply_orientation(image.astype(np.int16), to_stored)
     tissue = orientations.apply_orientation(tissue, to_stored)
     return Subject(case_id=f"{domain}_{index:03d}", image=np.ascontiguousarray(image),

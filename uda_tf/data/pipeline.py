@@ -197,33 +197,13 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
     global batch a worker reads is spread over `num_workers` steps, so every step consumes
     `global_batch_size` samples over all workers, `global_batch_size / num_workers` from each.
     """
-    for domain in (source, target):
-        shards = len(shard_files(manifest, data_dir, domain, "train")) if domain else num_workers
-        if shards < num_workers:
-            raise ValueError(
-                f"domain {domain!r} has {shards} training shard file(s) for {num_workers} "
-                "workers; file-level sharding needs at least one per worker: prepare the data "
-                "again with a smaller --records_per_shard")
+    _check_shards_per_worker(data_dir, manifest, (source, target), num_workers)
     common = dict(batch_size=global_batch_size, shuffle_buffer=shuffle_buffer,
                   augment_data=augment_data, augmentations=augmentations,
                   augment_params=augment_params, patch_size=patch_size,
                   foreground_fraction=foreground_fraction,
                   patches_per_volume=patches_per_volume, cycle_length=cycle_length)
-    if labelled_target:
-        domain, cases, k = labelled_target
-        if not 0 < k < global_batch_size:
-            raise ValueError(f"labelled target samples per batch must be in 1..."
-                             f"{global_batch_size - 1}, got {k}")
-        few = domain_stream(data_dir, manifest, domain, "train", labelled=True, seed=seed + 2,
-                            cases=cases, **{**common, "batch_size": k})
-        src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed,
-                            **{**common, "batch_size": global_batch_size - k})
-        src = tf.data.Dataset.zip((src, few)).map(
-            lambda s, t: (tf.concat([s[0], t[0]], 0), tf.concat([s[1], t[1]], 0)),
-            num_parallel_calls=AUTOTUNE)
-    else:
-        src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed,
-                            **common)
+    src = _source_stream(data_dir, manifest, source, labelled_target, seed, common)
     if target is None:
         if fda_beta:
             raise ValueError("fda_beta needs a target domain")
@@ -238,6 +218,36 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
         ds = ds.map(lambda s, t: ((fda(s[0], t, beta=beta), s[1]), t),
                     num_parallel_calls=AUTOTUNE)
     return _file_sharded(ds.prefetch(AUTOTUNE))
+
+
+def _check_shards_per_worker(data_dir, manifest, domains, num_workers: int) -> None:
+    for domain in domains:
+        shards = len(shard_files(manifest, data_dir, domain, "train")) if domain else num_workers
+        if shards < num_workers:
+            raise ValueError(
+                f"domain {domain!r} has {shards} training shard file(s) for {num_workers} "
+                "workers; file-level sharding needs at least one per worker: prepare the data "
+                "again with a smaller --records_per_shard")
+
+
+def _source_stream(data_dir, manifest, source, labelled_target, seed, common):
+    """The labelled stream of `train_dataset`: source batches, their last k samples from the
+    `labelled_target` cases when given (common["batch_size"] samples in all)."""
+    if not labelled_target:
+        return domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed,
+                             **common)
+    global_batch_size = common["batch_size"]
+    domain, cases, k = labelled_target
+    if not 0 < k < global_batch_size:
+        raise ValueError(f"labelled target samples per batch must be in 1..."
+                         f"{global_batch_size - 1}, got {k}")
+    few = domain_stream(data_dir, manifest, domain, "train", labelled=True, seed=seed + 2,
+                        cases=cases, **{**common, "batch_size": k})
+    src = domain_stream(data_dir, manifest, source, "train", labelled=True, seed=seed,
+                        **{**common, "batch_size": global_batch_size - k})
+    return tf.data.Dataset.zip((src, few)).map(
+        lambda s, t: (tf.concat([s[0], t[0]], 0), tf.concat([s[1], t[1]], 0)),
+        num_parallel_calls=AUTOTUNE)
 
 
 def num_records(manifest, domain, split) -> int:

@@ -98,20 +98,23 @@ def remove_progress(output_dir: str) -> None:
         pass  # not empty: someone else's files
 
 
-def marked_shards(output_dir: str) -> set[str]:
-    """Base names of the shards that the progress markers under `<out>/.progress/` record as
-    written by prepare (finished or interrupted runs, any request)."""
-    names = set()
+def marked_shards(output_dir: str, manifest=None) -> set[str]:
+    """Base names of the shards under shards/ that prepare recorded as its own: in the progress
+    markers under `<out>/.progress/` (finished or interrupted runs, any request) and in
+    `manifest`, an earlier manifest of `output_dir` as read (anything else counts as none)."""
+    entries = manifest.get("shards") if isinstance(manifest, dict) else None
+    entries = list(entries) if isinstance(entries, list) else []
     for path in glob.glob(os.path.join(output_dir, PROGRESS_DIR, "*.json")):
         marker = read_json(path)
         if not isinstance(marker, dict):
             continue
-        entries = marker.get("shards") if isinstance(marker.get("shards"), list) else []
-        entries = entries + ([marker["shard"]] if isinstance(marker.get("shard"), dict) else [])
-        for entry in entries:
-            file = entry.get("file") if isinstance(entry, dict) else None
-            if isinstance(file, str) and os.path.dirname(os.path.normpath(file)) == SHARDS_DIR:
-                names.add(os.path.basename(file))
+        entries += marker.get("shards") if isinstance(marker.get("shards"), list) else []
+        entries += [marker["shard"]] if isinstance(marker.get("shard"), dict) else []
+    names = set()
+    for entry in entries:
+        file = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(file, str) and os.path.dirname(os.path.normpath(file)) == SHARDS_DIR:
+            names.add(os.path.basename(file))
     return names
 
 

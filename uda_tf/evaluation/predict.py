@@ -66,50 +66,12 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
                    overlap: float = 0.5) -> Predictor:
     """A SavedModel directory (`serving_default`, as uda_tf.serving.export writes it) or a
     `.weights.h5` checkpoint with its run's flags.cfg (`flags_path`, default next to it)."""
-    import tensorflow as tf
     if isinstance(manifest, str):
         manifest = _load_manifest(manifest, "--manifest")
     if _is_saved_model(model):
-        from uda_tf.serving.export import image_input_shape, load_serving_fn
-        if manifest is None:
-            assets = os.path.join(model, "assets.extra")
-            if not os.path.isfile(os.path.join(assets, "manifest.json")):
-                raise ValueError(f"--model={model} carries no assets.extra/manifest.json; pass "
-                                 "--manifest=<prepared dir>/manifest.json of its training data")
-            manifest = _load_manifest(assets, "--model")
-        serving = load_serving_fn(model)
-        predict_fn = inference.saved_model_fn(serving)
-        model_shape = image_input_shape(serving, model)[1:]
+        predict_fn, model_shape, manifest = _saved_model_fn(model, manifest)
     elif model.endswith(".weights.h5") and os.path.isfile(model):
-        from uda_tf.serving.export import read_flagfile
-        from uda_tf.models import segmentor_from_flags
-        from uda_tf.models.heads import class_probabilities
-        here = os.path.dirname(os.path.abspath(model))
-        flags_path = flags_path or os.path.join(here, "flags.cfg")
-        if not os.path.isfile(flags_path):
-            raise ValueError(f"--model={model} is a checkpoint but --flags={flags_path} does not "
-                             "exist; pass the flags.cfg of the run that trained it")
-        values = read_flagfile(flags_path)
-        if manifest is None:
-            candidates = [here, values.get("data_dir") or ""]
-            found = [c for c in candidates if os.path.isfile(os.path.join(c, "manifest.json"))]
-            if not found:
-                raise ValueError(f"no manifest.json next to --model={model} or in the run's "
-                                 f"--data_dir; pass --manifest")
-            manifest = _load_manifest(found[0], "--manifest")
-        from uda_tf.serving.safe_load import check_weights_file
-        check_weights_file(model, "--model")
-        segmentor = segmentor_from_flags(values, manifest)
-        try:
-            segmentor.load_weights(model)
-        except Exception as e:  # keras raises ValueError/KeyError for mismatched layers
-            raise ValueError(f"--model={model} does not fit the segmentor that --flags="
-                             f"{flags_path} describes: {e}") from e
-
-        def predict_fn(batch):
-            logits = segmentor(tf.constant(batch, tf.float32), training=False)["logits"]
-            return class_probabilities(logits).numpy()
-        model_shape = list(segmentor.input_shape[1:])
+        predict_fn, model_shape, manifest = _checkpoint_fn(model, manifest, flags_path)
     else:
         raise ValueError(f"--model={model} is neither a SavedModel directory (with "
                          "saved_model.pb) nor a .weights.h5 checkpoint")
@@ -129,6 +91,56 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
                      int(manifest.get("output", {}).get("context_slices", 0)),
                      None if patch_size is None else tuple(int(p) for p in patch_size),
                      float(overlap))
+
+
+def _saved_model_fn(model: str, manifest: dict | None):
+    """(batch -> probabilities, the model's input shape without the batch axis, the manifest:
+    the given one, else the one the export carries in assets.extra/)."""
+    from uda_tf.serving.export import image_input_shape, load_serving_fn
+    if manifest is None:
+        assets = os.path.join(model, "assets.extra")
+        if not os.path.isfile(os.path.join(assets, "manifest.json")):
+            raise ValueError(f"--model={model} carries no assets.extra/manifest.json; pass "
+                             "--manifest=<prepared dir>/manifest.json of its training data")
+        manifest = _load_manifest(assets, "--model")
+    serving = load_serving_fn(model)
+    return (inference.saved_model_fn(serving), image_input_shape(serving, model)[1:],
+            manifest)
+
+
+def _checkpoint_fn(model: str, manifest: dict | None, flags_path: str | None):
+    """As `_saved_model_fn`, for a `.weights.h5` checkpoint: the segmentor its run's flags
+    describe, the manifest found next to it or in the run's --data_dir unless given."""
+    import tensorflow as tf
+    from uda_tf.serving.export import read_flagfile
+    from uda_tf.models import segmentor_from_flags
+    from uda_tf.models.heads import class_probabilities
+    here = os.path.dirname(os.path.abspath(model))
+    flags_path = flags_path or os.path.join(here, "flags.cfg")
+    if not os.path.isfile(flags_path):
+        raise ValueError(f"--model={model} is a checkpoint but --flags={flags_path} does not "
+                         "exist; pass the flags.cfg of the run that trained it")
+    values = read_flagfile(flags_path)
+    if manifest is None:
+        candidates = [here, values.get("data_dir") or ""]
+        found = [c for c in candidates if os.path.isfile(os.path.join(c, "manifest.json"))]
+        if not found:
+            raise ValueError(f"no manifest.json next to --model={model} or in the run's "
+                             f"--data_dir; pass --manifest")
+        manifest = _load_manifest(found[0], "--manifest")
+    from uda_tf.serving.safe_load import check_weights_file
+    check_weights_file(model, "--model")
+    segmentor = segmentor_from_flags(values, manifest)
+    try:
+        segmentor.load_weights(model)
+    except Exception as e:  # keras raises ValueError/KeyError for mismatched layers
+        raise ValueError(f"--model={model} does not fit the segmentor that --flags="
+                         f"{flags_path} describes: {e}") from e
+
+    def predict_fn(batch):
+        logits = segmentor(tf.constant(batch, tf.float32), training=False)["logits"]
+        return class_probabilities(logits).numpy()
+    return predict_fn, list(segmentor.input_shape[1:]), manifest
 
 
 def predict_volume(predictor: Predictor, volume: io.Volume) -> tuple[np.ndarray, dict]:

@@ -154,7 +154,7 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_b
         raise FileExistsError(f"export version already exists: {final}; it is kept (choose "
                               "another --version, or leave --version out for the next free one)")
     shape = tuple(segmentor.input_shape[1:])
-    normalization = None
+    normalization = raw_names = None
     if manifest is not None:
         # 2D slices must match the dataset's slices; 3D models take patches of any size.
         if len(manifest["image_shape"]) == len(shape) == 3 and \
@@ -165,45 +165,11 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_b
         raw_names = raw_input_names(normalization)  # fails early on an unknown normalization
     tmp = os.path.join(model_dir, f".{version}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    def serve(image):
-        logits = segmentor(image, training=False)["logits"]
-        probs = class_probabilities(logits)  # softmax or sigmoid head, always K channels
-        return {"probabilities": probs,
-                "labels": tf.argmax(probs, axis=-1, output_type=tf.int32),
-                "entropy": entropy_map(probs)}
-
-    archive = keras.export.ExportArchive()
-    archive.track(segmentor)
-    image_spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
-    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=[image_spec])
-    signatures = [SERVING_DEFAULT]
-    if manifest is not None:
-        # Keyword inputs give the signature its input names (image, p_low, ...), which is
-        # what REST "inputs"/"instances" and gRPC PredictRequest.inputs are keyed by.
-        def serve_raw(inputs):
-            stats = {k: v for k, v in inputs.items() if k != "image"}
-            return serve(normalize_raw(inputs["image"], stats, normalization))
-
-        raw_spec = {name: image_spec if name == "image"
-                    else tf.TensorSpec([None], tf.float32, name=name) for name in raw_names}
-        archive.add_endpoint(SERVING_RAW, serve_raw, input_signature=[raw_spec])
-        signatures.append(SERVING_RAW)
+    archive, signatures = _export_archive(segmentor, shape, normalization, raw_names)
     try:
         archive.write_out(tmp, verbose=False)
-        extra = os.path.join(tmp, "assets.extra")
-        os.makedirs(extra, exist_ok=True)
-        if manifest is not None:
-            _write_json(os.path.join(extra, "manifest.json"), manifest)
-            _write_json(os.path.join(extra, "label_names.json"), manifest["label_names"])
-        if None not in shape:  # a model taking any patch size has no one request to replay
-            request_bytes = 4 * int(np.prod(shape))
-            sizes = [n for n in warmup_batch_sizes
-                     if n == min(warmup_batch_sizes) or n * request_bytes <= WARMUP_MAX_BYTES]
-            write_warmup_requests(
-                os.path.join(extra, WARMUP_FILE), model_name,
-                [(sig, warmup_inputs(sig, shape, normalization, n))
-                 for sig in signatures for n in sizes])
+        _write_assets(os.path.join(tmp, "assets.extra"), manifest, model_name, shape,
+                      normalization, signatures, warmup_batch_sizes)
         # rename(2) replaces an empty directory silently: check again right before it.
         if os.path.lexists(final):
             raise FileExistsError(f"export version already exists: {final} (created while "
@@ -218,6 +184,53 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_b
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _export_archive(segmentor, shape, normalization, raw_names):
+    """(ExportArchive, signature names): `serving_default`, and with `raw_names` (a
+    manifest's) also `serving_raw`, which normalizes raw intensities as `normalization` says."""
+    def serve(image):
+        logits = segmentor(image, training=False)["logits"]
+        probs = class_probabilities(logits)  # softmax or sigmoid head, always K channels
+        return {"probabilities": probs,
+                "labels": tf.argmax(probs, axis=-1, output_type=tf.int32),
+                "entropy": entropy_map(probs)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(segmentor)
+    image_spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
+    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=[image_spec])
+    signatures = [SERVING_DEFAULT]
+    if raw_names is not None:
+        # Keyword inputs give the signature its input names (image, p_low, ...), which is
+        # what REST "inputs"/"instances" and gRPC PredictRequest.inputs are keyed by.
+        def serve_raw(inputs):
+            stats = {k: v for k, v in inputs.items() if k != "image"}
+            return serve(normalize_raw(inputs["image"], stats, normalization))
+
+        raw_spec = {name: image_spec if name == "image"
+                    else tf.TensorSpec([None], tf.float32, name=name) for name in raw_names}
+        archive.add_endpoint(SERVING_RAW, serve_raw, input_signature=[raw_spec])
+        signatures.append(SERVING_RAW)
+    return archive, signatures
+
+
+def _write_assets(extra, manifest, model_name, shape, normalization, signatures,
+                  warmup_batch_sizes):
+    """assets.extra/: the manifest and label names (with a manifest) and the warm-up
+    requests."""
+    os.makedirs(extra, exist_ok=True)
+    if manifest is not None:
+        _write_json(os.path.join(extra, "manifest.json"), manifest)
+        _write_json(os.path.join(extra, "label_names.json"), manifest["label_names"])
+    if None not in shape:  # a model taking any patch size has no one request to replay
+        request_bytes = 4 * int(np.prod(shape))
+        sizes = [n for n in warmup_batch_sizes
+                 if n == min(warmup_batch_sizes) or n * request_bytes <= WARMUP_MAX_BYTES]
+        write_warmup_requests(
+            os.path.join(extra, WARMUP_FILE), model_name,
+            [(sig, warmup_inputs(sig, shape, normalization, n))
+             for sig in signatures for n in sizes])
 
 
 class SignatureError(ValueError):
