@@ -288,16 +288,6 @@ def _remove_stale_shards(output_dir: str, keep: set[str], ours: set[str]) -> Non
             os.remove(path)
 
 
-def _listed_shards(manifest) -> set[str]:
-    """Base names of the shards an (old) manifest lists under shards/."""
-    names = set()
-    for shard in (manifest or {}).get("shards", []) if isinstance(manifest, dict) else []:
-        file = shard.get("file") if isinstance(shard, dict) else None
-        if isinstance(file, str) and os.path.dirname(os.path.normpath(file)) == SHARDS_DIR:
-            names.add(os.path.basename(file))
-    return names
-
-
 def prepare(
     input_dir: str,
     output_dir: str,
@@ -500,7 +490,7 @@ def _prepare_locked(output_dir, request, *, overwrite, say, start, config, listi
         # From here until the new manifest lands, the directory reads as incomplete.
         os.remove(manifest_path)
 
-    ours = _listed_shards(previous) | sharding.marked_shards(output_dir)
+    ours = sharding.listed_shards(previous) | sharding.marked_shards(output_dir)
     request_id = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     _start_progress_dir(output_dir, request_id, say)
     # Group order = write order: domain, then split, then case id.

@@ -25,6 +25,7 @@ import urllib.request
 
 import numpy as np
 
+from uda_tf.files import atomic_write
 from uda_tf.serving.protocol import decode_rest_reply, predict_request, raw_input_names, rest_body
 
 PROTOCOLS = ("rest", "grpc")
@@ -141,7 +142,6 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
     mask = preprocess.restore_to_original(np.moveaxis(labels, 0, 2), record,
                                           manifest["preprocessing"], order=0)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = output_path + ".partial.nii.gz"
-    io.write_volume(tmp, mask.astype(np.uint8), record["original_affine"])
-    os.replace(tmp, output_path)
+    with atomic_write(output_path, None) as tmp:
+        io.write_volume(tmp, mask.astype(np.uint8), record["original_affine"])
     return mask
