@@ -318,7 +318,7 @@ def _remove_stale_cases(root: Path, keep: set[str]):
         for path in (root / sub).iterdir():
             match = pattern.match(path.name)
             left_over = path.name.startswith(".tmp-") or is_partial(path.name)
-            if match and (left_over or match["case"] not in keep):
+            if match and (left_over if path.name.startswith(".") else match["case"] not in keep):
                 path.unlink()
 
 
