@@ -94,3 +94,58 @@ def test_lock_nests_within_one_process(tmp_path):
             pass
         assert (tmp_path / files.LOCK_FILE).exists()
     assert not (tmp_path / files.LOCK_FILE).exists()
+
+
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with files.atomic_write(target) as f:
+            f.write("half of the new")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["result.json"]  # no temporary left behind
+    with files.atomic_write(target) as f:
+        f.write("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["result.json"]
+
+
+def test_atomic_write_gives_path_writers_a_temporary_with_the_extension(tmp_path):
+    target = tmp_path / "best.weights.h5"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError):
+        with files.atomic_write(target, None) as tmp:
+            # Keras, nibabel and matplotlib choose the format by the extension.
+            assert tmp.endswith(".weights.h5") and os.path.dirname(tmp) == str(tmp_path)
+            assert files.is_partial(tmp) and not files.is_partial(target.name)
+            with open(tmp, "wb") as f:
+                f.write(b"torn")
+            raise OSError("disk full")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["best.weights.h5"]
+    with files.atomic_write(tmp_path / "case_001.nii.gz", None) as tmp:
+        assert tmp.endswith(".nii.gz")
+        with open(tmp, "wb") as f:
+            f.write(b"scan")
+    assert sorted(os.listdir(tmp_path)) == ["best.weights.h5", "case_001.nii.gz"]
+
+
+def test_check_created_is_the_one_ownership_check(tmp_path):
+    foreign = tmp_path / "run"
+    foreign.mkdir()
+    with pytest.raises(files.NotOurDirectoryError,
+                       match=r"refuses to remove .*run.*another --run_name\.$"):
+        files.check_created(str(foreign), other="--run_name")
+    files.mark_created(str(foreign), "run")
+    files.check_created(str(foreign))
+    (tmp_path / "link").symlink_to(foreign)
+    with pytest.raises(files.NotOurDirectoryError, match="a link or a file"):
+        files.check_created(str(tmp_path / "link"))
+
+
+def test_add_unique_refuses_two_items_under_one_case_id():
+    found = {}
+    files.add_unique(found, "case", "a.nii.gz", lambda first, again: ValueError(first + again))
+    files.add_unique(found, "case", "a.nii.gz", lambda first, again: ValueError(first + again))
+    with pytest.raises(ValueError, match="a.nii.gzb.nii.gz"):
+        files.add_unique(found, "case", "b.nii.gz", lambda first, again: ValueError(first + again))
+    assert found == {"case": "a.nii.gz"}

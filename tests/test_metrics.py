@@ -135,6 +135,18 @@ def test_label_metrics_per_class_and_volume_dice():
     assert metrics.volume_dice(pred, ref, 1) == (pytest.approx(2 * 32 / 80), False)
 
 
+def test_dice_from_counts_is_the_one_rule_for_numpy_and_tensorflow():
+    """Streaming (TF), selection and volume Dice all use dice_from_counts: same numbers, and
+    a class absent from both sides scores 1, absent from one side 0."""
+    import tensorflow as tf
+    counts = ([3.0, 0.0, 0.0], [4.0, 0.0, 5.0], [6.0, 0.0, 0.0])
+    expected = [0.6, 1.0, 0.0]
+    assert metrics.dice_from_counts(*map(np.array, counts)).tolist() == pytest.approx(expected)
+    as_tf = metrics.dice_from_counts(*(tf.constant(c) for c in counts), ops=tf)
+    assert as_tf.numpy().tolist() == pytest.approx(expected)
+    assert float(metrics.dice_from_counts(0, 0, 0)) == 1.0
+
+
 def test_errors_name_the_problem():
     mask = np.ones((4, 4, 4), bool)
     with pytest.raises(ValueError, match="spacing"):

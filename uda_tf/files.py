@@ -12,14 +12,20 @@ Three rules every command follows (issue: "no way to lose a user's files"):
   no stale lock to clean by hand.
 * `--overwrite` removes only what uda_tf made: a directory it creates gets a marker file
   (`mark_created`), and `remove_created` refuses a directory without one.
+
+And every file is written whole or not at all: `atomic_write` writes under a temporary name
+beside the target, then renames it over the target, so a reader (or a crash) finds the old file
+or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -65,6 +71,16 @@ def check_name(value: str, flag: str, *, what: str = "name") -> str:
     return text
 
 
+def add_unique(found: dict, case_id: str, item, clash) -> None:
+    """Records `case_id` -> `item` in `found`. Two different items under one case id would
+    silently keep only the last (one scan's prediction written over another's, a label scored
+    against the wrong scan), so that is `clash(first, item)`, the exception naming both; the
+    same item twice is kept once."""
+    if case_id in found and found[case_id] != item:
+        raise clash(found[case_id], item)
+    found[case_id] = item
+
+
 def inside(root: str, path: str, flag: str) -> str:
     """`path` if it resolves (symlinks followed) to somewhere inside `root`, else ValueError."""
     real_root = os.path.realpath(root)
@@ -81,6 +97,66 @@ def same_or_inside(path: str, root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+# --- whole files or none ------------------------------------------------------------------
+
+# `.<stem>.partial-<pid><extension>`: hidden, so listings of a directory skip it; the pid, so
+# two processes writing the same target do not share one temporary; the extension last, so
+# libraries that choose the format by it (nibabel, matplotlib, Keras' `.weights.h5`) still do.
+_PARTIAL = re.compile(r"^\.(?P<stem>[^.][^.]*)\.partial-\d+(?P<extension>\..*)?$")
+
+
+def partial_path(path: str) -> str:
+    """The temporary name `atomic_write` writes `path` under, in the same directory (so the
+    rename stays on one file system). The extension is everything from the name's first dot:
+    `.nii.gz` and `.weights.h5` stay whole."""
+    directory, name = os.path.split(os.fspath(path))
+    stem, dot, extension = name.partition(".")
+    if not stem:  # a hidden name: its extension starts at the next dot
+        stem, dot, extension = name[1:].partition(".")
+        stem = "_" + stem
+    return os.path.join(directory, f".{stem}.partial-{os.getpid()}{dot}{extension}")
+
+
+def is_partial(name: str) -> bool:
+    """True for a file name `partial_path` makes (left behind by a process that was killed)."""
+    return bool(_PARTIAL.match(os.path.basename(name)))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str | None = "w", *, encoding: str | None = "utf-8",
+                 newline: str | None = None):
+    """Writes `path` whole or not at all.
+
+    With `mode` "w"/"wb" yields a file object on the temporary name, synced to disk before
+    the rename; with `mode=None` yields the temporary path, for writers that open the file
+    themselves (nibabel, matplotlib, Keras' save_weights). On success the temporary replaces
+    `path`; on any failure (an exception, Ctrl-C) it is removed and `path` stays as it was.
+    """
+    tmp = partial_path(path)
+    try:
+        if mode is None:
+            yield tmp
+        else:
+            binary = "b" in mode
+            with open(tmp, mode, encoding=None if binary else encoding,
+                      newline=None if binary else newline) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, value, **options) -> None:
+    """`value` as JSON in `path`, atomically, with a final newline; `options` go to json.dump
+    (indent, sort_keys, allow_nan)."""
+    with atomic_write(path) as f:
+        json.dump(value, f, **options)
+        f.write("\n")
+
+
 # --- ownership markers ----------------------------------------------------------------------
 
 def mark_created(directory: str, kind: str) -> None:
@@ -95,15 +171,23 @@ def created_by_us(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, MARKER_FILE))
 
 
-def remove_created(directory: str, flag: str = "--overwrite") -> None:
-    """Removes `directory` only if uda_tf created it (its marker file is there)."""
+def check_created(directory: str, flag: str = "--overwrite", other: str = "name") -> None:
+    """NotOurDirectoryError unless `directory` is a real directory uda_tf created (its marker
+    file is there): what `flag` checks before it removes or empties anything. `other` is what
+    the user may choose instead (a name, a --run_name)."""
     if os.path.islink(directory) or not os.path.isdir(directory):
         raise NotOurDirectoryError(f"{flag}: {directory} is not a directory uda_tf created "
                                    "(a link or a file); nothing was removed")
     if not created_by_us(directory):
         raise NotOurDirectoryError(
             f"{flag} refuses to remove {directory}: it was not created by uda_tf (no "
-            f"{MARKER_FILE} in it); nothing was removed. Move it away or choose another name.")
+            f"{MARKER_FILE} in it); nothing was removed. Move it away or choose another "
+            f"{other}.")
+
+
+def remove_created(directory: str, flag: str = "--overwrite") -> None:
+    """Removes `directory` only if uda_tf created it (its marker file is there)."""
+    check_created(directory, flag)
     shutil.rmtree(directory)
 
 

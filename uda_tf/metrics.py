@@ -83,9 +83,8 @@ def _streaming_dice_class():
             self.true_total.assign_add(tf.reduce_sum(true, axes))
 
         def result(self):
-            denom = self.pred_total + self.true_total
-            dice = tf.where(denom > 0, 2.0 * self.intersection / tf.maximum(denom, 1.0),
-                            1.0)
+            dice = dice_from_counts(self.intersection, self.pred_total, self.true_total,
+                                    ops=tf)
             out = {self.name: tf.reduce_mean(dice[1:])}
             for i, cls in enumerate(self.class_names[1:], start=1):
                 out[f"{self.name}_{cls}"] = dice[i]
@@ -106,6 +105,15 @@ def __getattr__(name):
         globals()[name] = _streaming_dice_class()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dice_from_counts(intersection, pred_size, ref_size, ops=np):
+    """Dice 2|P∩R| / (|P|+|R|) from the counts, elementwise (per class), and 1 where a class
+    is absent from both prediction and reference: the one place the empty-mask rule for Dice
+    is written. `ops` is the array module of the counts (numpy, or tensorflow for the
+    streaming metric's variables), so training, selection and evaluation agree."""
+    total = pred_size + ref_size
+    return ops.where(total > 0, 2.0 * intersection / ops.maximum(total, 1), 1.0)
 
 
 def volume_dice(pred: np.ndarray, ref: np.ndarray, label: int) -> tuple[float, bool]:
@@ -383,8 +391,8 @@ def _overlap_scores(tp: int, p: int, r: int, beta: float = 1.0) -> dict:
     recall = tp / r if r else 0.0
     b2 = beta * beta
     denom = b2 * precision + recall
-    return {"dice": 2.0 * tp / (p + r), "precision": precision, "recall": recall,
-            "fscore": (1 + b2) * precision * recall / denom if denom else 0.0}
+    return {"dice": float(dice_from_counts(tp, p, r)), "precision": precision,
+            "recall": recall, "fscore": (1 + b2) * precision * recall / denom if denom else 0.0}
 
 
 def _counts(pred, ref) -> tuple[int, int, int]:

@@ -85,10 +85,12 @@ def test_selection_needs_what_it_reads():
     from absl import app
     from types import SimpleNamespace
     from uda_tf.cli.train import check_selection
-    manifest = {"domains": {"a": {"cases": {"val": ["a1"]}}, "b": {"cases": {"val": ["b1"]}},
-                            "c": {"cases": {"test": ["c1"]}}},
-                "cases": {"a1": {"has_label": True}, "b1": {"has_label": False},
-                          "c1": {"has_label": True}}}
+    from uda_tf.data.manifest import Manifest
+    manifest = Manifest({
+        "domains": {"a": {"cases": {"val": ["a1"]}}, "b": {"cases": {"val": ["b1"]}},
+                    "c": {"cases": {"test": ["c1"]}}},
+        "cases": {"a1": {"has_label": True}, "b1": {"has_label": False},
+                  "c1": {"has_label": True}}})
     cfg = lambda **kw: SimpleNamespace(**{"select_on": "source_dice", "target_domain": "b",  # noqa: E731
                                           **kw})
     check_selection(manifest, cfg())

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tests.data import raw_layouts as raw
 from uda_tf.data import prepare as prepare_mod
-from uda_tf.data import io, layouts, manifest as manifest_lib, pipeline, tfrecord
+from uda_tf.data import io, layouts, tfrecord
 
 
 def _by_id(listing):
@@ -83,7 +83,7 @@ def test_msd_test_images_are_unlabelled_cases(tmp_path):
     assert entry["labelled"] is True and entry["cases"]["unlabelled"] == ["t_000", "t_001"]
     assert sorted(sum((entry["cases"][s] for s in ("train", "val", "test")), [])) == [
         "c_000", "c_001", "c_002"]
-    assert pipeline.num_records(manifest, "withtest", "unlabelled") > 0
+    assert manifest.num_records("withtest", "unlabelled") > 0
 
 
 def test_drive_pictures_masks_and_unlabelled_test_set(tmp_path):
@@ -117,7 +117,7 @@ def test_drive_prepared_as_single_slices_with_roi(tmp_path, color, channels):
     assert manifest["image_shape"] == [20, 18, channels]
     case = manifest["cases"]["21_training"]
     assert case["num_slices"] == 1 and case["has_roi"] is True
-    files = manifest_lib.shard_files(manifest, str(out), "drive", case["split"])
+    files = manifest.shard_files(str(out), "drive", case["split"])
     parsed = [tfrecord.parse_slice(r, 20, 18, channels) for r in tf.data.TFRecordDataset(files)]
     row = next(p for p in parsed if p["case_id"].numpy() == b"21_training")
     original_fov = io.read_volume(str(tmp_path / "raw" / "training" / "mask" /

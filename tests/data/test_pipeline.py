@@ -27,7 +27,7 @@ def test_source_only_dataset_has_no_target(tiny_prepared):
 
 def test_eval_dataset_is_one_ordered_pass(tiny_prepared):
     data_dir, manifest = tiny_prepared
-    n = pipeline.num_records(manifest, "dom_b", "test")
+    n = manifest.num_records("dom_b", "test")
     ds = pipeline.eval_dataset(data_dir, manifest, "dom_b", "test", batch_size=4,
                                with_metadata=True)
     indices = np.concatenate([b["slice_index"].numpy() for b in ds])
@@ -69,7 +69,7 @@ def test_intensity_jitter_bounds_eagerly_and_in_tf_data():
 import pytest  # noqa: E402
 
 from tests.helpers import make_msd  # noqa: E402
-from uda_tf.data import manifest as manifest_lib, tfrecord  # noqa: E402
+from uda_tf.data import tfrecord  # noqa: E402
 from uda_tf.data.prepare import prepare  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def test_float16_gzip_context_slices(prepared_25d):
     np.testing.assert_array_equal(image[0, ..., 0], image[0, ..., 1])
     assert list(k) == list(range(len(k)))
     # the single-record parser tells float16 from float32 by itself
-    files = manifest_lib.shard_files(manifest, data_dir, "dom_a", "test")
+    files = manifest.shard_files(data_dir, "dom_a", "test")
     record = next(iter(tf.data.TFRecordDataset(files, compression_type="GZIP")))
     np.testing.assert_array_equal(tfrecord.parse_slice(record, 16, 24, 3)["image"].numpy(),
                                   image[0])

@@ -28,7 +28,7 @@ def prepared(tmp_path_factory):
 
 def _read_case(out, manifest, case_id):
     case = manifest["cases"][case_id]
-    files = manifest_lib.shard_files(manifest, str(out), case["domain"], case["split"])
+    files = manifest.shard_files(str(out), case["domain"], case["split"])
     ds = tf.data.TFRecordDataset(files).map(lambda r: tfrecord.parse_slice(r, *SIZE, 1))
     rows = [e for e in ds if e["case_id"].numpy().decode() == case_id]
     assert [int(e["slice_index"]) for e in rows] == list(range(case["num_slices"]))  # in order
@@ -82,7 +82,7 @@ def test_shards_hold_every_slice_once(prepared):
         k = int(s["file"][-14:-9])
         assert s["file"] == f"shards/{s['domain']}-{s['split']}-{k:05d}.tfrecord"
         assert sum(1 for _ in tf.data.TFRecordDataset(str(out / s["file"]))) == s["records"]
-    assert not [f for f in os.listdir(out / "shards") if ".tmp" in f]
+    assert not [f for f in os.listdir(out / "shards") if f.startswith(".") or ".tmp" in f]
 
 
 def test_slice_equals_preprocessed_volume(prepared):
@@ -200,9 +200,30 @@ def test_errors_name_what_is_wrong(tmp_path):
 
 def test_shard_files_names_available_splits(prepared):
     _, out, manifest = prepared
-    assert len(manifest_lib.shard_files(manifest, str(out), "dom_a", "train")) == 2
+    assert len(manifest.shard_files(str(out), "dom_a", "train")) == 2
     with pytest.raises(ValueError, match=r"'dom_c'.*'train'.*dom_a/test"):
-        manifest_lib.shard_files(manifest, str(out), "dom_c", "train")
+        manifest.shard_files(str(out), "dom_c", "train")
+
+
+def test_manifest_answers_from_its_json(prepared):
+    """The Manifest's properties say what the raw JSON says, and it stays plain JSON."""
+    _, out, manifest = prepared
+    assert isinstance(manifest, manifest_lib.Manifest)
+    raw = json.loads((out / "manifest.json").read_text())
+    assert json.loads(json.dumps(manifest)) == raw and manifest.as_dict() == raw
+    assert manifest.class_names == [raw["label_names"][str(i)] for i in range(raw["num_classes"])]
+    assert manifest.label_names == {int(k): v for k, v in raw["label_names"].items()}
+    assert manifest.record_kind == "slices" and manifest.content_hash == raw["content_hash"]
+    for domain, entry in raw["domains"].items():
+        for split, ids in entry["cases"].items():
+            assert manifest.cases(domain, split) == ids
+            assert manifest.labelled_cases(domain, split) == [
+                c for c in ids if raw["cases"][c].get("has_label", True)]
+            assert manifest.num_records(domain, split) == sum(
+                s["records"] for s in raw["shards"] if (s["domain"], s["split"]) == (domain, split))
+    wrapped = manifest_lib.Manifest.of(raw)  # a dict built by hand
+    assert wrapped.num_classes == raw["num_classes"]
+    assert manifest_lib.Manifest.of(wrapped) is wrapped
 
 
 def test_cli_rejects_unknown_flag_and_layout(tmp_path):

@@ -62,8 +62,9 @@ def test_interrupted_run_resumes_to_identical_output(raw, tmp_path, monkeypatch,
         prepare_mod.prepare(str(raw), str(out), workers=1, verbose=False, **kwargs)
     monkeypatch.setattr(sharding, "AFTER_SHARD_HOOK", None)
     assert not (out / "manifest.json").exists()  # incomplete until the manifest lands
-    assert not [f for f in os.listdir(out / "shards") if ".tmp-" in f]
-    # a stale temporary file, as a killed process would leave
+    assert not [f for f in os.listdir(out / "shards") if files.is_partial(f) or ".tmp-" in f]
+    # stale temporary files, as a killed process would leave (and one of an earlier version)
+    (out / "shards" / ".dom_b-train-00000.partial-99999.tfrecord").write_bytes(b"partial")
     (out / "shards" / "dom_b-train-00000.tfrecord.tmp-99999").write_bytes(b"partial")
 
     prepared = []

@@ -22,7 +22,7 @@ def test_resolve_cases(tiny_prepared):
 def test_only_named_cases_are_read(tiny_prepared):
     data_dir, manifest = tiny_prepared
     case = manifest["domains"]["dom_b"]["cases"]["train"][0]
-    files = pipeline.shard_files(manifest, data_dir, "dom_b", "train")
+    files = manifest.shard_files(data_dir, "dom_b", "train")
     ds = pipeline.only_cases(tf.data.TFRecordDataset(files), [case])
     spec = {"case_id": tf.io.FixedLenFeature([], tf.string)}
     seen = {tf.io.parse_single_example(r, spec)["case_id"].numpy().decode() for r in ds}

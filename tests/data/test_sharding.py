@@ -24,7 +24,7 @@ def test_two_workers_read_disjoint_files_covering_each_domain(tiny_prepared):
                                 global_batch_size=4, shuffle_buffer=4, augment_data=False,
                                 num_workers=2)
     every = _seen(ds, 12)
-    assert [len(s) for s in every] == [pipeline.num_records(manifest, d, "train")
+    assert [len(s) for s in every] == [manifest.num_records(d, "train")
                                        for d in ("dom_a", "dom_b")]
     workers = [_seen(input_ops.auto_shard_dataset(ds, 2, i, 2), 12) for i in range(2)]
     for domain in range(2):

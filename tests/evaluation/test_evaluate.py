@@ -61,7 +61,7 @@ def test_summary_and_files(tmp_path):
     saved = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN
     assert saved["cases"] == ["c1", "c2", "c3"]
     assert set(saved["classes"]["a"]) >= {"dice", "surface_dice", "assd", "hd95"}
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(os.listdir(tmp_path)) == ["metrics.csv", "summary.json"]  # no temporary
 
 
 def test_evaluate_model_on_prepared_split(tiny_prepared, tmp_path):

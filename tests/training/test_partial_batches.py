@@ -64,7 +64,7 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
     from uda_tf.models import segmentor_from_flags
     from uda_tf.training.selection import TargetCriteria
     data_dir, manifest = tiny_prepared
-    assert pipeline.num_records(manifest, "dom_a", "val") == 10
+    assert manifest.num_records("dom_a", "val") == 10
     cfg = _cfg(data_dir, tmp_path / "runs", num_cpu_devices=3, global_batch_size=8,
                method="grl", target_criteria=True)
     result = train.train(cfg)

@@ -49,9 +49,9 @@ def main(argv):
         if prepared:
             from uda_tf.data.manifest import load_manifest
             manifest = load_manifest(FLAGS.data_dir)
-            if FLAGS.domain not in manifest["domains"]:
+            if FLAGS.domain not in manifest.domains:
                 raise ValueError(f"--domain={FLAGS.domain!r} is not in {FLAGS.data_dir}; "
-                                 f"domains there: {sorted(manifest['domains'])}")
+                                 f"domains there: {sorted(manifest.domains)}")
             if not os.path.isfile(os.path.join(FLAGS.model, "saved_model.pb")):
                 raise ValueError(f"--model={FLAGS.model!r}: no SavedModel directory there")
             if FLAGS.check_shards:
@@ -65,8 +65,7 @@ def main(argv):
             names = None
             if FLAGS.manifest:
                 from uda_tf.evaluation.predict import _load_manifest
-                names = {int(k): v for k, v in
-                         _load_manifest(FLAGS.manifest, "--manifest")["label_names"].items()}
+                names = _load_manifest(FLAGS.manifest, "--manifest").label_names
             summary = evaluate_niftis(FLAGS.predictions, FLAGS.labels, FLAGS.output_dir,
                                       label_names=names, images_dir=FLAGS.images, **options)
         if FLAGS.mlflow_run_id:

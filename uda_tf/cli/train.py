@@ -322,13 +322,13 @@ def require_prepared_data(data_dir, dataset_source):
 
 
 def check_domains(manifest, source, target, method_cls):
-    domains = sorted(manifest["domains"])
-    if source not in manifest["domains"]:
+    domains = sorted(manifest.domains)
+    if source not in manifest.domains:
         raise app.UsageError(f"--source_domain={source!r} is not in the dataset; domains: {domains}")
-    if not manifest["domains"][source].get("labelled", True):
+    if not manifest.is_labelled(source):
         raise app.UsageError(f"--source_domain={source!r} has no labels; the source must be "
                              "labelled")
-    if target is not None and target not in manifest["domains"]:
+    if target is not None and target not in manifest.domains:
         raise app.UsageError(f"--target_domain={target!r} is not in the dataset; domains: {domains}")
     if method_cls.uses_target and target is None:
         raise app.UsageError("--target_domain is required by this --method")
@@ -370,22 +370,14 @@ def check_adaptation_flags(cfg):
                              "none: use --norm=batch")
 
 
-def labelled_cases(manifest, domain, split) -> list[str]:
-    """Cases of `domain`'s `split` stored with a label."""
-    if domain is None:
-        return []
-    cases = manifest["domains"][domain]["cases"].get(split, [])
-    return [c for c in cases if manifest["cases"].get(c, {}).get("has_label", True)]
-
-
 def check_selection(manifest, cfg):
     """--select_on needs what it reads: target validation images, and labels for oracle."""
     if cfg.select_on == "source_dice":
         return
-    if cfg.target_domain is None or not manifest["domains"][cfg.target_domain]["cases"].get("val"):
+    if cfg.target_domain is None or not manifest.cases(cfg.target_domain, "val"):
         raise app.UsageError(f"--select_on={cfg.select_on} needs --target_domain with a "
                              "validation split (the target domain has no val cases)")
-    if cfg.select_on == "oracle" and not labelled_cases(manifest, cfg.target_domain, "val"):
+    if cfg.select_on == "oracle" and not manifest.labelled_cases(cfg.target_domain, "val"):
         raise app.UsageError(f"--select_on=oracle needs target validation labels; domain "
                              f"{cfg.target_domain!r} has no labelled val case")
 
@@ -422,25 +414,24 @@ def check_splits(manifest, cfg, method_cls) -> None:
     """The splits training reads exist: source train and val (checkpoints are chosen on
     source validation Dice), and target train images when the method or AdaBN reads them.
     Checked at start-up, before a run directory or an MLflow run exists."""
-    from uda_tf.data import pipeline
 
     def splits(domain):
-        have = sorted(s for s, cases in manifest["domains"][domain]["cases"].items() if cases)
-        return ", ".join(f"{s} ({pipeline.num_records(manifest, domain, s)} records)"
+        have = manifest.splits(domain)
+        return ", ".join(f"{s} ({manifest.num_records(domain, s)} records)"
                          for s in have) or "none"
 
     source = cfg.source_domain
-    if not pipeline.num_records(manifest, source, "train"):
+    if not manifest.num_records(source, "train"):
         raise app.UsageError(f"--source_domain={source!r} has no train records to train on; "
                              f"its splits: {splits(source)}")
-    if not pipeline.num_records(manifest, source, "val"):
+    if not manifest.num_records(source, "val"):
         raise app.UsageError(f"--source_domain={source!r} has no validation records; "
                              "checkpoints are chosen on source validation Dice; its splits: "
                              f"{splits(source)}")
     target = cfg.target_domain
     needs = [why for why, on in ((f"--method={cfg.method}", method_cls.uses_target),
                                  ("--adabn", cfg.adabn)) if on]
-    if target is not None and needs and not pipeline.num_records(manifest, target, "train"):
+    if target is not None and needs and not manifest.num_records(target, "train"):
         raise app.UsageError(f"--target_domain={target!r} has no train images, which "
                              f"{' and '.join(needs)} read; its splits: {splits(target)}")
 
@@ -480,21 +471,13 @@ def plan_run_dir(cfg) -> str:
         if not cfg.overwrite:
             raise app.UsageError(f"run directory {run_dir} exists; pick another --run_name or "
                                  "pass --overwrite")
-        _check_ours(run_dir)
+        files.check_created(run_dir, other="--run_name")
     return run_dir
 
 
 def _entries(run_dir) -> list[str]:
     """What a run directory holds, apart from a writer's lock file."""
     return [n for n in os.listdir(run_dir) if n != files.LOCK_FILE]
-
-
-def _check_ours(run_dir) -> None:
-    if os.path.islink(run_dir) or not files.created_by_us(run_dir):
-        raise files.NotOurDirectoryError(
-            f"--overwrite refuses to remove {run_dir}: it was not created by uda_tf (no "
-            f"{files.MARKER_FILE} in it); nothing was removed. Move it away or choose another "
-            "--run_name.")
 
 
 def claim_run_dir(cfg, run_dir, hold) -> str:
@@ -513,7 +496,7 @@ def claim_run_dir(cfg, run_dir, hold) -> str:
             raise app.UsageError(f"run directory {run_dir} exists; pick another --run_name or "
                                  "pass --overwrite")
         if entries:
-            _check_ours(run_dir)
+            files.check_created(run_dir, other="--run_name")
             for name in sorted(entries, key=lambda n: n == files.MARKER_FILE):
                 path = os.path.join(run_dir, name)
                 if os.path.isdir(path) and not os.path.islink(path):
@@ -564,7 +547,7 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     check_splits(manifest, cfg, method_cls)
     check_names(cfg)
     target_labelled = labelled_target_cases(cfg, manifest)
-    volumes = pipeline.record_kind(manifest) == "volumes"
+    volumes = manifest.record_kind == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
     patch_size = input_shape_from_flags(vars(cfg), manifest)[:3] if volumes else None
     if cfg.check_shards:
@@ -602,8 +585,7 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
 
-    label_names = {int(k): v for k, v in manifest["label_names"].items()}
-    class_names = [label_names[i] for i in range(manifest["num_classes"])]
+    class_names = manifest.class_names
 
     def make_segmentor(sync_batchnorm=False):
         return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
@@ -639,7 +621,7 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
         val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
                                        batch_size=cfg.global_batch_size,
                                        pad_to_batch=padded).repeat()
-        val_count = pipeline.num_records(manifest, cfg.source_domain, "val")
+        val_count = manifest.num_records(cfg.source_domain, "val")
     val_steps = math.ceil(val_count / cfg.global_batch_size)
     with strategy.scope():
         segmentor = make_segmentor(
@@ -684,7 +666,7 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
 
     tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
     tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
-            "dataset_content_hash": manifest.get("content_hash"), "method": cfg.method,
+            "dataset_content_hash": manifest.content_hash, "method": cfg.method,
             "target_labels_in_training": str(bool(cfg.target_labelled_cases)).lower(),
             **tracking.environment_tags(strategy)}
     tracking.set_http_defaults()
@@ -719,9 +701,8 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
             tracker.log_metrics({"adabn_batches_used": used}, flush=False)
             # Kept beside the source-statistics checkpoint, so uda-export can rebuild either.
             exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
-            tmp = exported_weights.replace(".weights.h5", ".partial.weights.h5")
-            segmentor.save_weights(tmp)
-            os.replace(tmp, exported_weights)
+            with files.atomic_write(exported_weights, None) as tmp:
+                segmentor.save_weights(tmp)
         export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
                                        cfg.model_name, manifest=manifest)
         serve = load_serving_fn(export_path)
@@ -731,7 +712,7 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
             predict = lambda images: serve(image=images)  # noqa: E731  labels + entropy
         evaluations = {}
         for role, domain in (("source", cfg.source_domain), ("target", cfg.target_domain)):
-            if not labelled_cases(manifest, domain, "test"):
+            if domain is None or not manifest.labelled_cases(domain, "test"):
                 continue  # nothing to score against (an unlabelled target is the UDA norm)
             oracle = role == "target"
             out = os.path.join(run_dir, "eval", f"{role}_test")
@@ -770,9 +751,8 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
                   "checkpoint": ckpt_path, "exported_weights": exported_weights,
                   "saved_model": export_path,
                   "train_seconds": train_seconds, "evaluations": evaluations}
-        with open(os.path.join(run_dir, "result.json.tmp"), "w") as f:
+        with files.atomic_write(os.path.join(run_dir, "result.json")) as f:
             json.dump(result, f, indent=2)
-        os.replace(os.path.join(run_dir, "result.json.tmp"), os.path.join(run_dir, "result.json"))
         status = "FINISHED"
         return result
     finally:
@@ -786,7 +766,7 @@ def target_val_dataset_fn(cfg, manifest, volumes, patch_size):
     criteria are off. The checkpoint follows --select_on only."""
     from uda_tf.data import pipeline
     target_val = cfg.target_domain is not None and bool(
-        manifest["domains"][cfg.target_domain]["cases"].get("val"))
+        manifest.cases(cfg.target_domain, "val"))
     if not target_val or not (cfg.target_criteria or cfg.select_on != "source_dice"):
         return None
     if volumes:

@@ -26,7 +26,7 @@ def content_hash(manifest: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_manifest(out_dir: str, manifest: dict) -> dict:
+def write_manifest(out_dir: str, manifest: dict) -> "Manifest":
     """Stamps `content_hash` and writes `<out_dir>/manifest.json` atomically.
 
     Call it after every shard is in place: its presence is what marks the data complete.
@@ -36,7 +36,7 @@ def write_manifest(out_dir: str, manifest: dict) -> dict:
     stamped["content_hash"] = content_hash(stamped)
     from uda_tf.data.sharding import write_json_atomic
     write_json_atomic(os.path.join(out_dir, FILENAME), stamped)
-    return stamped
+    return Manifest(stamped)
 
 
 class ManifestError(ValueError):
@@ -183,7 +183,7 @@ def _validate_data(manifest: dict, fail) -> None:
         fail("'skipped_cases'", "a list of objects", skipped)
 
 
-def load_manifest(data_dir: str) -> dict:
+def load_manifest(data_dir: str) -> "Manifest":
     """Reads and checks `<data_dir>/manifest.json`: ManifestError (a ValueError) names the
     file and the key for anything but the structure `prepare` writes, or an edited file."""
     path = os.path.join(data_dir, FILENAME)
@@ -215,23 +215,122 @@ def load_manifest(data_dir: str) -> dict:
             f"{path} was modified after it was written (content_hash mismatch): its shards "
             "and cases may no longer match it. Prepare the data again (python -m "
             f"uda_tf.data.prepare ... --output_dir={data_dir} --overwrite) or restore the file")
-    return manifest
+    return Manifest(manifest)
 
 
-def shard_files(manifest: dict, data_dir: str, domain: str, split: str) -> list[str]:
-    """Paths of the shards holding `domain`'s `split` slices, in write order."""
-    files = [
-        os.path.join(data_dir, s["file"])
-        for s in manifest["shards"]
-        if s["domain"] == domain and s["split"] == split
-    ]
-    if not files:
-        available = sorted({f"{s['domain']}/{s['split']}" for s in manifest["shards"]})
-        raise ValueError(
-            f"no shards for domain {domain!r}, split {split!r} in {data_dir}; "
-            f"available domain/split: {', '.join(available) or 'none'}"
-        )
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"shard listed in {data_dir}/{FILENAME} is missing: {missing[0]}")
-    return files
+class Manifest(dict):
+    """A manifest as read: still the JSON object (a dict, so json.dump, MLflow and the export's
+    assets take it as it is), with the questions callers ask of it as properties and methods,
+    so the layout of manifest.json is spelled out here only (nnU-Net's plans_handler wraps its
+    plans the same way).
+
+    An export's manifest (predict, serve) has only image_shape, num_classes, label_names and
+    preprocessing; the domain, case and shard questions need a prepared dataset's.
+    """
+
+    @classmethod
+    def of(cls, value) -> "Manifest":
+        """`value` if it is a Manifest, else one wrapping it (a dict built by hand)."""
+        return value if isinstance(value, cls) else cls(value)
+
+    def as_dict(self) -> dict:
+        return dict(self)
+
+    # -- what every manifest has ---------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self["num_classes"])
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """{class index: name}; the file's keys are strings ("0", "1", ...)."""
+        return {int(k): v for k, v in self["label_names"].items()}
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names in class order, background first."""
+        names = self.label_names
+        return [names[i] for i in range(self.num_classes)]
+
+    @property
+    def image_shape(self) -> list:
+        """[H, W, C] of a slice record, [H, W, D, C] of a volume record (D None: any depth)."""
+        return list(self["image_shape"])
+
+    @property
+    def image_dtype(self) -> str:
+        return self.get("image_dtype", "float32")
+
+    @property
+    def preprocessing(self) -> dict:
+        return self["preprocessing"]
+
+    @property
+    def dataset_name(self) -> str:
+        return self.get("dataset_name", "?")
+
+    @property
+    def content_hash(self) -> str | None:
+        return self.get("content_hash")
+
+    @property
+    def record_kind(self) -> str:
+        """"slices" (2D records) or "volumes" (3D records); manifests from before 3D: slices."""
+        return self.get("output", {}).get("records", "slices")
+
+    @property
+    def compression(self) -> str:
+        return self.get("output", {}).get("compression") or ""
+
+    @property
+    def context_slices(self) -> int:
+        return int(self.get("output", {}).get("context_slices", 0))
+
+    # -- a prepared dataset's domains, cases and shards ----------------------------------
+    @property
+    def domains(self) -> dict:
+        """{domain: {"labelled": bool, "cases": {split: [case ids]}}}."""
+        return self.get("domains", {})
+
+    def is_labelled(self, domain: str) -> bool:
+        """Whether `domain` came with labels at all (a labelled source)."""
+        return self.domains[domain].get("labelled", True)
+
+    def case(self, case_id: str) -> dict:
+        """The case's entry (domain, split, shapes, affine, has_label); {} if not listed."""
+        return self.get("cases", {}).get(case_id, {})
+
+    def cases(self, domain: str, split: str) -> list[str]:
+        """Case ids of `domain`'s `split`, in prepared order ([] for a split it lacks)."""
+        return list(self.domains[domain]["cases"].get(split, []))
+
+    def labelled_cases(self, domain: str, split: str) -> list[str]:
+        """The cases of `domain`'s `split` that carry a label (test images often do not)."""
+        return [c for c in self.cases(domain, split) if self.case(c).get("has_label", True)]
+
+    def splits(self, domain: str) -> list[str]:
+        """`domain`'s splits that hold cases, sorted."""
+        return sorted(s for s, ids in self.domains[domain]["cases"].items() if ids)
+
+    def shards(self, domain: str, split: str) -> list[dict]:
+        """Entries of the shards holding `domain`'s `split`, in write order."""
+        return [s for s in self["shards"] if s["domain"] == domain and s["split"] == split]
+
+    def num_records(self, domain: str, split: str) -> int:
+        """Records (slices, or volumes) of one domain/split, from the shard list."""
+        return sum(s["records"] for s in self.shards(domain, split))
+
+    def shard_files(self, data_dir: str, domain: str, split: str) -> list[str]:
+        """Paths of the shards holding `domain`'s `split` records, in write order."""
+        files = [os.path.join(data_dir, s["file"]) for s in self.shards(domain, split)]
+        if not files:
+            available = sorted({f"{s['domain']}/{s['split']}" for s in self["shards"]})
+            raise ValueError(
+                f"no shards for domain {domain!r}, split {split!r} in {data_dir}; "
+                f"available domain/split: {', '.join(available) or 'none'}"
+            )
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(
+                f"shard listed in {data_dir}/{FILENAME} is missing: {missing[0]}")
+        return files

@@ -20,7 +20,6 @@ import functools
 import importlib.util
 import json
 import multiprocessing
-import os
 import re
 import zlib
 from pathlib import Path
@@ -29,6 +28,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 from scipy import ndimage
+
+from uda_tf.files import atomic_write, is_partial
 
 LABELS = {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
 TISSUES = ("CSF", "GM", "WM")  # channel order of every tissue probability array, [..., 3]
@@ -336,9 +337,8 @@ def _save_atomic(array, affine, path: Path):
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, None) as tmp:
+        nib.save(image, tmp)
 
 
 def _write_case(task):
@@ -359,11 +359,13 @@ def _remove_stale_cases(root: Path, keep: set[str]):
     """Delete phantom cases of an earlier, larger run in the same directory: the MSD reader
     lists imagesTr/ and refuses cases that dataset.json does not assign to a domain."""
     names = "|".join(re.escape(d) for d in DOMAINS)
-    pattern = re.compile(rf"^(?:\.tmp-\d+-)?(?P<case>(?:{names})_\d{{3,}})(?:_0000)?\.nii\.gz$")
+    pattern = re.compile(rf"^(?:\.tmp-\d+-|\.)?(?P<case>(?:{names})_\d{{3,}})(?:_0000)?"
+                         r"(?:\.partial-\d+)?\.nii\.gz$")
     for sub in ("imagesTr", "labelsTr"):
         for path in (root / sub).iterdir():
             match = pattern.match(path.name)
-            if match and (path.name.startswith(".tmp-") or match["case"] not in keep):
+            left_over = path.name.startswith(".tmp-") or is_partial(path.name)
+            if match and (left_over if path.name.startswith(".") else match["case"] not in keep):
                 path.unlink()
 
 
@@ -403,9 +405,8 @@ def generate(output_dir, domains=("scanner_a", "scanner_b"), subjects_per_domain
         "domains": {d: [r["case_id"] for r in records if r["domain"] == d] for d in domains},
     }
     path = root / "dataset.json"
-    tmp = path.with_name(f".tmp-{os.getpid()}-dataset.json")
-    tmp.write_text(json.dumps(dataset, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(dataset, indent=2) + "\n")
     if log is not None:
         for d in domains:
             rec = [r for r in records if r["domain"] == d]

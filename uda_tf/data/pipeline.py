@@ -23,19 +23,9 @@ import tensorflow as tf
 
 from uda_tf.data import augment
 from uda_tf.data.augment_intensity import fda
-from uda_tf.data.manifest import shard_files
 from uda_tf.data.tfrecord import parse_slices, parse_volume
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def record_kind(manifest) -> str:
-    """"slices" (2D records) or "volumes" (3D records); manifests from before 3D: slices."""
-    return manifest.get("output", {}).get("records", "slices")
-
-
-def _compression(manifest) -> str:
-    return manifest.get("output", {}).get("compression") or ""
 
 
 def _records(files, *, shuffle_files: bool, seed, compression="", cycle_length=4):
@@ -92,8 +82,8 @@ def sample_patch(image, label, patch_size, *, foreground_fraction=0.0, pad_value
 
 
 def _volume_patches(manifest, *, labelled, patch_size, foreground_fraction, patches_per_volume):
-    channels = manifest["image_shape"][-1]
-    dtype = manifest.get("image_dtype", "float32")
+    channels = manifest.image_shape[-1]
+    dtype = manifest.image_dtype
 
     def fn(record):
         volume = parse_volume(record, channels, image_dtype=dtype)
@@ -115,7 +105,7 @@ def _patch_size(manifest, patch_size):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive integers, got {patch_size}")
         return patch_size
-    fixed = manifest["image_shape"][:3]
+    fixed = manifest.image_shape[:3]
     if None in fixed:
         raise ValueError("this 3D dataset has volumes of different depths: pass patch_size "
                          "(e.g. (96, 96, 64)) to crop patches")
@@ -141,13 +131,13 @@ def domain_stream(data_dir, manifest, domain, split, *, batch_size, labelled, sh
     `augmentations` (a preset or op names, see uda_tf.data.augment) applies when
     `augment_data`; None means the "default" preset (flips and intensity jitter). `cases`
     restricts the stream to those case ids."""
-    files = shard_files(manifest, data_dir, domain, split)
-    ds = _records(files, shuffle_files=True, seed=seed, compression=_compression(manifest),
+    files = manifest.shard_files(data_dir, domain, split)
+    ds = _records(files, shuffle_files=True, seed=seed, compression=manifest.compression,
                   cycle_length=cycle_length)
     if cases is not None:
         ds = only_cases(ds, cases)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    if record_kind(manifest) == "volumes":
+    if manifest.record_kind == "volumes":
         fn = _volume_patches(manifest, labelled=labelled,
                              patch_size=_patch_size(manifest, patch_size),
                              foreground_fraction=foreground_fraction,
@@ -155,8 +145,8 @@ def domain_stream(data_dir, manifest, domain, split, *, batch_size, labelled, sh
         ds = ds.map(fn, num_parallel_calls=AUTOTUNE).unbatch()
         ds = ds.batch(batch_size, drop_remainder=True)
     else:
-        height, width, channels = manifest["image_shape"]
-        dtype = manifest.get("image_dtype", "float32")
+        height, width, channels = manifest.image_shape
+        dtype = manifest.image_dtype
 
         def parse(records):
             parsed = parse_slices(records, height, width, channels, image_dtype=dtype,
@@ -222,7 +212,7 @@ def train_dataset(data_dir, manifest, *, source, target=None, global_batch_size,
 
 def _check_shards_per_worker(data_dir, manifest, domains, num_workers: int) -> None:
     for domain in domains:
-        shards = len(shard_files(manifest, data_dir, domain, "train")) if domain else num_workers
+        shards = len(manifest.shard_files(data_dir, domain, "train")) if domain else num_workers
         if shards < num_workers:
             raise ValueError(
                 f"domain {domain!r} has {shards} training shard file(s) for {num_workers} "
@@ -248,12 +238,6 @@ def _source_stream(data_dir, manifest, source, labelled_target, seed, common):
     return tf.data.Dataset.zip((src, few)).map(
         lambda s, t: (tf.concat([s[0], t[0]], 0), tf.concat([s[1], t[1]], 0)),
         num_parallel_calls=AUTOTUNE)
-
-
-def num_records(manifest, domain, split) -> int:
-    """Records (slices, or volumes) of one domain/split, from the manifest's shard list."""
-    return sum(s["records"] for s in manifest["shards"]
-               if s["domain"] == domain and s["split"] == split)
 
 
 def padded_batch_size(batch_size: int, replicas: int) -> int:
@@ -302,18 +286,18 @@ def eval_dataset(data_dir, manifest, domain, split, *, batch_size, with_metadata
     (`pad_batch`): validation under a distribution strategy.
 
     For 3D datasets each element is one whole volume (a batch of 1: image [1, H, W, D, C])."""
-    if pad_to_batch and (with_metadata or record_kind(manifest) == "volumes"):
+    if pad_to_batch and (with_metadata or manifest.record_kind == "volumes"):
         raise ValueError("pad_to_batch is for 2D (images, labels) batches; 3D validation "
                          "pads patches (eval_patches)")
-    files = shard_files(manifest, data_dir, domain, split)
-    ds = _records(files, shuffle_files=False, seed=None, compression=_compression(manifest))
-    if record_kind(manifest) == "volumes":
-        channels = manifest["image_shape"][-1]
-        dtype = manifest.get("image_dtype", "float32")
+    files = manifest.shard_files(data_dir, domain, split)
+    ds = _records(files, shuffle_files=False, seed=None, compression=manifest.compression)
+    if manifest.record_kind == "volumes":
+        channels = manifest.image_shape[-1]
+        dtype = manifest.image_dtype
         ds = ds.map(lambda r: parse_volume(r, channels, image_dtype=dtype)).batch(1)
     else:
-        height, width, channels = manifest["image_shape"]
-        dtype = manifest.get("image_dtype", "float32")
+        height, width, channels = manifest.image_shape
+        dtype = manifest.image_dtype
         ds = ds.batch(batch_size).map(
             lambda r: parse_slices(r, height, width, channels, image_dtype=dtype,
                                    roi=with_metadata, metadata=with_metadata),
@@ -363,7 +347,7 @@ def eval_patches(data_dir, manifest, domain, split, patch_size, *, batch_size,
     `pad_to_batch`: (patches, labels, weights) batches of that size (see eval_dataset)."""
     if pad_to_batch and with_metadata:
         raise ValueError("pad_to_batch gives (patches, labels, weights), not metadata dicts")
-    if record_kind(manifest) != "volumes":
+    if manifest.record_kind != "volumes":
         raise ValueError("eval_patches needs a 3D dataset (prepared with --output=volumes)")
     patch_size = tuple(int(p) for p in patch_size)
     ds = eval_dataset(data_dir, manifest, domain, split, batch_size=1, with_metadata=True)
@@ -382,7 +366,7 @@ def eval_patches(data_dir, manifest, domain, split, patch_size, *, batch_size,
 def num_eval_patches(manifest, domain, split, patch_size) -> int:
     """How many patches `eval_patches` yields, from the prepared shapes in the manifest."""
     total = 0
-    for case in manifest["domains"][domain]["cases"].get(split, []):
-        shape = manifest["cases"][case]["prepared_shape"][:3]
+    for case in manifest.cases(domain, split):
+        shape = manifest.case(case)["prepared_shape"][:3]
         total += int(np.prod([-(-int(n) // int(p)) for n, p in zip(shape, patch_size)]))
     return total

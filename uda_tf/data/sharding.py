@@ -23,6 +23,8 @@ import json
 import os
 import re
 
+from uda_tf import files
+
 SHARDS_DIR = "shards"
 PROGRESS_DIR = ".progress"
 # Called with each completed shard's entry after its marker is written; tests set it to
@@ -31,17 +33,8 @@ AFTER_SHARD_HOOK = None
 
 
 def write_json_atomic(path: str, value) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=1, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """The JSON format of prepare's files (markers, manifest): sorted keys, no NaN."""
+    files.write_json(path, value, indent=1, sort_keys=True, allow_nan=False)
 
 
 def read_json(path: str):
@@ -60,8 +53,14 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-# The names write_json_atomic and GroupWriter give their temporary files (".tmp-<pid>").
+# The temporary files of write_json_atomic and GroupWriter: files.partial_path's names, and
+# the ".tmp-<pid>" names earlier versions gave them.
 _TEMPORARY = re.compile(r"^.+\.(tfrecord|json)\.tmp-\d+$")
+
+
+def _is_temporary(name: str) -> bool:
+    return (bool(_TEMPORARY.match(name))
+            or (files.is_partial(name) and name.endswith((".tfrecord", ".json"))))
 
 
 def remove_temporary_files(output_dir: str) -> None:
@@ -72,7 +71,7 @@ def remove_temporary_files(output_dir: str) -> None:
         if os.path.isdir(directory):
             for name in os.listdir(directory):
                 path = os.path.join(directory, name)
-                if _TEMPORARY.match(name) and os.path.isfile(path) and not os.path.islink(path):
+                if _is_temporary(name) and os.path.isfile(path) and not os.path.islink(path):
                     os.remove(path)
 
 
@@ -90,7 +89,8 @@ def remove_progress(output_dir: str) -> None:
         return
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if _MARKER.match(name) and os.path.isfile(path) and not os.path.islink(path):
+        ours = _MARKER.match(name) or _is_temporary(name)
+        if ours and os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
     try:
         os.rmdir(directory)
@@ -98,23 +98,29 @@ def remove_progress(output_dir: str) -> None:
         pass  # not empty: someone else's files
 
 
-def marked_shards(output_dir: str, manifest=None) -> set[str]:
-    """Base names of the shards under shards/ that prepare recorded as its own: in the progress
-    markers under `<out>/.progress/` (finished or interrupted runs, any request) and in
-    `manifest`, an earlier manifest of `output_dir` as read (anything else counts as none)."""
-    entries = manifest.get("shards") if isinstance(manifest, dict) else None
-    entries = list(entries) if isinstance(entries, list) else []
-    for path in glob.glob(os.path.join(output_dir, PROGRESS_DIR, "*.json")):
-        marker = read_json(path)
-        if not isinstance(marker, dict):
-            continue
-        entries += marker.get("shards") if isinstance(marker.get("shards"), list) else []
-        entries += [marker["shard"]] if isinstance(marker.get("shard"), dict) else []
+def listed_shards(document) -> set[str]:
+    """Base names of the shards under shards/ that a manifest or a progress marker lists
+    (`shards`, and a marker's `shard`). Read from files an earlier run left, so anything
+    malformed (not a dict, a file elsewhere) is skipped, not trusted."""
+    if not isinstance(document, dict):
+        return set()
+    entries = document.get("shards") if isinstance(document.get("shards"), list) else []
+    entries = entries + ([document["shard"]] if isinstance(document.get("shard"), dict) else [])
     names = set()
     for entry in entries:
         file = entry.get("file") if isinstance(entry, dict) else None
         if isinstance(file, str) and os.path.dirname(os.path.normpath(file)) == SHARDS_DIR:
             names.add(os.path.basename(file))
+    return names
+
+
+def marked_shards(output_dir: str, manifest=None) -> set[str]:
+    """Base names of the shards under shards/ that prepare recorded as its own: in the progress
+    markers under `<out>/.progress/` (finished or interrupted runs, any request) and in
+    `manifest`, an earlier manifest of `output_dir` as read (anything else counts as none)."""
+    names = listed_shards(manifest)
+    for path in glob.glob(os.path.join(output_dir, PROGRESS_DIR, "*.json")):
+        names |= listed_shards(read_json(path))
     return names
 
 
@@ -183,7 +189,7 @@ class GroupWriter:
             from uda_tf.data.tfrecord import tfrecord_options
 
             name = f"{self.prefix}-{len(self.shards):05d}.tfrecord"
-            self._tmp_path = os.path.join(self.shards_dir, f"{name}.tmp-{os.getpid()}")
+            self._tmp_path = files.partial_path(os.path.join(self.shards_dir, name))
             self._writer = tf.io.TFRecordWriter(self._tmp_path,
                                                 tfrecord_options(self.compression))
             self._count = 0

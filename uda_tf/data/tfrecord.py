@@ -8,6 +8,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from uda_tf.files import partial_path
+
 # Images are stored as raw little-endian floats of this type; parsers return float32.
 IMAGE_DTYPES = {"float32": ("<f4", tf.float32), "float16": ("<f2", tf.float16)}
 COMPRESSIONS = ("", "GZIP")
@@ -305,7 +307,7 @@ class ShardWriter:
 
     def write(self, record: bytes) -> None:
         if self._writer is None:
-            self._tmp_path = os.path.join(self.directory, f"{self._final_name()}.tmp-{os.getpid()}")
+            self._tmp_path = partial_path(os.path.join(self.directory, self._final_name()))
             self._writer = tf.io.TFRecordWriter(self._tmp_path, self.options)
             self._count = 0
         self._writer.write(record)

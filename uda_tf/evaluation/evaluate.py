@@ -30,6 +30,8 @@ from collections import defaultdict
 import numpy as np
 
 from uda_tf import metrics
+from uda_tf.data.manifest import Manifest
+from uda_tf.files import add_unique, atomic_write
 
 METRIC_NAMES = metrics.METRICS
 FLAGS_OF_ROW = ("both_empty", "one_empty")
@@ -78,13 +80,13 @@ def predict_volumes(predict_fn, dataset, *, keep_images: bool = False) -> dict[s
     return volumes
 
 
-def prepared_spacing(manifest: dict, case: str) -> tuple[float, float, float]:
+def prepared_spacing(manifest: Manifest, case: str) -> tuple[float, float, float]:
     """mm per axis of a prepared volume [H, W, D]: the case's `prepared_spacing`, else the
     manifest's preprocessing spacing in the case's slice-axis order."""
-    record = manifest.get("cases", {}).get(case, {})
+    record = manifest.case(case)
     if record.get("prepared_spacing"):
         return tuple(float(s) for s in record["prepared_spacing"])
-    spacing = manifest["preprocessing"]["spacing"]
+    spacing = manifest.preprocessing["spacing"]
     return tuple(float(spacing[a]) for a in record.get("axes", (0, 1, 2)))
 
 
@@ -146,30 +148,16 @@ def summarise(rows, label_names: dict[int, str], *,
     return summary
 
 
-def _atomic_text(path: str, write) -> None:
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_results(rows, summary, output_dir: str) -> None:
     """metrics.csv and summary.json, each written to a temporary name then renamed."""
     os.makedirs(output_dir, exist_ok=True)
-
-    def write_csv(f):
+    with atomic_write(os.path.join(output_dir, "metrics.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case", "class", "label", *METRIC_NAMES,
                                                *FLAGS_OF_ROW])
         writer.writeheader()
         writer.writerows(rows)
-
-    _atomic_text(os.path.join(output_dir, "metrics.csv"), write_csv)
-    _atomic_text(os.path.join(output_dir, "summary.json"),
-                 lambda f: json.dump(summary, f, indent=2, allow_nan=False))
+    with atomic_write(os.path.join(output_dir, "summary.json")) as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
 
 
 def _finish(volumes, label_names, spacing, output_dir, options, figures, extra) -> dict:
@@ -196,7 +184,7 @@ def evaluate_model(predict_fn, data_dir, manifest, domain, split, output_dir, *,
     `oracle` marks numbers computed from target-domain labels: reported, never used to pick a
     checkpoint."""
     from uda_tf.data.pipeline import eval_dataset
-    label_names = {int(k): v for k, v in manifest["label_names"].items()}
+    label_names = manifest.label_names
     ds = eval_dataset(data_dir, manifest, domain, split, batch_size=batch_size,
                       with_metadata=True)
     volumes = predict_volumes(predict_fn, ds, keep_images=figures)
@@ -223,11 +211,10 @@ def _nifti_cases(directory: str, flag: str) -> dict[str, str]:
         case = case_id_of(name)
         if case.endswith(MAP_SUFFIXES):
             continue
-        path = os.path.join(directory, name)
-        if case in found:  # x.nii.gz and x_0000.nii.gz, or x.nii and x.nii.gz
-            raise ValueError(f"{flag}={directory}: {found[case]} and {path} are both case "
-                             f"{case!r}; keep one (which one to score is not guessed)")
-        found[case] = path
+        # x.nii.gz and x_0000.nii.gz, or x.nii and x.nii.gz
+        add_unique(found, case, os.path.join(directory, name), lambda first, again: ValueError(
+            f"{flag}={directory}: {first} and {again} are both case {case!r}; keep one (which "
+            "one to score is not guessed)"))
     if not found:
         raise FileNotFoundError(f"{flag}={directory} holds no .nii/.nii.gz files")
     return found
@@ -304,16 +291,15 @@ def log_to_mlflow(output_dir: str, run_id: str, tracking_uri: str,
 
 
 # -- command line ---------------------------------------------------------------------------
-def verify_split_shards(manifest: dict, data_dir: str, domain: str, split: str) -> int:
+def verify_split_shards(manifest: Manifest, data_dir: str, domain: str, split: str) -> int:
     """sha256 of the shards evaluate reads (`domain`/`split`) against the manifest
     (`integrity.verify_shards`, as train checks its domains); ShardCorruptedError names the
     shard. Returns the number checked."""
     from uda_tf.data.integrity import verify_shards
-    mine = [s for s in manifest["shards"] if s["domain"] == domain and s["split"] == split]
-    return verify_shards({**manifest, "shards": mine}, data_dir)
+    return verify_shards({**manifest, "shards": manifest.shards(domain, split)}, data_dir)
 
 
-def saved_model_predictor(path: str, *, tta: bool = False, manifest: dict | None = None,
+def saved_model_predictor(path: str, *, tta: bool = False, manifest: Manifest | None = None,
                           data: str = "the prepared data"):
     """predict_fn of a SavedModel: prepared slices -> {"labels", "entropy"}; for 3D records
     (whole volumes) a Gaussian sliding window over patches of the model's input size.
@@ -325,10 +311,9 @@ def saved_model_predictor(path: str, *, tta: bool = False, manifest: dict | None
     serving = load_serving_fn(path)
     model_shape = image_input_shape(serving, path)[1:]
     fn = inference.saved_model_fn(serving)
-    volumes = manifest is not None and \
-        manifest.get("output", {}).get("records", "slices") == "volumes"
+    volumes = manifest is not None and manifest.record_kind == "volumes"
     if manifest is not None:
-        inference.check_model_input(model_shape, manifest["image_shape"], model=f"--model={path}",
+        inference.check_model_input(model_shape, manifest.image_shape, model=f"--model={path}",
                                     data=f"{data} (image_shape)", patches=volumes)
     if volumes:
         if None in model_shape[:3]:

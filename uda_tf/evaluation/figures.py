@@ -11,6 +11,9 @@ import os
 
 import numpy as np
 
+from uda_tf.data.manifest import Manifest
+from uda_tf.files import atomic_write
+
 BOX_METRICS = (("dice", "Dice"), ("surface_dice", "surface Dice"), ("assd", "ASSD (mm)"),
                ("hd95", "HD95 (mm)"))
 
@@ -19,13 +22,8 @@ def _save(fig, path: str, dpi: int = 90) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path[: -len(".png")] + ".partial.png"
-    try:
+    with atomic_write(path, None) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -182,20 +180,20 @@ def segmentation_grid(images, labels, entropy, path: str, class_names, title: st
     return _save(fig, path, dpi=100)
 
 
-def sample_segmentations(serve, data_dir: str, manifest: dict, domain: str, path: str, *,
+def sample_segmentations(serve, data_dir: str, manifest: Manifest, domain: str, path: str, *,
                          count: int = 4, max_slices: int = 512) -> str | None:
     """Grid of `count` slices of `domain` (its val split, else train) predicted by `serve`
     (a SavedModel serving_default). Labels are not read. None when there are no 2D slices."""
     import tensorflow as tf
 
-    from uda_tf.data.pipeline import eval_dataset, num_records, record_kind
-    split = next((s for s in ("val", "train") if num_records(manifest, domain, s)), None)
-    if split is None or count < 1 or record_kind(manifest) != "slices":
+    from uda_tf.data.pipeline import eval_dataset
+    split = next((s for s in ("val", "train") if manifest.num_records(domain, s)), None)
+    if split is None or count < 1 or manifest.record_kind != "slices":
         return None  # no slices to show (3D datasets: not drawn yet)
     ds = eval_dataset(data_dir, manifest, domain, split, batch_size=64)
     images = np.concatenate([x.numpy() for x, _ in ds.take(-(-max_slices // 64))])
     images = images[pick_slices(images, count)]
     out = serve(image=tf.constant(images))
-    class_names = [manifest["label_names"][str(i)] for i in range(manifest["num_classes"])]
     return segmentation_grid(images, out["labels"].numpy(), out["entropy"].numpy(), path,
-                             class_names, title=f"{domain} {split}: prediction and entropy")
+                             manifest.class_names,
+                             title=f"{domain} {split}: prediction and entropy")

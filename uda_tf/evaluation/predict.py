@@ -28,7 +28,8 @@ import numpy as np
 
 from uda_tf.evaluation import inference
 from uda_tf.data import io
-from uda_tf.files import same_or_inside
+from uda_tf.data.manifest import Manifest, load_manifest
+from uda_tf.files import add_unique, atomic_write, same_or_inside
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 MAP_SUFFIXES = ("_probabilities", "_entropy")
@@ -40,16 +41,18 @@ class Predictor:
     slices [N, H, W, C] (kind "slices") or patches [N, h, w, d, C] (kind "volumes")."""
 
     predict_fn: object
-    manifest: dict
+    manifest: Manifest
     kind: str = "slices"
     batch_size: int = 32
     context: int = 0
     patch_size: tuple | None = None
     overlap: float = 0.5
 
+    def __post_init__(self):
+        self.manifest = Manifest.of(self.manifest)  # a dict built by hand, or a Manifest
 
-def _load_manifest(where: str, flag: str) -> dict:
-    from uda_tf.data.manifest import load_manifest
+
+def _load_manifest(where: str, flag: str) -> Manifest:
     directory = os.path.dirname(where) if os.path.isfile(where) else where
     try:
         return load_manifest(directory)
@@ -75,11 +78,11 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
     else:
         raise ValueError(f"--model={model} is neither a SavedModel directory (with "
                          "saved_model.pb) nor a .weights.h5 checkpoint")
-    kind = manifest.get("output", {}).get("records", "slices")
-    expected = list(manifest["image_shape"])
+    manifest = Manifest.of(manifest)  # a dict built by hand, or a Manifest
+    kind = manifest.record_kind
     inference.check_model_input(
-        model_shape, expected, model=f"--model={model}", patches=kind == "volumes",
-        data=f"the manifest's image_shape ({kind} of {manifest.get('dataset_name', '?')})")
+        model_shape, manifest.image_shape, model=f"--model={model}", patches=kind == "volumes",
+        data=f"the manifest's image_shape ({kind} of {manifest.dataset_name})")
     if kind == "volumes":
         patch_size = patch_size or (model_shape[:3] if None not in model_shape[:3] else None)
         if not patch_size:
@@ -88,7 +91,7 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
         axes = (1, 2) if kind == "slices" else (1, 2, 3)
         predict_fn = inference.flip_tta(predict_fn, axes)
     return Predictor(predict_fn, manifest, kind, int(batch_size),
-                     int(manifest.get("output", {}).get("context_slices", 0)),
+                     manifest.context_slices,
                      None if patch_size is None else tuple(int(p) for p in patch_size),
                      float(overlap))
 
@@ -147,7 +150,7 @@ def predict_volume(predictor: Predictor, volume: io.Volume) -> tuple[np.ndarray,
     """Probabilities [H, W, D, K] on the prepared grid of one scan, and its preprocessing
     record (the manifest's per-case entry, which `restore_to_original` reads)."""
     from uda_tf.data import preprocess
-    config = preprocess.PreprocessConfig.from_manifest(predictor.manifest["preprocessing"])
+    config = preprocess.PreprocessConfig.from_manifest(predictor.manifest.preprocessing)
     prepared, _, record = preprocess.preprocess_volumes(volume, None, config)
     prepared = prepared[..., None] if prepared.ndim == 3 else prepared
     if predictor.kind == "slices":
@@ -169,7 +172,7 @@ def predict_file(predictor: Predictor, path: str, *, probabilities: bool = False
     from uda_tf.data.preprocess import restore_to_original
     volume = io.read_volume(path)
     probs, record = predict_volume(predictor, volume)
-    preprocessing = predictor.manifest["preprocessing"]
+    preprocessing = predictor.manifest.preprocessing
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
     out = {"labels": restore_to_original(labels, record, preprocessing, order=0)
            .astype(np.uint8), "affine": np.asarray(volume.original_affine)}
@@ -213,15 +216,8 @@ def write_nifti(path: str, array: np.ndarray, affine, like: str | None = None) -
                     qform = image.affine
             image.set_qform(qform, code=qform_code)
         image.header.set_xyzt_units(*header.get_xyzt_units())
-    directory, name = os.path.split(path)
-    ending = next((e for e in NIFTI_ENDINGS if name.endswith(e)), ".nii.gz")
-    tmp = os.path.join(directory, f".{name[:-len(ending)]}.partial{ending}")
-    try:
+    with atomic_write(path, None) as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def case_id_of(path: str) -> str:
@@ -255,9 +251,8 @@ def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None
             found.append((case_id_of(path), path))
     seen = {}
     for case_id, path in found:
-        if case_id in seen and seen[case_id] != path:
-            raise ValueError(f"--input: {seen[case_id]} and {path} both give case id {case_id!r}")
-        seen[case_id] = path
+        add_unique(seen, case_id, path, lambda first, again: ValueError(
+            f"--input: {first} and {again} both give case id {case_id!r}"))
     if not seen:
         raise ValueError("no input: pass --input=<files or globs> or --layout with --input_dir")
     return sorted(seen.items())

@@ -25,6 +25,8 @@ import urllib.request
 
 import numpy as np
 
+from uda_tf.data.manifest import Manifest
+from uda_tf.files import atomic_write
 from uda_tf.serving.protocol import decode_rest_reply, predict_request, raw_input_names, rest_body
 
 PROTOCOLS = ("rest", "grpc")
@@ -104,7 +106,7 @@ def predict_slices(client: ServingClient, slices: np.ndarray, *, batch_size: int
     return np.concatenate(labels).astype(np.uint8)
 
 
-def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output_path: str,
+def segment_nifti(client: ServingClient, nifti_path: str, manifest: Manifest, output_path: str,
                   *, batch_size: int = 16, raw: bool = False) -> np.ndarray:
     """Segment one NIfTI volume through the server; writes and returns the label map in the
     file's original geometry.
@@ -113,7 +115,8 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
     resample and crop/pad the raw intensities here and let `serving_raw` clip and normalise
     with the volume's statistics, sent per slice."""
     from uda_tf.data import io, preprocess
-    config = preprocess.PreprocessConfig.from_manifest(manifest["preprocessing"])
+    manifest = Manifest.of(manifest)  # as read from an export's assets, or a Manifest
+    config = preprocess.PreprocessConfig.from_manifest(manifest.preprocessing)
     volume = io.read_volume(nifti_path, color=config.color)
     # The same function `prepare` runs; its record holds this scan's geometry and statistics.
     prepared, _, record = preprocess.preprocess_volumes(volume, None, config)
@@ -122,7 +125,7 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
         # Geometry only (crop, resample, slice axis, pad with the clip floor); the server clips
         # and normalises. The statistics go along per slice.
         prepared = preprocess.apply_geometry(
-            volume.array, volume.spacing, record, manifest["preprocessing"],
+            volume.array, volume.spacing, record, manifest.preprocessing,
             order=preprocess.INTERPOLATIONS[config.image_interpolation],
             fill=intensity["p_low"]).astype(np.float32)
         names = raw_input_names(config.normalization)[1:]
@@ -132,16 +135,15 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: dict, output
         extra, signature = None, "serving_default"
     # A prepared slice is volume[:, :, k] with a channel axis (docs/CONTRACTS.md).
     slices = preprocess.slices_with_context(prepared)
-    expected = tuple(manifest["image_shape"])
+    expected = tuple(manifest.image_shape)
     if slices.shape[1:] != expected:
         raise ValueError(f"{nifti_path}: prepared slices are {slices.shape[1:]}, the model "
                          f"takes {expected}")
     labels = predict_slices(client, slices, batch_size=batch_size, signature=signature,
                             extra_inputs=extra)
     mask = preprocess.restore_to_original(np.moveaxis(labels, 0, 2), record,
-                                          manifest["preprocessing"], order=0)
+                                          manifest.preprocessing, order=0)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = output_path + ".partial.nii.gz"
-    io.write_volume(tmp, mask.astype(np.uint8), record["original_affine"])
-    os.replace(tmp, output_path)
+    with atomic_write(output_path, None) as tmp:
+        io.write_volume(tmp, mask.astype(np.uint8), record["original_affine"])
     return mask

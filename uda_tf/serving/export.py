@@ -27,7 +27,6 @@ Only the segmentor is exported, never the adversarial wrapper (docs/DESIGN.md).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -35,7 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from uda_tf.files import OutputLock, check_name
+from uda_tf.data.manifest import Manifest
+from uda_tf.files import OutputLock, check_name, write_json
 from uda_tf.losses import entropy_map
 from uda_tf.models.heads import class_probabilities
 from uda_tf.serving.protocol import predict_request, raw_input_names
@@ -75,12 +75,6 @@ def normalize_raw(image, stats: dict, normalization: str):
         offset, scale = per_slice["mean"], per_slice["std"]
     scale = tf.where(scale > 0, scale, tf.ones_like(scale))
     return (clipped - offset) / scale
-
-
-def _write_json(path: str, value) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
 
 
 def warmup_inputs(signature: str, shape, normalization: str | None, batch_size: int) -> dict:
@@ -143,7 +137,8 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
     `.<version>.partial` directory (it loads only children with integer names)."""
     model_dir = check_export_target(export_root, model_name)
     with OutputLock(model_dir, "export"):
-        return _write_version(segmentor, model_dir, model_name, version, manifest,
+        return _write_version(segmentor, model_dir, model_name, version,
+                              None if manifest is None else Manifest.of(manifest),
                               warmup_batch_sizes)
 
 
@@ -157,11 +152,10 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_b
     normalization = raw_names = None
     if manifest is not None:
         # 2D slices must match the dataset's slices; 3D models take patches of any size.
-        if len(manifest["image_shape"]) == len(shape) == 3 and \
-                list(manifest["image_shape"]) != list(shape):
-            raise ValueError(f"manifest image_shape {manifest['image_shape']} does not match the "
+        if len(manifest.image_shape) == len(shape) == 3 and manifest.image_shape != list(shape):
+            raise ValueError(f"manifest image_shape {manifest.image_shape} does not match the "
                              f"segmentor's input shape {list(shape)}")
-        normalization = manifest["preprocessing"]["normalization"]
+        normalization = manifest.preprocessing["normalization"]
         raw_names = raw_input_names(normalization)  # fails early on an unknown normalization
     tmp = os.path.join(model_dir, f".{version}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -221,8 +215,9 @@ def _write_assets(extra, manifest, model_name, shape, normalization, signatures,
     requests."""
     os.makedirs(extra, exist_ok=True)
     if manifest is not None:
-        _write_json(os.path.join(extra, "manifest.json"), manifest)
-        _write_json(os.path.join(extra, "label_names.json"), manifest["label_names"])
+        write_json(os.path.join(extra, "manifest.json"), manifest, indent=1, sort_keys=True)
+        write_json(os.path.join(extra, "label_names.json"), manifest["label_names"],
+                   indent=1, sort_keys=True)  # as the file has them: keys "0", "1", ...
     if None not in shape:  # a model taking any patch size has no one request to replay
         request_bytes = 4 * int(np.prod(shape))
         sizes = [n for n in warmup_batch_sizes

@@ -6,6 +6,8 @@ import os
 
 import keras
 
+from uda_tf.files import atomic_write
+
 
 class BestSegmentorCheckpoint(keras.callbacks.Callback):
     """Saves `model.segmentor` weights whenever `monitor` improves.
@@ -34,15 +36,13 @@ class BestSegmentorCheckpoint(keras.callbacks.Callback):
         if not better:
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        tmp = self.path[: -len(".weights.h5")] + ".partial.weights.h5"
         try:
             from uda_tf.training.guards import ensure_space, weights_file_size
-            ensure_space(tmp, weights_file_size(self.model.segmentor.weights), "the checkpoint")
-            self.model.segmentor.save_weights(tmp)
-            os.replace(tmp, self.path)
+            with atomic_write(self.path, None) as tmp:
+                ensure_space(tmp, weights_file_size(self.model.segmentor.weights),
+                             "the checkpoint")
+                self.model.segmentor.save_weights(tmp)
         except (OSError, RuntimeError) as e:  # h5py reports a full disk as either
-            if os.path.exists(tmp):
-                os.remove(tmp)
             kept = (f"the previous best {self.path} (epoch {self.best_epoch}, "
                     f"{self.monitor}={self.best:.4f})" if os.path.exists(self.path)
                     else "no earlier checkpoint")

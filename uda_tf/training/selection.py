@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from uda_tf.losses import entropy_map
+from uda_tf.metrics import dice_from_counts
 from uda_tf.models.heads import class_probabilities
 from uda_tf.training.callbacks import BestSegmentorCheckpoint
 
@@ -123,7 +124,8 @@ class TargetCriteria(keras.callbacks.Callback):
             for transformed, back in self._pairs(images):
                 other = tf.one_hot(tf.argmax(back(probabilities(transformed)), -1), k)
                 agreement.append(tf.stack([tf.reduce_sum(pred * other, axes),
-                                           tf.reduce_sum(pred + other, axes)]))
+                                           tf.reduce_sum(pred, axes),
+                                           tf.reduce_sum(other, axes)]))
             return entropy, tf.stack(agreement), pred
 
         self._step_fns[id(segmentor)] = step
@@ -150,17 +152,18 @@ class TargetCriteria(keras.callbacks.Callback):
                     true, pred = true * keep, pred * keep
                 axes = list(range(len(true.shape) - 1))
                 counts = np.stack([tf.reduce_sum(pred * true, axes).numpy(),
-                                   tf.reduce_sum(pred + true, axes).numpy()])
+                                   tf.reduce_sum(pred, axes).numpy(),
+                                   tf.reduce_sum(true, axes).numpy()])
                 if has_label is None or bool(tf.reduce_any(has_label)):
                     oracle = counts if oracle is None else oracle + counts
         if not pixels:
             raise ValueError("TargetCriteria: the target validation dataset is empty")
         # Dice per class pooled over the set; a class absent from both counts as agreeing.
-        dice = np.where(agree[:, 1] > 0, 2 * agree[:, 0] / np.maximum(agree[:, 1], 1), 1.0)
+        dice = dice_from_counts(agree[:, 0], agree[:, 1], agree[:, 2])
         out = {"target_entropy": entropy_sum / pixels,
                "target_agreement": float(dice[:, 1:].mean())}
         if oracle is not None:
-            per_class = np.where(oracle[1] > 0, 2 * oracle[0] / np.maximum(oracle[1], 1), 1.0)
+            per_class = dice_from_counts(*oracle)
             out["oracle/val_dice"] = float(per_class[1:].mean())
             for i, name in enumerate(self.class_names or []):
                 if i:  # background (class 0) is not reported, as for val_dice

@@ -24,6 +24,7 @@ import mlflow
 import tensorflow as tf
 from absl import logging
 
+from uda_tf.files import atomic_write
 from uda_tf.training import multiworker
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -113,17 +114,8 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
 def _write_atomic(path: str, text: str) -> None:
     """Written in full under a temporary name, synced, then renamed: a reader finds the old
     file or the new one, never a torn one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 class UnsentFileError(ValueError):

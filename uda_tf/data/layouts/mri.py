@@ -13,6 +13,7 @@ from absl import logging
 
 from uda_tf.data.layouts.base import (CaseProblem, CaseRecord, LayoutError, Listing,
                                  register_layout, sanitize_domain_name)
+from uda_tf.files import add_unique
 
 NIFTI = r"\.nii(?:\.gz)?"
 
@@ -31,9 +32,8 @@ def walk_files(root: str):
 
 
 def _unique(found: dict, key, path: str, what: str) -> None:
-    if key in found:
-        raise LayoutError(f"two {what} files for {key!r}: {found[key]} and {path}")
-    found[key] = path
+    add_unique(found, key, path, lambda first, again: LayoutError(
+        f"two {what} files for {key!r}: {first} and {again}"))
 
 
 # --- CC-359 (Souza et al. 2018, Calgary-Campinas) ---------------------------------------------

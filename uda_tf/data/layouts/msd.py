@@ -11,6 +11,7 @@ from absl import logging
 from uda_tf.data.layouts.base import (CaseProblem, CaseRecord, LayoutError, Listing,
                                       check_domain_name, parse_label_names, register_layout,
                                       sanitize_domain_name)
+from uda_tf.files import add_unique
 
 
 def _read_dataset_json(root: str) -> dict:
@@ -73,14 +74,12 @@ def _relative_path(value, root: str, where: str) -> str:
 
 
 def _unique_case(found: dict, case_id: str, path: str, entry: str, where: str) -> None:
-    """Records `case_id` -> (path, entry); two entries giving one case id would silently keep
-    only the last, so that is an error naming both."""
-    if case_id in found:
-        raise LayoutError(
-            f"{where}: {found[case_id][1]} ({found[case_id][0]}) and {entry} ({path}) both "
-            f"give case id {case_id!r} (case ids are file names without their ending, whatever "
-            "the folder); rename one so every case has its own file name")
-    found[case_id] = (path, entry)
+    """Records `case_id` -> (path, entry) (`entry` names the dataset.json item, so two
+    entries always differ)."""
+    add_unique(found, case_id, (path, entry), lambda first, again: LayoutError(
+        f"{where}: {first[1]} ({first[0]}) and {entry} ({path}) both give case id "
+        f"{case_id!r} (case ids are file names without their ending, whatever the folder); "
+        "rename one so every case has its own file name"))
 
 
 def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]:
