@@ -140,3 +140,22 @@ def test_backup_restores_every_optimizer_and_refuses_another_model(tmp_path):
                                     flags={"epochs": 3})
     with pytest.raises(resume.BackupError, match=r"--epochs: backup None, now 3"):
         changed.restore(_grl())
+
+
+def test_gradient_norm_on_two_replicas_covers_every_replica(two_replicas):
+    """On R replicas the recorded norm is sqrt(sum_r |g_r|^2) of the replicas' own gradients
+    (SegmentationMethod._record_norm): every replica counts, not the first one only."""
+    x_s, y_s, _ = tiny_batch(n=4)
+    with two_replicas.scope():
+        model = SourceOnly(tiny_segmentor(), CLASS_NAMES)
+        model.compile(seg=keras.optimizers.SGD(0.0))
+    variables = model.segmentor.trainable_variables
+    squares = 0.0
+    for half in (slice(0, 2), slice(2, 4)):  # what each replica sees of the global batch
+        with tf.GradientTape() as tape:
+            logits = model.segmentor(x_s[half], training=True)["logits"]
+            loss = tf.reduce_sum(model.supervised_loss(y_s[half], logits)) / 4.0
+        squares += float(tf.linalg.global_norm(tape.gradient(loss, variables))) ** 2
+    model.fit(tf.data.Dataset.from_tensors((x_s, y_s)), epochs=1, steps_per_epoch=1, verbose=0)
+    assert model.gradient_norms()["seg_optimizer"] == pytest.approx(math.sqrt(squares),
+                                                                    rel=1e-4)

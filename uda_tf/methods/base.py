@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.metrics import StreamingDice
-from uda_tf.methods.settings import setting
 from uda_tf.methods import settings
+from uda_tf.methods.settings import setting
 from uda_tf.models.heads import parse_class_weights
 from uda_tf.training.schedules import LR_SCHEDULES, learning_rates
 from uda_tf.training import multiworker

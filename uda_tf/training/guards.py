@@ -5,8 +5,8 @@ metrics, and output directories that cannot be written.
 gradient blew up, and methods here report several terms (`seg_loss`, `domain_loss`, ...) and
 no `loss`. `DivergenceGuard` checks every logged term and the gradient norm of every
 optimizer after each step (recorded by the method's `apply_update` in its train_step:
-`SegmentationMethod.gradient_norms`); it stops naming them (`--on_divergence=stop`) or rolls back to the
-newest backup and goes on (`--on_divergence=rollback`): weights and optimizer states return to
+`SegmentationMethod.gradient_norms`); it stops naming them (`--on_divergence=stop`) or rolls
+back to the newest backup and goes on (`--on_divergence=rollback`): weights and optimizer states return to
 that backup, the data stream does not rewind, so the batches since the backup (the bad one
 among them) are skipped; the learning rate is left alone (a single bad batch, the common
 cause, needs no smaller steps; a run that diverges again and again stops after

@@ -8,9 +8,9 @@ and metadata files are written in place, so a kill between the two leaves a torn
 A backup is a directory `<run_dir>/backup/step-<batches:09d>/` with
 
 * `variables.npz`: every variable, by group: `model` (all sub-networks' weights and
-  non-trainable state: norm statistics, seed-generator states), `optimizer/<attribute>` for
-  every optimizer the method holds (`seg_optimizer`, `disc_optimizer`, ...; their
-  `iterations` drive the lambda schedules, so the schedule state comes with them) and
+  non-trainable state: norm statistics, seed-generator states), `optimizer/<label>` for
+  every optimizer in the method's `optimizers` dict (`seg_optimizer`, `disc_optimizer`,
+  ...; their `iterations` drive the lambda schedules, so the schedule state comes with them) and
   `metrics` (running means of the epoch in progress);
 * `state.json`: epoch, step within the epoch, batches consumed from the training stream, the
   state of callbacks that keep some (the best checkpoint's `best`, the learning-curve
