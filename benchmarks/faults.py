@@ -162,13 +162,13 @@ seg = tiny_segmentor()
 m = GRL(seg, CLASS_NAMES, domain_classifier=domain_classifier(
     [seg.output["features"].shape[1:]], hidden=(8,)),
     lambda_schedule=LambdaSchedule("dann", 1.0, 8))
-m.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3)); m.build_optimizers()
+m.compile(seg=keras.optimizers.Adam(1e-3), disc=keras.optimizers.Adam(1e-3)); m.build_optimizers()
 batches = [tiny_batch(seed=i) for i in range(8)]
 batches[5][0][0, 3, 3, 0] = np.nan
 ds = tf.data.Dataset.from_tensor_slices(((np.stack([b[0] for b in batches]),
     np.stack([b[1] for b in batches])), np.stack([b[2] for b in batches])))
 b = resume.TrainingBackup(sys.argv[1], steps_per_epoch=4, every_steps=1)
-g = guards.DivergenceGuard(guards.track_gradient_norms(m), policy=sys.argv[2], backup=b)
+g = guards.DivergenceGuard(m.gradient_norms, policy=sys.argv[2], backup=b)
 try:
     m.fit(ds, epochs=2, steps_per_epoch=4, callbacks=[g, b], verbose=0)
     print("RESULT finite=%s rollbacks=%s" % (all(np.isfinite(v.numpy()).all()

@@ -72,10 +72,9 @@ def build(name, strategy, shape):
     names = [f"class{i}" for i in range(NUM_CLASSES)]
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = get_method(name).from_flags(segmentor_from_flags(vars(cfg), manifest), names,
-                                            cfg)
-        model.compile_from_flags(cfg)
-        model.build_optimizers()
+        method_cls = get_method(name)
+        model = method_cls.build(segmentor_from_flags(vars(cfg), manifest), names,
+                                 method_cls.configure(vars(cfg)), cfg)
     return model
 
 

@@ -39,7 +39,8 @@ def main(data_dir, out_dir, method):
                           learning_rate=1e-2, disc_learning_rate=1e-2, jit_compile=False,
                           adv_discriminators="both", patch_discriminators=False, adv_loss="bce",
                           adv_feature_weight=0.1, adv_entropy_weight=0.1, adv_both_domains=True,
-                          disc_steps=1, gp_weight=10.0, seed=0)
+                          disc_steps=1, gp_weight=10.0, seed=0, lr_schedule="constant",
+                          disc_lr_schedule="same", lr_decay=0.75, warmup_steps=0)
     names = [manifest["label_names"][str(i)] for i in range(manifest["num_classes"])]
     train_ds = pipeline.train_dataset(
         data_dir, manifest, source="dom_a", target="dom_b", global_batch_size=4,
@@ -48,10 +49,9 @@ def main(data_dir, out_dir, method):
     val_ds = pipeline.eval_dataset(data_dir, manifest, "dom_a", "val", batch_size=4).repeat()
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = get_method(method).from_flags(segmentor_from_flags(vars(cfg), manifest), names,
-                                              cfg)
-        model.compile_from_flags(cfg)
-        model.build_optimizers()
+        method_cls = get_method(method)
+        model = method_cls.build(segmentor_from_flags(vars(cfg), manifest), names,
+                                 method_cls.configure(vars(cfg)), cfg)
     mark("built")
     before = [v.numpy() for v in model.trainable_variables]
     run_dir = os.path.join(out_dir, "run")

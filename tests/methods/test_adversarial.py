@@ -35,7 +35,7 @@ def tiny_adversarial(weight=1.0, names=("feature", "entropy"), patch=False, **kw
     discs = tiny_discriminators(seg, names, patch)
     model = Adversarial(seg, CLASS_NAMES, discriminators=discs,
                         adv_weights={"feature": weight, "entropy": 0.5 * weight}, **kwargs)
-    model.compile(keras.optimizers.SGD(LR), {n: keras.optimizers.SGD(LR) for n in discs})
+    model.compile(seg=keras.optimizers.SGD(LR), **{f"{n}_disc": keras.optimizers.SGD(LR) for n in discs})
     model.build_optimizers()
     return model
 
@@ -139,7 +139,8 @@ def _cfg(**overrides):
                   patch_discriminators=False, adv_loss="bce", adv_feature_weight=1e-3,
                   adv_entropy_weight=2e-3, adv_both_domains=False, disc_steps=1, gp_weight=10.0,
                   seed=0, learning_rate=1e-4, disc_learning_rate=1e-4, jit_compile=False,
-                  epochs=2, steps_per_epoch=3)
+                  epochs=2, steps_per_epoch=3, lr_schedule="constant", disc_lr_schedule="same",
+                  lr_decay=0.75, warmup_steps=0)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -149,11 +150,10 @@ def _cfg(**overrides):
     ("entropy", True, {"entropy": (None, 1, 1, 1)}),
     ("both", False, {"feature": (None, 1), "entropy": (None, 1)}),
 ])
-def test_from_flags_builds_the_chosen_discriminators(which, patch, expected):
+def test_build_makes_the_chosen_discriminators(which, patch, expected):
     cfg = _cfg(adv_discriminators=which, patch_discriminators=patch)
-    model = Adversarial.from_flags(tiny_segmentor(), CLASS_NAMES, cfg)
-    model.compile_from_flags(cfg)
-    model.build_optimizers()
+    model = Adversarial.build(tiny_segmentor(), CLASS_NAMES, Adversarial.configure(vars(cfg)),
+                              cfg)
     assert model.disc_names == list(expected)
     for name, shape in expected.items():
         assert tuple(model._disc(name).output.shape) == shape
@@ -170,4 +170,4 @@ def test_from_flags_builds_the_chosen_discriminators(which, patch, expected):
 ])
 def test_bad_options_are_named(overrides, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
-        Adversarial.from_flags(tiny_segmentor(), CLASS_NAMES, _cfg(**overrides))
+        Adversarial.configure(vars(_cfg(**overrides)))

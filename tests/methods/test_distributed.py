@@ -25,7 +25,7 @@ def _build(method, strategy, norm):
             clf = domain_classifier(seg.output["features"].shape[1:], hidden=(8, 8))
             model = GRL(seg, CLASS_NAMES, domain_classifier=clf,
                         lambda_schedule=LambdaSchedule("constant", 1.0, 4))
-            model.compile(keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05))
+            model.compile(seg=keras.optimizers.SGD(0.05), disc=keras.optimizers.SGD(0.05))
         elif method == "grl_output_minent":
             keras.utils.set_random_seed(1)
             clf = output_domain_classifier(seg.output["logits"].shape[1:], filters=(4, 8),
@@ -33,7 +33,7 @@ def _build(method, strategy, norm):
             model = GRL(seg, CLASS_NAMES, domain_classifier=clf, feature_keys=[OUTPUT_KEY],
                         lambda_schedule=LambdaSchedule("constant", 1.0, 4),
                         minent_weight=0.5)
-            model.compile(keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05))
+            model.compile(seg=keras.optimizers.SGD(0.05), disc=keras.optimizers.SGD(0.05))
         elif method.startswith("adversarial"):
             wgan = method == "adversarial_wgan"
             discs = tiny_discriminators(seg, patch=wgan)
@@ -43,14 +43,14 @@ def _build(method, strategy, norm):
                                 adv_weights={"feature": 0.5, "entropy": 0.5},
                                 adv_loss="wgan-gp" if wgan else "bce", both_domains=wgan,
                                 disc_steps=2 if wgan else 1, minent_weight=0.1)
-            model.compile(keras.optimizers.SGD(0.05),
-                          {n: keras.optimizers.SGD(0.05) for n in discs})
+            model.compile(seg=keras.optimizers.SGD(0.05),
+                          **{f"{n}_disc": keras.optimizers.SGD(0.05) for n in discs})
         elif method == "minent":
             model = MinEnt(seg, CLASS_NAMES, minent_weight=0.5)
-            model.compile(keras.optimizers.SGD(0.05))
+            model.compile(seg=keras.optimizers.SGD(0.05))
         else:
             model = SourceOnly(seg, CLASS_NAMES)
-            model.compile(keras.optimizers.SGD(0.05))
+            model.compile(seg=keras.optimizers.SGD(0.05))
         model.build_optimizers()
     return model
 

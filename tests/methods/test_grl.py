@@ -25,7 +25,7 @@ def _grl(domain_loss_weight, keys=("features",)):
     model = GRL(seg, CLASS_NAMES, domain_classifier=_classifier(seg, keys),
                 lambda_schedule=LambdaSchedule("constant", LAM, 10),
                 domain_loss_weight=domain_loss_weight, feature_keys=keys)
-    model.compile(keras.optimizers.SGD(LR), keras.optimizers.SGD(LR))
+    model.compile(seg=keras.optimizers.SGD(LR), disc=keras.optimizers.SGD(LR))
     model.build_optimizers()
     return model
 
@@ -111,7 +111,7 @@ def test_output_space_grl_reverses_the_classifier_gradient_into_the_whole_segmen
         model = GRL(tiny_segmentor(seed=0), CLASS_NAMES, domain_classifier=clf,
                     lambda_schedule=LambdaSchedule("constant", LAM, 10),
                     domain_loss_weight=weight, feature_keys=keys)
-        model.compile(keras.optimizers.SGD(LR), keras.optimizers.SGD(LR))
+        model.compile(seg=keras.optimizers.SGD(LR), disc=keras.optimizers.SGD(LR))
         model.build_optimizers()
         return model
 

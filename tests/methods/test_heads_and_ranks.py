@@ -19,7 +19,7 @@ SHAPE_2D = (16, 16, 1)
 
 
 def _cfg(**overrides):
-    """Every value the methods' from_flags and compile_from_flags read (train.py's names)."""
+    """Every value a method's `configure` and `build` read (train.py's flag names)."""
     values = dict(dice_weight=1.0, class_weights=None, minent_weight=0.1, seed=0,
                   learning_rate=1e-3, disc_learning_rate=1e-3, jit_compile=False, epochs=1,
                   steps_per_epoch=2, lr_schedule="constant", disc_lr_schedule="same",
@@ -70,9 +70,7 @@ def test_method_trains_on_3d_and_sigmoid_segmentors(method, overrides, segmentor
     seg = residual_unet(shape, channels, base_filters=4, depth=2, norm="instance")
     names = ["background", "fg"] if num_classes == 2 else ["background", "a", "b"]
     cfg = _cfg(**overrides)
-    model = METHODS[method].from_flags(seg, names, cfg)
-    model.compile_from_flags(cfg)
-    model.build_optimizers()
+    model = METHODS[method].build(seg, names, METHODS[method].configure(vars(cfg)), cfg)
     rank = len(shape) - 1
     for sub in (getattr(model, a, None) for a in ("domain_classifier", "feature_disc",
                                                   "entropy_disc")):

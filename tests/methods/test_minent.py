@@ -39,7 +39,7 @@ def test_minent_step_descends_supervised_plus_weighted_target_entropy():
     seg0 = tiny_segmentor(seed=0)
     g_sup, g_ent = _gradients(seg0, x_s, y_s, x_t)
     model = MinEnt(tiny_segmentor(seed=0), CLASS_NAMES, minent_weight=W)
-    model.compile(keras.optimizers.SGD(LR))
+    model.compile(seg=keras.optimizers.SGD(LR))
     model.build_optimizers()
     logs = _fit_one(model, x_s, y_s, x_t)
     for v0, v, gs, ge in zip(seg0.trainable_variables, model.segmentor.trainable_variables,
@@ -64,7 +64,7 @@ def _grl(minent_weight):
     model = GRL(seg, CLASS_NAMES, domain_classifier=clf,
                 lambda_schedule=LambdaSchedule("constant", 0.5, 10),
                 minent_weight=minent_weight)
-    model.compile(keras.optimizers.SGD(LR), keras.optimizers.SGD(LR))
+    model.compile(seg=keras.optimizers.SGD(LR), disc=keras.optimizers.SGD(LR))
     model.build_optimizers()
     return model
 
@@ -86,5 +86,4 @@ def test_minent_flags_are_checked():
     with pytest.raises(ValueError, match=r"--minent_weight=0.1 needs a method that sees target"):
         SourceOnly(tiny_segmentor(), CLASS_NAMES, minent_weight=0.1)
     with pytest.raises(ValueError, match=r"--method=minent needs --minent_weight > 0"):
-        MinEnt.from_flags(tiny_segmentor(), CLASS_NAMES,
-                          SimpleNamespace(dice_weight=1.0, class_weights=None, minent_weight=0.0))
+        MinEnt.configure({"dice_weight": 1.0, "class_weights": None, "minent_weight": 0.0})

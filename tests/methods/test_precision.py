@@ -30,10 +30,10 @@ def _method(name):
         clf = domain_classifier(seg.output["features"].shape[1:], hidden=(8, 8))
         model = GRL(seg, CLASS_NAMES, domain_classifier=clf,
                     lambda_schedule=LambdaSchedule("constant", 1.0, 10))
-        model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+        model.compile(seg=keras.optimizers.Adam(1e-3), disc=keras.optimizers.Adam(1e-3))
     else:
         model = SourceOnly(seg, CLASS_NAMES)
-        model.compile(keras.optimizers.Adam(1e-3))
+        model.compile(seg=keras.optimizers.Adam(1e-3))
     model.build_optimizers()
     return model
 
@@ -106,7 +106,7 @@ def test_mixed_float16_for_the_other_target_methods(policy, name):
         seg = tiny_segmentor(seed=0)
         model = SelfTraining(seg, CLASS_NAMES, teacher=keras.models.clone_model(seg),
                              threshold=0.0, warmup=False, minent_weight=0.1)
-        model.compile(keras.optimizers.Adam(1e-3))
+        model.compile(seg=keras.optimizers.Adam(1e-3))
         model.build_optimizers()
         expected = 1
     optimizers = model.all_optimizers()

@@ -17,7 +17,7 @@ def _build(strategy, threshold=0.0, warmup=False, lr=0.05, criterion="confidence
         teacher = keras.models.clone_model(seg)
         model = SelfTraining(seg, CLASS_NAMES, teacher=teacher, criterion=criterion,
                              threshold=threshold, warmup=warmup)
-        model.compile(keras.optimizers.SGD(lr))
+        model.compile(seg=keras.optimizers.SGD(lr))
         model.build_optimizers()
     return model
 
@@ -67,7 +67,7 @@ def test_no_confident_pixel_means_a_source_only_step(one_device):
     st = _build(one_device, threshold=1.01)
     with one_device.scope():
         so = SourceOnly(tiny_segmentor(seed=0), CLASS_NAMES)
-        so.compile(keras.optimizers.SGD(0.05))
+        so.compile(seg=keras.optimizers.SGD(0.05))
         so.build_optimizers()
     logs = _fit(st)
     x_s, y_s, _ = tiny_batch(n=4)

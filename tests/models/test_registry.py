@@ -75,10 +75,10 @@ def _method(name, method, strategy, norm="instance", seed=0):
             clf = domain_classifier([seg.output[k].shape[1:] for k in keys], hidden=(8,))
             model = GRL(seg, CLASSES, domain_classifier=clf, feature_keys=keys,
                         lambda_schedule=LambdaSchedule("constant", 1.0, 4))
-            model.compile(keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05))
+            model.compile(seg=keras.optimizers.SGD(0.05), disc=keras.optimizers.SGD(0.05))
         else:
             model = SourceOnly(seg, CLASSES)
-            model.compile(keras.optimizers.SGD(0.05))
+            model.compile(seg=keras.optimizers.SGD(0.05))
         model.build_optimizers()
     return model
 
@@ -154,17 +154,15 @@ def test_domain_classifier_on_3d_features_of_several_levels():
         domain_classifier([(6, 6, 2), (4, 4, 2)])
 
 
-def test_compile_from_flags_gives_each_optimizer_its_schedule():
+def test_build_gives_each_optimizer_its_schedule():
     seg = _segmentor("unet2d")
     cfg = SimpleNamespace(grl_features="bottleneck", grl_lambda=1.0, lambda_schedule="dann",
                           epochs=2, steps_per_epoch=10, dice_weight=1.0, domain_loss_weight=1.0,
                           class_weights=None, minent_weight=0.0, learning_rate=1e-2, disc_learning_rate=1e-3,
                           lr_schedule="step", disc_lr_schedule="constant", lr_decay=0.5,
                           warmup_steps=0, jit_compile=False)
-    model = GRL.from_flags(seg, CLASSES, cfg)
-    model.compile_from_flags(cfg)
-    model.build_optimizers()
-    for opt in (model.seg_optimizer, model.disc_optimizer):
+    model = GRL.build(seg, CLASSES, GRL.configure(vars(cfg)), cfg)
+    for opt in model.optimizers.values():
         opt.iterations.assign(15)
-    assert float(model.seg_optimizer.learning_rate) == pytest.approx(5e-3)  # 1e-2 x 0.5^1
-    assert float(model.disc_optimizer.learning_rate) == pytest.approx(1e-3)
+    assert float(model.optimizers["seg"].learning_rate) == pytest.approx(5e-3)  # 1e-2 x 0.5^1
+    assert float(model.optimizers["disc"].learning_rate) == pytest.approx(1e-3)

@@ -13,7 +13,7 @@ from uda_tf.training import adapt
 def _one_source_step(segmentor):
     from uda_tf.methods.source_only import SourceOnly
     model = SourceOnly(segmentor, CLASS_NAMES)
-    model.compile(keras.optimizers.SGD(0.5))
+    model.compile(seg=keras.optimizers.SGD(0.5))
     model.build_optimizers()
     x_s, y_s, _ = tiny_batch(4)
     model.fit(tf.data.Dataset.from_tensors((x_s, y_s)), epochs=1, verbose=0)

@@ -27,7 +27,7 @@ def _grl(seed=0):
                 domain_classifier=domain_classifier([seg.output["features"].shape[1:]],
                                                     hidden=(8,)),
                 lambda_schedule=LambdaSchedule("dann", 1.0, 2 * STEPS))
-    model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+    model.compile(seg=keras.optimizers.Adam(1e-3), disc=keras.optimizers.Adam(1e-3))
     model.build_optimizers()
     return model
 
@@ -52,9 +52,8 @@ def _fit(model, ds, callbacks):
 
 def test_nan_batch_stops_naming_step_and_terms(tmp_path):
     model = _grl()
-    norms = guards.track_gradient_norms(model)
-    assert sorted(norms) == ["disc_optimizer", "seg_optimizer"]
-    guard = guards.DivergenceGuard(norms)
+    assert sorted(model.gradient_norms()) == ["disc_optimizer", "seg_optimizer"]
+    guard = guards.DivergenceGuard(model.gradient_norms)
     with pytest.raises(guards.DivergenceError) as info:
         _fit(model, _batches(BAD), [guard])
     message = str(info.value)
@@ -70,7 +69,7 @@ def test_rollback_skips_the_bad_batch_and_logs_gradient_norms(tmp_path):
     model = _grl()
     backup = resume.TrainingBackup(str(tmp_path / "backup"), steps_per_epoch=STEPS,
                                    every_steps=2)
-    guard = guards.DivergenceGuard(guards.track_gradient_norms(model), policy="rollback",
+    guard = guards.DivergenceGuard(model.gradient_norms, policy="rollback",
                                    backup=backup, max_rollbacks=1)
     history = model.fit(_batches(BAD), epochs=2, steps_per_epoch=STEPS, verbose=0,
                         callbacks=[guard, backup])
@@ -87,9 +86,8 @@ def test_rollback_skips_the_bad_batch_and_logs_gradient_norms(tmp_path):
 
 def test_gradient_norm_is_the_norm_of_the_applied_gradient():
     model = SourceOnly(tiny_segmentor(), CLASS_NAMES)
-    model.compile(keras.optimizers.SGD(0.0))
+    model.compile(seg=keras.optimizers.SGD(0.0))
     model.build_optimizers()
-    norms = guards.track_gradient_norms(model)
     x_s, y_s, _ = tiny_batch()
     variables = model.segmentor.trainable_variables
     with tf.GradientTape() as tape:
@@ -97,13 +95,13 @@ def test_gradient_norm_is_the_norm_of_the_applied_gradient():
         loss = losses.replica_mean(model.supervised_loss(y_s, logits))
     expected = float(tf.linalg.global_norm(tape.gradient(loss, variables)))
     model.fit(tf.data.Dataset.from_tensors((x_s, y_s)), epochs=1, steps_per_epoch=1, verbose=0)
-    assert float(norms["seg_optimizer"].numpy()) == pytest.approx(expected, rel=1e-5)
+    assert model.gradient_norms()["seg_optimizer"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_second_divergence_beyond_max_rollbacks_stops(tmp_path):
     model = _grl()
     backup = resume.TrainingBackup(str(tmp_path / "b"), steps_per_epoch=STEPS, every_steps=1)
-    guard = guards.DivergenceGuard(guards.track_gradient_norms(model), policy="rollback",
+    guard = guards.DivergenceGuard(model.gradient_norms, policy="rollback",
                                    backup=backup, max_rollbacks=0)
     with pytest.raises(guards.DivergenceError, match=r"step 6 .*after 0 rollbacks"):
         _fit(model, _batches(BAD), [guard, backup])
@@ -124,17 +122,17 @@ def test_backup_restores_every_optimizer_and_refuses_another_model(tmp_path):
     assert restorer.restore(b)["batches"] == 8
     for va, vb in zip(a.variables, b.variables):
         np.testing.assert_array_equal(va.numpy(), vb.numpy())
-    for opt in ("seg_optimizer", "disc_optimizer"):
-        for va, vb in zip(getattr(a, opt).variables, getattr(b, opt).variables):
+    for opt in ("seg", "disc"):
+        for va, vb in zip(a.optimizers[opt].variables, b.optimizers[opt].variables):
             np.testing.assert_array_equal(va.numpy(), vb.numpy())
-    assert int(b.disc_optimizer.iterations.numpy()) == 8
+    assert int(b.optimizers["disc"].iterations.numpy()) == 8
 
     seg = tiny_segmentor()
     other = GRL(seg, CLASS_NAMES,
                 domain_classifier=domain_classifier([seg.output["features"].shape[1:]],
                                                     hidden=(4, 4)),
                 lambda_schedule=LambdaSchedule("constant", 1.0, 8))
-    other.compile(keras.optimizers.Adam(), keras.optimizers.Adam())
+    other.compile(seg=keras.optimizers.Adam(), disc=keras.optimizers.Adam())
     other.build_optimizers()
     with pytest.raises(resume.BackupError, match=r"step-000000008.*another model"):
         resume.TrainingBackup(str(tmp_path / "b"), steps_per_epoch=STEPS).restore(other)
@@ -142,3 +140,22 @@ def test_backup_restores_every_optimizer_and_refuses_another_model(tmp_path):
                                     flags={"epochs": 3})
     with pytest.raises(resume.BackupError, match=r"--epochs: backup None, now 3"):
         changed.restore(_grl())
+
+
+def test_gradient_norm_on_two_replicas_covers_every_replica(two_replicas):
+    """On R replicas the recorded norm is sqrt(sum_r |g_r|^2) of the replicas' own gradients
+    (SegmentationMethod._record_norm): every replica counts, not the first one only."""
+    x_s, y_s, _ = tiny_batch(n=4)
+    with two_replicas.scope():
+        model = SourceOnly(tiny_segmentor(), CLASS_NAMES)
+        model.compile(seg=keras.optimizers.SGD(0.0))
+    variables = model.segmentor.trainable_variables
+    squares = 0.0
+    for half in (slice(0, 2), slice(2, 4)):  # what each replica sees of the global batch
+        with tf.GradientTape() as tape:
+            logits = model.segmentor(x_s[half], training=True)["logits"]
+            loss = tf.reduce_sum(model.supervised_loss(y_s[half], logits)) / 4.0
+        squares += float(tf.linalg.global_norm(tape.gradient(loss, variables))) ** 2
+    model.fit(tf.data.Dataset.from_tensors((x_s, y_s)), epochs=1, steps_per_epoch=1, verbose=0)
+    assert model.gradient_norms()["seg_optimizer"] == pytest.approx(math.sqrt(squares),
+                                                                    rel=1e-4)

@@ -20,13 +20,13 @@ from types import SimpleNamespace
 
 from absl import app, flags, logging
 
-from uda_tf import files
+from uda_tf import files, methods
 from uda_tf.methods import METHODS
 from uda_tf.models import MODELS
 from uda_tf.models.heads import HEADS
 from uda_tf.models.layers import NORMALIZATIONS
 from uda_tf.training.devices import CLUSTERS
-from uda_tf.methods.schedules import LAMBDA_SCHEDULES, LR_SCHEDULES
+from uda_tf.methods.schedules import LR_SCHEDULES
 from uda_tf.training.selection import SELECT_ON
 
 FLAGS = flags.FLAGS
@@ -34,6 +34,8 @@ _NAMES: list[str] = []  # the flags this CLI defines, in order: resolved, logged
 
 
 def _define(kind, name, default, help_text, enum_values=None, **kwargs):
+    if name in _NAMES:
+        return
     if kind == "enum":
         flags.DEFINE_enum(name, default, enum_values, help_text, **kwargs)
     else:
@@ -43,8 +45,12 @@ def _define(kind, name, default, help_text, enum_values=None, **kwargs):
 
 def define_flags():
     """Define this CLI's flags (at run time, so importing the module defines nothing); once
-    per process (tests define them to read their defaults)."""
+    per process (tests define them to read their defaults). Called again, it adds the flags
+    and the --method value of methods registered since (a method module imported later)."""
     if _NAMES:
+        methods.define_flags(_define)
+        known = FLAGS["method"].parser.enum_values
+        known.extend(sorted(set(METHODS) - set(known)))
         return
     # data
     _define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
@@ -96,47 +102,8 @@ def define_flags():
             "Default: the prepared volume size.")
     _define("enum", "head", "softmax", "Softmax over num_classes logits, or one sigmoid logit "
             "(two-class datasets only).", enum_values=list(HEADS))
-    _define("float", "dice_weight", 1.0, "Weight of the soft Dice term in Dice + CE.", lower_bound=0)
-    _define("list", "class_weights", None, "Per-class weights of the CE and Dice terms, one per "
-            "class, background first (e.g. 0.5,1,2); default: all 1.")
-    _define("float", "grl_lambda", 1.0, "GRL: maximum gradient-reversal factor lambda.", lower_bound=0)
-    _define("enum", "lambda_schedule", "dann", "GRL: lambda over training: the DANN ramp "
-            "2/(1+exp(-10p))-1 or constant.", enum_values=list(LAMBDA_SCHEDULES))
-    _define("enum", "grl_features", "bottleneck", "GRL: features the domain classifier sees: "
-            "the bottleneck, or every encoder level (skip connections) and the bottleneck.",
-            enum_values=["bottleneck", "encoder", "output"])
-    _define("float", "domain_loss_weight", 1.0, "GRL: weight beta of the domain loss.", lower_bound=0)
-    _define("float", "minent_weight", 0.0, "Weight of target entropy minimisation (MinEnt, Vu et "
-            "al. 2019), added by every method that sees target images; --method=minent needs it "
-            "> 0.", lower_bound=0)
-    _define("enum", "adv_discriminators", "both", "adversarial: which discriminators: on the "
-            "bottleneck features, on the entropy map, or both.",
-            enum_values=["feature", "entropy", "both"])
-    _define("bool", "patch_discriminators", False, "adversarial: fully convolutional patch "
-            "discriminators (a logit map) instead of dense heads.")
-    _define("enum", "adv_loss", "bce", "adversarial: GAN loss: bce, least squares (lsgan) or "
-            "Wasserstein with gradient penalty (wgan-gp; discriminator Adam betas 0, 0.9).",
-            enum_values=["bce", "lsgan", "wgan-gp"])
-    _define("float", "adv_feature_weight", 1e-3, "adversarial: lambda of the feature "
-            "discriminator's loss in the segmentor objective.", lower_bound=0)
-    _define("float", "adv_entropy_weight", 1e-3, "adversarial: lambda of the entropy "
-            "discriminator's loss in the segmentor objective.", lower_bound=0)
-    _define("bool", "adv_both_domains", False, "adversarial: the feature discriminator's "
-            "segmentor loss also presents source as target (both domains flipped).")
-    _define("integer", "disc_steps", 1, "adversarial: discriminator updates per segmentor "
-            "update (on the same batch).", lower_bound=1)
-    _define("float", "gp_weight", 10.0, "adversarial: gradient penalty weight for "
-            "--adv_loss=wgan-gp.", lower_bound=0)
-    _define("enum", "pseudo_label_criterion", "confidence", "self_training: which target "
-            "pixels keep their pseudo-label: max probability >= --pseudo_label_threshold "
-            "(confidence) or entropy/log C <= it (entropy).", enum_values=["confidence", "entropy"])
-    _define("float", "pseudo_label_threshold", 0.9, "self_training: the filter's threshold.",
-            lower_bound=0, upper_bound=1)
-    _define("float", "pseudo_label_weight", 1.0, "self_training: weight of the pseudo-label "
-            "cross-entropy on target.", lower_bound=0)
-    _define("integer", "self_training_round_epochs", 1, "self_training: epochs per round; the "
-            "teacher that makes the pseudo-labels takes the student's weights at each round.",
-            lower_bound=1)
+    # every registered method's settings (uda_tf/methods: each method's Config)
+    methods.define_flags(_define)
     _define("string", "init_checkpoint", "", "Start the segmentor from these weights (a "
             "<run>/checkpoints/best.weights.h5 of an earlier run, e.g. source-only) instead of a "
             "random initialisation.")
@@ -154,13 +121,9 @@ def define_flags():
     _define("integer", "global_batch_size", 16, "Source slices per step over all replicas (the same "
             "number of target slices is added for methods that use target data).", lower_bound=1)
     _define("float", "learning_rate", 1e-3, "Adam learning rate of the segmentor.", lower_bound=0)
-    _define("float", "disc_learning_rate", 1e-3, "Adam learning rate of the domain classifier.",
-            lower_bound=0)
     _define("enum", "lr_schedule", "constant", "Learning-rate schedule of the segmentor: constant, "
             "step (x--lr_decay per epoch), poly ((1 - t/T)^0.9, nnU-Net) or cosine.",
             enum_values=list(LR_SCHEDULES))
-    _define("enum", "disc_lr_schedule", "same", "Schedule of the domain classifier's learning "
-            "rate (same: --lr_schedule).", enum_values=["same", *LR_SCHEDULES])
     _define("float", "lr_decay", 0.75, "Step schedule: factor per epoch.", lower_bound=0,
             upper_bound=1)
     _define("integer", "warmup_steps", 0, "Linear learning-rate warm-up over this many steps "
@@ -216,19 +179,6 @@ def define_flags():
         flags.register_validator(name, lambda v, name=name: _check_augment(name, v))
     flags.register_validator("augment_params", _check_augment_params)
     flags.register_validator("patch_size", _check_patch_size)
-    flags.register_multi_flags_validator(
-        ["minent_weight", "method"],
-        lambda v: v["minent_weight"] == 0 or METHODS[v["method"]].uses_target,
-        message="--minent_weight > 0 needs a --method that sees target images "
-                "(not source_only; --method=minent is MinEnt alone)")
-    flags.register_multi_flags_validator(
-        ["method", "minent_weight"], lambda v: v["method"] != "minent" or v["minent_weight"] > 0,
-        message="--method=minent needs --minent_weight > 0 (AdvEnt used 1e-3)")
-    flags.register_multi_flags_validator(
-        ["adv_both_domains", "adv_discriminators"],
-        lambda v: not v["adv_both_domains"] or v["adv_discriminators"] != "entropy",
-        message="--adv_both_domains applies to the feature discriminator, which "
-                "--adv_discriminators=entropy leaves out")
     # reliability (uda_tf/training/resume.py, guards.py)
     _define("bool", "deterministic", False, "Op determinism and seeded data: a run resumed "
             "from a backup ends with the same weights as an uninterrupted one (slower).")
@@ -533,6 +483,10 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     from uda_tf.training.selection import selection_monitor
 
     method_cls = get_method(cfg.method)
+    try:
+        method_config = method_cls.configure(vars(cfg))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     if cfg.fda_beta and not method_cls.uses_target:
@@ -634,10 +588,8 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
                 logging.warning("frozen segmentor layers: %s", ", ".join(frozen))
         except (ValueError, FileNotFoundError) as err:
             raise app.UsageError(str(err)) from None
-        model = method_cls.from_flags(segmentor, class_names, cfg)
-        model.compile_from_flags(cfg)
-        model.build_optimizers()
-        grad_norms = guards.track_gradient_norms(model)
+        model = method_cls.build(segmentor, class_names, method_config, cfg)
+        grad_norms = model.gradient_norms
     # Every check has passed: only now is the run directory created, locked, or (with
     # --overwrite) emptied.
     if chief:
@@ -812,7 +764,7 @@ def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir,
         model, train_ds_after, backup, epochs=cfg.epochs,
         steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
         validation_steps=val_steps, shuffle=False, verbose=2 if epoch_logger else 0,
-        callbacks=[guard, *model.training_callbacks(cfg), *selection,
+        callbacks=[guard, *model.training_callbacks(), *selection,
                    *([epoch_logger] if epoch_logger is not None else []), backup])
     return checkpoint, time.time() - start
 

@@ -15,14 +15,17 @@ forward and backward on 2B slices plus small discriminator passes.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
 from uda_tf import losses
-from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
+from uda_tf.methods import register
+from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.methods.settings import setting
 from uda_tf.models import heads
 from uda_tf.models.discriminators import entropy_discriminator, feature_discriminator
-from uda_tf.methods.schedules import learning_rates_from_flags
 
 #: --adv_discriminators values and the discriminators each one trains
 DISCRIMINATOR_SETS = {"feature": ("feature",), "entropy": ("entropy",),
@@ -38,8 +41,43 @@ def entropy_input(logits):
     return losses.entropy_map(heads.class_probabilities(logits))[..., None]
 
 
+@register("adversarial")
 class Adversarial(SegmentationMethod):
     uses_target = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(SegmentationMethod.Config):
+        adv_discriminators: str = setting(
+            "both", "adversarial: which discriminators: on the bottleneck features, on the "
+            "entropy map, or both.", choices=DISCRIMINATOR_SETS)
+        patch_discriminators: bool = setting(
+            False, "adversarial: fully convolutional patch discriminators (a logit map) "
+            "instead of dense heads.")
+        adv_loss: str = setting(
+            "bce", "adversarial: GAN loss: bce, least squares (lsgan) or Wasserstein with "
+            "gradient penalty (wgan-gp; discriminator Adam betas 0, 0.9).",
+            choices=losses.ADVERSARIAL_LOSSES)
+        adv_feature_weight: float = setting(
+            1e-3, "adversarial: lambda of the feature discriminator's loss in the segmentor "
+            "objective.", lower=0)
+        adv_entropy_weight: float = setting(
+            1e-3, "adversarial: lambda of the entropy discriminator's loss in the segmentor "
+            "objective.", lower=0)
+        adv_both_domains: bool = setting(
+            False, "adversarial: the feature discriminator's segmentor loss also presents "
+            "source as target (both domains flipped).")
+        disc_steps: int = setting(
+            1, "adversarial: discriminator updates per segmentor update (on the same batch).",
+            lower=1)
+        gp_weight: float = setting(
+            10.0, "adversarial: gradient penalty weight for --adv_loss=wgan-gp.", lower=0)
+
+        def check(self):
+            if self.adv_both_domains and "feature" not in DISCRIMINATOR_SETS[
+                    self.adv_discriminators]:
+                raise ValueError("--adv_both_domains applies to the feature discriminator, "
+                                 f"which --adv_discriminators={self.adv_discriminators} "
+                                 "leaves out")
 
     def __init__(self, segmentor, class_names, *, discriminators: dict,
                  adv_weights: dict, adv_loss: str = "bce", both_domains: bool = False,
@@ -49,14 +87,9 @@ class Adversarial(SegmentationMethod):
         if not self.disc_names or set(discriminators) - {"feature", "entropy"}:
             raise ValueError(f"discriminators must be some of 'feature', 'entropy'; got "
                              f"{sorted(discriminators)}")
-        if adv_loss not in losses.ADVERSARIAL_LOSSES:
-            raise ValueError(f"--adv_loss={adv_loss!r}; expected one of "
-                             f"{losses.ADVERSARIAL_LOSSES}")
         if both_domains and "feature" not in self.disc_names:
             raise ValueError("--adv_both_domains applies to the feature discriminator, which "
                              f"--adv_discriminators={'+'.join(self.disc_names)} leaves out")
-        if int(disc_steps) < 1:
-            raise ValueError(f"--disc_steps must be >= 1, got {disc_steps}")
         missing = [n for n in self.disc_names if n not in adv_weights]
         if missing or any(adv_weights[n] < 0 for n in self.disc_names):
             raise ValueError(f"need an adversarial weight >= 0 per discriminator "
@@ -78,9 +111,9 @@ class Adversarial(SegmentationMethod):
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def from_flags(cls, segmentor, class_names, cfg):
-        names = DISCRIMINATOR_SETS[cfg.adv_discriminators]
-        patch = cfg.patch_discriminators
+    def from_config(cls, segmentor, class_names, config, run):
+        names = DISCRIMINATOR_SETS[config.adv_discriminators]
+        patch = config.patch_discriminators
         discs = {}
         if "feature" in names:
             discs["feature"] = feature_discriminator(segmentor.output["features"].shape[1:],
@@ -88,41 +121,29 @@ class Adversarial(SegmentationMethod):
         if "entropy" in names:
             discs["entropy"] = entropy_discriminator(
                 tuple(segmentor.output["logits"].shape[1:-1]) + (1,), patch=patch)
-        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
-                   **cls.target_kwargs(cfg), discriminators=discs,
-                   adv_weights={"feature": cfg.adv_feature_weight,
-                                "entropy": cfg.adv_entropy_weight},
-                   adv_loss=cfg.adv_loss, both_domains=cfg.adv_both_domains,
-                   disc_steps=cfg.disc_steps, gp_weight=cfg.gp_weight, seed=cfg.seed)
+        return cls(segmentor, class_names, **cls.base_kwargs(config, class_names),
+                   discriminators=discs,
+                   adv_weights={"feature": config.adv_feature_weight,
+                                "entropy": config.adv_entropy_weight},
+                   adv_loss=config.adv_loss, both_domains=config.adv_both_domains,
+                   disc_steps=config.disc_steps, gp_weight=config.gp_weight, seed=run.seed)
 
-    def compile_from_flags(self, cfg):
+    def default_optimizers(self, seg_lr, disc_lr):
         # WGAN-GP critics train with Adam(beta_1=0, beta_2=0.9) (Gulrajani et al. 2017, alg. 1):
         # momentum lags behind a critic whose target moves every step.
-        betas = ({"beta_1": 0.0, "beta_2": 0.9} if cfg.adv_loss == "wgan-gp" else {})
-        seg_lr, disc_lr = learning_rates_from_flags(cfg)
-        self.compile(keras.optimizers.Adam(seg_lr),
-                     {n: keras.optimizers.Adam(disc_lr, **betas)
-                      for n in self.disc_names}, jit_compile=cfg.jit_compile)
+        betas = {"beta_1": 0.0, "beta_2": 0.9} if self.adv_loss_kind == "wgan-gp" else {}
+        return {"seg": keras.optimizers.Adam(seg_lr),
+                **{f"{n}_disc": keras.optimizers.Adam(disc_lr, **betas)
+                   for n in self.disc_names}}
 
-    def compile(self, seg_optimizer, disc_optimizers: dict, **kwargs):
-        if sorted(disc_optimizers) != sorted(self.disc_names):
-            raise ValueError(f"need one optimizer per discriminator {self.disc_names}, got "
-                             f"{sorted(disc_optimizers)}")
-        super().compile(seg_optimizer, **kwargs)
-        feature, entropy = disc_optimizers.get("feature"), disc_optimizers.get("entropy")
-        self.feature_disc_optimizer = None if feature is None else loss_scaled(feature)
-        self.entropy_disc_optimizer = None if entropy is None else loss_scaled(entropy)
-
-    def build_optimizers(self):
-        super().build_optimizers()
-        for n in self.disc_names:
-            self._optimizer(n).build(self._disc(n).trainable_variables)
+    def optimizer_targets(self):
+        return {"seg": self.segmentor, **{f"{n}_disc": self._disc(n) for n in self.disc_names}}
 
     def _disc(self, name) -> keras.Model:
         return getattr(self, f"{name}_disc")
 
     def _optimizer(self, name):
-        return getattr(self, f"{name}_disc_optimizer")
+        return self.optimizers[f"{name}_disc"]
 
     @property
     def metrics(self):
@@ -151,9 +172,7 @@ class Adversarial(SegmentationMethod):
             ent = self.minent_loss(out["logits"][n_s:])
             adv = self._adversarial_loss(inputs, n_s)
             loss = losses.replica_mean(seg) + losses.replica_mean(ent) + adv
-        variables = self.segmentor.trainable_variables
-        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
-        self.seg_optimizer.apply_gradients(zip(grads, variables))
+        self.apply_update(tape, loss, "seg")
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         logs = {"seg_loss": self.seg_loss_tracker.result(),
                 "ent_loss": self.ent_loss_tracker.result()}
@@ -164,7 +183,7 @@ class Adversarial(SegmentationMethod):
         """Step 1: each discriminator descends on its loss with source = 1, target = 0, on
         detached inputs (no gradient reaches the segmentor)."""
         for name in self.disc_names:
-            disc, optimizer = self._disc(name), self._optimizer(name)
+            disc = self._disc(name)
             x = tf.stop_gradient(inputs[name])
             for k in range(self.disc_steps):  # unrolled: a handful of steps at most
                 with tf.GradientTape() as tape:
@@ -178,9 +197,7 @@ class Adversarial(SegmentationMethod):
                                                      self._epsilon(name, k, n_s))
                         d_loss += self.gp_weight * losses.replica_mean(gp)
                         logged += self.gp_weight * tf.reduce_mean(gp)
-                (grads,) = self.optimizer_gradients(
-                    tape, d_loss, (optimizer, disc.trainable_variables))
-                optimizer.apply_gradients(zip(grads, disc.trainable_variables))
+                self.apply_update(tape, d_loss, f"{name}_disc")
             self.trackers[f"d_loss_{name}"].update_state(logged)
             self.trackers[f"d_acc_{name}"].update_state(self._accuracy(scores, n_s))
 

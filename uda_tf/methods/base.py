@@ -1,13 +1,18 @@
 """What every method shares: the segmentor, its supervised loss, and validation on source."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import keras
 import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.metrics import StreamingDice
+from uda_tf.methods import settings
+from uda_tf.methods.settings import setting
 from uda_tf.models.heads import parse_class_weights
-from uda_tf.methods.schedules import learning_rates_from_flags
+from uda_tf.methods.schedules import LR_SCHEDULES, learning_rates
 from uda_tf import keras_compat
 
 
@@ -29,6 +34,8 @@ def check_minent_weight(weight, uses_target: bool, method: str) -> float:
         raise ValueError(f"--minent_weight={weight} needs a method that sees target images; "
                          f"{method} does not (use --method=minent for MinEnt alone)")
     return weight
+
+
 def loss_scaled(optimizer):
     """`optimizer` wrapped in a LossScaleOptimizer when the global dtype policy computes in
     float16 (--mixed_precision on GPU): float16 gradients underflow without loss scaling.
@@ -43,10 +50,38 @@ def loss_scaled(optimizer):
 class SegmentationMethod(keras.Model):
     """Base class. A subclass's `train_step` is its method's update rule; `test_step` (Dice and
     supervised loss on labelled source validation slices) is shared, since checkpoints are
-    chosen on source-validation Dice by default and target labels never reach a method."""
+    chosen on source-validation Dice by default and target labels never reach a method.
+
+    A subclass declares its settings in a nested frozen dataclass `Config` (derived from this
+    one; every field a `settings.setting`, from which train.py generates the flag), the
+    sub-network each of its optimizers trains in `optimizer_targets`, and registers itself
+    with `uda_tf.methods.register`."""
 
     #: whether the training data must include target-domain images
     uses_target = False
+    #: the --method name, set by `uda_tf.methods.register`
+    name_in_registry = ""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        """Settings every method shares: the supervised loss, the MinEnt term added by every
+        method that sees target images, and the second learning rate of methods with more
+        than one sub-network."""
+        dice_weight: float = setting(1.0, "Weight of the soft Dice term in Dice + CE.", lower=0)
+        class_weights: tuple | None = setting(
+            None, "Per-class weights of the CE and Dice terms, one per class, background first "
+            "(e.g. 0.5,1,2); default: all 1.", kind="list")
+        minent_weight: float = setting(
+            0.0, "Weight of target entropy minimisation (MinEnt, Vu et al. 2019), added by "
+            "every method that sees target images; --method=minent needs it > 0.", lower=0)
+        disc_learning_rate: float = setting(
+            1e-3, "Adam learning rate of the domain classifier.", lower=0)
+        disc_lr_schedule: str = setting(
+            "same", "Schedule of the domain classifier's learning rate (same: --lr_schedule).",
+            choices=("same", *LR_SCHEDULES))
+
+        def check(self):
+            """Rules between fields (a ValueError naming the flags); none here."""
 
     def __init__(self, segmentor: keras.Model, class_names, *, dice_weight: float = 1.0,
                  class_weights=None, minent_weight: float = 0.0, **kwargs):
@@ -56,57 +91,142 @@ class SegmentationMethod(keras.Model):
         self.dice_weight = float(dice_weight)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
         self.minent_weight = check_minent_weight(minent_weight, self.uses_target,
-                                                 type(self).__name__)
+                                                 self._method_name())
         self.seg_loss_tracker = keras.metrics.Mean(name="seg_loss")
         self.ent_loss_tracker = keras.metrics.Mean(name="ent_loss")
         self.val_dice = StreamingDice(self.class_names, name="dice")
+        self.optimizers: dict = {}
+        self._grad_norm_squares: dict = {}
         # Sub-networks are functional and already built; marking the wrapper built stops Keras
         # from calling it on the (source, target) tuple at fit time (docs/DESIGN.md).
         self.built = True
 
-    # -- construction from resolved flags (one general path for every registered method) --
     @classmethod
-    def from_flags(cls, segmentor, class_names, cfg):
-        """Build the method around `segmentor` from resolved flag values `cfg`."""
-        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
-                   **cls.target_kwargs(cfg))
+    def _method_name(cls) -> str:
+        return f"--method={cls.name_in_registry}" if cls.name_in_registry else cls.__name__
+
+    # -- construction from a checked config (one general path for every registered method) --
+    @classmethod
+    def configure(cls, values: dict):
+        """This method's `Config` from flag values (extra keys ignored, missing ones take the
+        default), checked once: each setting's allowed values and bounds, the Config's own
+        `check()`, and whether the method sees the target images --minent_weight needs. The
+        ValueError names the flag."""
+        config = settings.from_values(cls.Config, values)
+        check_minent_weight(config.minent_weight, cls.uses_target, cls._method_name())
+        return config
+
+    @classmethod
+    def from_config(cls, segmentor, class_names, config, run):
+        """Build the method around `segmentor` from its checked `config` (`configure`) and
+        `run`, the run's training settings (epochs, steps_per_epoch, seed, init_checkpoint)."""
+        return cls(segmentor, class_names, **cls.base_kwargs(config, class_names))
+
+    @classmethod
+    def build(cls, segmentor, class_names, config, run):
+        """The method as train.py trains it: made from its checked `config` (`from_config`),
+        compiled with its default optimizers on the run's learning-rate schedules, every
+        optimizer built. `run`: the run's settings (epochs, steps_per_epoch, seed,
+        init_checkpoint, learning_rate, lr_schedule, lr_decay, warmup_steps, jit_compile)."""
+        model = cls.from_config(segmentor, class_names, config, run)
+        model.config = config
+        model.compile_from_config(config, run)
+        return model
 
     @staticmethod
-    def supervised_kwargs(cfg, class_names) -> dict:
-        """The supervised-loss settings every method takes from the flags."""
-        return {"dice_weight": cfg.dice_weight,
-                "class_weights": parse_class_weights(cfg.class_weights,
-                                                     len(class_names))}
+    def base_kwargs(config, class_names) -> dict:
+        """The constructor arguments every method takes from the shared settings."""
+        return {"dice_weight": config.dice_weight,
+                "class_weights": parse_class_weights(config.class_weights, len(class_names)),
+                "minent_weight": config.minent_weight}
 
-    @staticmethod
-    def target_kwargs(cfg) -> dict:
-        """Target-domain terms every method takes from the flags (subclasses pass them on):
-        the MinEnt weight, applied by `minent_loss`."""
-        return {"minent_weight": cfg.minent_weight}
+    def default_optimizers(self, seg_lr, disc_lr) -> dict:
+        """Adam per optimizer name: the segmentor's at `seg_lr`, every other at `disc_lr`."""
+        return {name: keras.optimizers.Adam(seg_lr if name == "seg" else disc_lr)
+                for name in self.optimizer_targets()}
 
-    def compile_from_flags(self, cfg):
-        seg_lr, _ = learning_rates_from_flags(cfg)
-        self.compile(keras.optimizers.Adam(seg_lr), jit_compile=cfg.jit_compile)
+    def compile_from_config(self, config, run):
+        """`compile` with `default_optimizers` on the run's learning-rate schedules."""
+        seg_lr, disc_lr = learning_rates(run, config)
+        self.compile(**self.default_optimizers(seg_lr, disc_lr), jit_compile=run.jit_compile)
 
-    # -- keras plumbing -----------------------------------------------------------------
-    def compile(self, seg_optimizer, **kwargs):
-        seg_optimizer = loss_scaled(seg_optimizer)
-        super().compile(optimizer=seg_optimizer, **kwargs)
-        self.seg_optimizer = seg_optimizer
+    # -- optimizers: one dict, built before fit, read by resume, the guard and loss scaling --
+    def optimizer_targets(self) -> dict:
+        """{optimizer name: the sub-network it trains}; `compile` takes one optimizer per
+        name. A method with more sub-networks adds its own."""
+        return {"seg": self.segmentor}
+
+    def compile(self, *, jit_compile=False, **optimizers):
+        """`compile(seg=Adam(...), disc=Adam(...))`: one optimizer per `optimizer_targets`
+        name, each loss-scaled under float16 (`loss_scaled`), kept in `self.optimizers` and
+        built at once on its sub-network's variables (keras #20164: slots created inside the
+        strategy scope, before fit)."""
+        targets = self.optimizer_targets()
+        if sorted(optimizers) != sorted(targets):
+            raise ValueError(f"{type(self).__name__}.compile needs one optimizer per "
+                             f"sub-network {sorted(targets)}, got {sorted(optimizers)}")
+        self.optimizers = {name: loss_scaled(optimizers[name]) for name in targets}
+        super().compile(optimizer=self.optimizers["seg"], jit_compile=jit_compile)
+        # Read by the divergence guard after each step (`gradient_norms`); summed over
+        # replicas when assigned (see `_record_norm`).
+        self._grad_norm_squares = {
+            name: tf.Variable(0.0, trainable=False, name=f"grad_norm_{name}",
+                              aggregation=tf.VariableAggregation.SUM)
+            for name in targets}
+        self.build_optimizers()
+
+    @property
+    def seg_optimizer(self):
+        return self.optimizers["seg"]
 
     def all_optimizers(self) -> list:
-        """Every optimizer the method holds as an attribute (seg_optimizer, disc_optimizer...)."""
-        found = {id(v): v for v in vars(self).values()
-                 if isinstance(v, keras.optimizers.Optimizer)}
-        return list(found.values())
+        return list(self.optimizers.values())
+
+    @staticmethod
+    def optimizer_label(name: str) -> str:
+        """How backups and logged metrics name optimizer `name` (`seg` -> `seg_optimizer`)."""
+        return f"{name}_optimizer"
 
     def build_optimizers(self):
-        """Create optimizer slots now, inside the strategy scope, before `fit` (keras #20164)."""
-        self.seg_optimizer.build(self.segmentor.trainable_variables)
+        """Create every optimizer's slots now, inside the strategy scope, before `fit`
+        (keras #20164); `compile` calls it."""
+        for name, target in self.optimizer_targets().items():
+            self.optimizers[name].build(target.trainable_variables)
 
-    def training_callbacks(self, cfg) -> list:
+    def apply_update(self, tape, loss, *names):
+        """One update of the named optimizers on `loss`: each one's gradients for its
+        sub-network (`optimizer_gradients`: one backward pass, or one per loss scale),
+        applied, and their norm recorded for the divergence guard."""
+        targets = self.optimizer_targets()
+        updates = [(self.optimizers[n], targets[n].trainable_variables) for n in names]
+        grads = self.optimizer_gradients(tape, loss, *updates)
+        for name, (opt, variables), g in zip(names, updates, grads):
+            self._record_norm(name, opt, g)  # before apply: it may change the loss scale
+            opt.apply_gradients(zip(g, variables))
+
+    def _record_norm(self, name, optimizer, grads):
+        """Stores this replica's squared gradient norm, summed over the replicas on assignment
+        (aggregation SUM). On one device that is the applied gradient's norm; on R replicas
+        the applied gradient is sum_r g_r and this is sqrt(sum_r |g_r|^2), the norm of all
+        replicas' gradients side by side: finite exactly when every replica's gradient is,
+        which is what the divergence guard asks, and without a second all-reduce of the
+        gradients. A float16 step that overflows is LossScaleOptimizer's to skip (it lowers
+        its scale), not a divergence: its norm is recorded as 0."""
+        norm = tf.linalg.global_norm([g for g in grads if g is not None])
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            norm = norm / tf.cast(optimizer.dynamic_scale, norm.dtype)
+            norm = tf.where(tf.math.is_finite(norm), norm, tf.zeros_like(norm))
+        self._grad_norm_squares[name].assign(tf.cast(tf.square(norm), tf.float32))
+
+    def gradient_norms(self) -> dict[str, float]:
+        """{`optimizer_label`: norm of that optimizer's last applied gradients} (see
+        `_record_norm`), read by the divergence guard after each step."""
+        return {self.optimizer_label(n): math.sqrt(max(float(v.numpy()), 0.0))
+                for n, v in self._grad_norm_squares.items()}
+
+    def training_callbacks(self) -> list:
         """Callbacks the method's update rule needs during fit (e.g. self-training's teacher
-        rounds); train.py adds them."""
+        rounds, from the `config` it was built with); train.py adds them."""
         return []
 
     # -- multi-worker fit (keras #20585; the workarounds live in uda_tf/keras_compat.py) ----
@@ -153,7 +273,9 @@ class SegmentationMethod(keras.Model):
         `tf.GradientTape(persistent=True)`.
 
             seg_grads, disc_grads = self.optimizer_gradients(
-                tape, loss, (self.seg_optimizer, seg_vars), (self.disc_optimizer, disc_vars))
+                tape, loss, (seg_optimizer, seg_vars), (disc_optimizer, disc_vars))
+
+        `apply_update` calls it for the optimizers a method names.
         """
         grads = [None] * len(updates)
         plain = [i for i, (opt, _) in enumerate(updates)

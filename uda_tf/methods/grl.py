@@ -10,15 +10,19 @@ reaches the whole segmentor, decoder included.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
 from uda_tf import losses
-from uda_tf.methods.base import SegmentationMethod, loss_scaled, split_batch
+from uda_tf.methods import register
+from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.methods.settings import setting
 from uda_tf.models import heads
 from uda_tf.models.discriminators import domain_classifier, output_domain_classifier
 from uda_tf.models.layers import GradientReversal
-from uda_tf.methods.schedules import LambdaSchedule, learning_rates_from_flags
+from uda_tf.methods.schedules import LAMBDA_SCHEDULES, LambdaSchedule
 
 
 GRL_FEATURES = ("bottleneck", "encoder", "output")
@@ -40,8 +44,22 @@ def feature_keys(segmentor, which: str) -> list[str]:
     raise ValueError(f"unknown GRL features {which!r}; expected one of {GRL_FEATURES}")
 
 
+@register("grl")
 class GRL(SegmentationMethod):
     uses_target = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(SegmentationMethod.Config):
+        grl_lambda: float = setting(1.0, "GRL: maximum gradient-reversal factor lambda.",
+                                    lower=0)
+        lambda_schedule: str = setting(
+            "dann", "GRL: lambda over training: the DANN ramp 2/(1+exp(-10p))-1 or constant.",
+            choices=LAMBDA_SCHEDULES)
+        grl_features: str = setting(
+            "bottleneck", "GRL: features the domain classifier sees: the bottleneck, or every "
+            "encoder level (skip connections) and the bottleneck.", choices=GRL_FEATURES)
+        domain_loss_weight: float = setting(1.0, "GRL: weight beta of the domain loss.",
+                                            lower=0)
 
     def __init__(self, segmentor, class_names, *, domain_classifier: keras.Model,
                  lambda_schedule: LambdaSchedule, domain_loss_weight: float = 1.0,
@@ -56,33 +74,22 @@ class GRL(SegmentationMethod):
         self.domain_acc_tracker = keras.metrics.Mean(name="domain_acc")
 
     @classmethod
-    def from_flags(cls, segmentor, class_names, cfg):
-        keys = feature_keys(segmentor, cfg.grl_features)
+    def from_config(cls, segmentor, class_names, config, run):
+        keys = feature_keys(segmentor, config.grl_features)
         if keys == [OUTPUT_KEY]:
             # K class-probability maps, also for a sigmoid head's single logit (K = 2)
             classifier = output_domain_classifier(
                 tuple(segmentor.output["logits"].shape[1:-1]) + (len(class_names),))
         else:
             classifier = domain_classifier([segmentor.output[k].shape[1:] for k in keys])
-        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
-                   **cls.target_kwargs(cfg),
+        return cls(segmentor, class_names, **cls.base_kwargs(config, class_names),
                    domain_classifier=classifier, feature_keys=keys,
-                   lambda_schedule=LambdaSchedule(cfg.lambda_schedule, cfg.grl_lambda,
-                                                  cfg.epochs * cfg.steps_per_epoch),
-                   domain_loss_weight=cfg.domain_loss_weight)
+                   lambda_schedule=LambdaSchedule(config.lambda_schedule, config.grl_lambda,
+                                                  run.epochs * run.steps_per_epoch),
+                   domain_loss_weight=config.domain_loss_weight)
 
-    def compile_from_flags(self, cfg):
-        seg_lr, disc_lr = learning_rates_from_flags(cfg)
-        self.compile(keras.optimizers.Adam(seg_lr), keras.optimizers.Adam(disc_lr),
-                     jit_compile=cfg.jit_compile)
-
-    def compile(self, seg_optimizer, disc_optimizer, **kwargs):
-        super().compile(seg_optimizer, **kwargs)
-        self.disc_optimizer = loss_scaled(disc_optimizer)
-
-    def build_optimizers(self):
-        super().build_optimizers()
-        self.disc_optimizer.build(self.domain_classifier.trainable_variables)
+    def optimizer_targets(self):
+        return {"seg": self.segmentor, "disc": self.domain_classifier}
 
     @property
     def metrics(self):
@@ -92,8 +99,6 @@ class GRL(SegmentationMethod):
         x_s, y_s, x_t = split_batch(data)
         n_s = tf.shape(x_s)[0]
         lam = self.lambda_schedule(self.seg_optimizer.iterations)
-        seg_vars = self.segmentor.trainable_variables
-        disc_vars = self.domain_classifier.trainable_variables
         with tf.GradientTape(persistent=True) as tape:  # two backward passes under float16
             out = self.segmentor(tf.concat([x_s, x_t], axis=0), training=True)
             if OUTPUT_KEY in self.feature_keys:
@@ -111,10 +116,7 @@ class GRL(SegmentationMethod):
         # The reversal already flipped the encoder's share of the domain gradient, so both
         # sub-networks simply descend on the same total: one backward pass, or one per
         # optimizer's loss scale under mixed float16.
-        seg_grads, disc_grads = self.optimizer_gradients(
-            tape, loss, (self.seg_optimizer, seg_vars), (self.disc_optimizer, disc_vars))
-        self.seg_optimizer.apply_gradients(zip(seg_grads, seg_vars))
-        self.disc_optimizer.apply_gradients(zip(disc_grads, disc_vars))
+        self.apply_update(tape, loss, "seg", "disc")
 
         predicted_source = tf.cast(tf.reshape(domain_logits, [-1]) > 0, tf.float32)
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))

@@ -9,21 +9,30 @@ half.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 from uda_tf import losses
+from uda_tf.methods import register
 from uda_tf.methods.base import SegmentationMethod, split_batch
 
 
+@register("minent")
 class MinEnt(SegmentationMethod):
     uses_target = True
 
+    @dataclasses.dataclass(frozen=True)
+    class Config(SegmentationMethod.Config):
+        def check(self):
+            if self.minent_weight <= 0:
+                # Without the term this would be source-only training at twice the cost.
+                raise ValueError("--method=minent needs --minent_weight > 0 (AdvEnt used "
+                                 f"1e-3), got {self.minent_weight}")
+
     def __init__(self, segmentor, class_names, **kwargs):
         super().__init__(segmentor, class_names, **kwargs)
-        if self.minent_weight <= 0:
-            # Without the term this would be source-only training at twice the cost.
-            raise ValueError("--method=minent needs --minent_weight > 0 (AdvEnt used 1e-3), "
-                             f"got {self.minent_weight}")
+        self.Config(minent_weight=self.minent_weight).check()
 
     def train_step(self, data):
         x_s, y_s, x_t = split_batch(data)
@@ -33,9 +42,7 @@ class MinEnt(SegmentationMethod):
             seg = self.supervised_loss(y_s, logits[:n_s])
             ent = self.minent_loss(logits[n_s:])
             loss = losses.replica_mean(seg) + losses.replica_mean(ent)
-        variables = self.segmentor.trainable_variables
-        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
-        self.seg_optimizer.apply_gradients(zip(grads, variables))
+        self.apply_update(tape, loss, "seg")
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         return {"seg_loss": self.seg_loss_tracker.result(),
                 "ent_loss": self.ent_loss_tracker.result()}

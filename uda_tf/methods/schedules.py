@@ -2,8 +2,6 @@
 learning rates of the sub-networks' optimizers."""
 from __future__ import annotations
 
-import math
-
 import keras
 import tensorflow as tf
 
@@ -37,125 +35,101 @@ class LambdaSchedule:
 
 
 # -- learning-rate schedules ----------------------------------------------------------------
-# Each is a keras LearningRateSchedule (serialisable: get_config / from_config, registered under
-# the package "uda_tf") evaluated by the optimizer at its own step counter, so every sub-network
-# (segmentor, domain classifier) follows its own schedule on its own optimizer.
-# Warm-up multiplies the shape by min(1, (step + 1) / warmup_steps): linear from lr/warmup_steps
-# at the first step to the full rate at step warmup_steps - 1, so even the first step moves the
-# weights (Goyal et al. 2017, "Accurate, large minibatch SGD", gradual warm-up).
+# The shapes are Keras' own (keras.optimizers.schedules), evaluated by each optimizer at its own
+# step counter, so every sub-network (segmentor, domain classifier) follows its own schedule.
+# Warm-up is ours: Keras' CosineDecay warms up *before* its decay (the decay then starts at
+# warmup_steps) and from a start value upwards, and its other schedules have no warm-up. Here
+# warm-up multiplies any shape by min(1, (step + 1) / warmup_steps): linear from
+# lr/warmup_steps at the first step to the full rate at step warmup_steps - 1, so even the
+# first step moves the weights (Goyal et al. 2017, "Accurate, large minibatch SGD", gradual
+# warm-up), and the shape keeps counting from step 0 (the values train.py always gave).
 
 
-class _WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    def __init__(self, learning_rate: float, warmup_steps: int = 0):
-        if learning_rate < 0:
-            raise ValueError(f"learning rate must be >= 0, got {learning_rate}")
+@keras.saving.register_keras_serializable(package="uda_tf")
+class Warmup(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule` (a Keras LearningRateSchedule, or a constant rate) times the linear warm-up
+    factor min(1, (step + 1) / warmup_steps); warmup_steps 0: the schedule itself."""
+
+    def __init__(self, schedule, warmup_steps: int = 0):
         if warmup_steps < 0:
             raise ValueError(f"--warmup_steps must be >= 0, got {warmup_steps}")
-        self.learning_rate, self.warmup_steps = float(learning_rate), int(warmup_steps)
-
-    def shape(self, step):
-        """The schedule without warm-up, as a factor of `learning_rate` (step: float32)."""
-        raise NotImplementedError
+        if isinstance(schedule, dict):  # from get_config
+            schedule = keras.optimizers.schedules.deserialize(schedule)
+        self.schedule, self.warmup_steps = schedule, int(warmup_steps)
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        factor = self.shape(step)
+        if isinstance(self.schedule, keras.optimizers.schedules.LearningRateSchedule):
+            rate = tf.cast(self.schedule(step), tf.float32)
+        else:
+            rate = tf.constant(float(self.schedule), tf.float32)
         if self.warmup_steps:
-            factor *= tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
-        return self.learning_rate * factor
+            rate *= tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+        return rate
 
     def get_config(self):
-        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+        schedule = self.schedule
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            schedule = keras.optimizers.schedules.serialize(schedule)
+        return {"schedule": schedule, "warmup_steps": self.warmup_steps}
 
 
-@keras.saving.register_keras_serializable(package="uda_tf")
-class ConstantLR(_WarmupSchedule):
-    """lr(step) = learning_rate (after warm-up)."""
-
-    def shape(self, step):
-        return tf.ones_like(step)
+def _constant(learning_rate, total_steps, steps_per_epoch, decay):
+    return float(learning_rate)
 
 
-@keras.saving.register_keras_serializable(package="uda_tf")
-class StepDecayLR(_WarmupSchedule):
-    """lr = learning_rate x decay^epoch, epoch = floor(step / steps_per_epoch): the per-epoch
-    x0.75 decay used by entropy-guided UDA on CC-359 (the default `--lr_decay`)."""
-
-    def __init__(self, learning_rate, steps_per_epoch: int, decay: float = 0.75,
-                 warmup_steps: int = 0):
-        super().__init__(learning_rate, warmup_steps)
-        if steps_per_epoch < 1 or not 0 < decay <= 1:
-            raise ValueError(f"step decay needs steps_per_epoch >= 1 and 0 < --lr_decay <= 1, "
-                             f"got {steps_per_epoch} and {decay}")
-        self.steps_per_epoch, self.decay = int(steps_per_epoch), float(decay)
-
-    def shape(self, step):
-        return tf.pow(self.decay, tf.floor(step / float(self.steps_per_epoch)))
-
-    def get_config(self):
-        return {**super().get_config(), "steps_per_epoch": self.steps_per_epoch,
-                "decay": self.decay}
+def _step(learning_rate, total_steps, steps_per_epoch, decay):
+    """lr x decay^floor(step / steps_per_epoch): the per-epoch x0.75 decay used by
+    entropy-guided UDA on CC-359 (the default `--lr_decay`)."""
+    return keras.optimizers.schedules.ExponentialDecay(
+        learning_rate, decay_steps=steps_per_epoch, decay_rate=decay, staircase=True)
 
 
-class _DecayToEnd(_WarmupSchedule):
-    def __init__(self, learning_rate, total_steps: int, warmup_steps: int = 0):
-        super().__init__(learning_rate, warmup_steps)
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        self.total_steps = int(total_steps)
-
-    def progress(self, step):
-        return tf.minimum(step / float(self.total_steps), 1.0)
-
-    def get_config(self):
-        return {**super().get_config(), "total_steps": self.total_steps}
+def _poly(learning_rate, total_steps, steps_per_epoch, decay):
+    """lr x (1 - t/T)^0.9, nnU-Net's poly schedule (Isensee et al. 2021)."""
+    return keras.optimizers.schedules.PolynomialDecay(
+        learning_rate, decay_steps=total_steps, end_learning_rate=0.0, power=0.9)
 
 
-@keras.saving.register_keras_serializable(package="uda_tf")
-class PolyLR(_DecayToEnd):
-    """lr = learning_rate x (1 - t/T)^0.9, nnU-Net's poly schedule (Isensee et al. 2021)."""
-
-    def shape(self, step):
-        return tf.pow(1.0 - self.progress(step), 0.9)
+def _cosine(learning_rate, total_steps, steps_per_epoch, decay):
+    """lr x (1 + cos(pi t/T)) / 2 (Loshchilov & Hutter 2017, SGDR, without restarts)."""
+    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps,
+                                                  alpha=0.0)
 
 
-@keras.saving.register_keras_serializable(package="uda_tf")
-class CosineLR(_DecayToEnd):
-    """lr = learning_rate x (1 + cos(pi t/T)) / 2 (Loshchilov & Hutter 2017, SGDR, without
-    restarts)."""
-
-    def shape(self, step):
-        return 0.5 * (1.0 + tf.cos(math.pi * self.progress(step)))
-
-
-LR_SCHEDULES = {"constant": ConstantLR, "step": StepDecayLR, "poly": PolyLR, "cosine": CosineLR}
+#: --lr_schedule values and the Keras schedule each one makes
+LR_SCHEDULES = {"constant": _constant, "step": _step, "poly": _poly, "cosine": _cosine}
 
 
 def lr_schedule(kind: str, learning_rate: float, *, total_steps: int, steps_per_epoch: int,
-                decay: float = 0.75, warmup_steps: int = 0) -> _WarmupSchedule:
-    """The `kind` schedule (a LR_SCHEDULES name) peaking at `learning_rate`."""
+                decay: float = 0.75, warmup_steps: int = 0) -> Warmup:
+    """The `kind` schedule (a LR_SCHEDULES name) peaking at `learning_rate`, with warm-up."""
     if kind not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {kind!r}; expected one of "
                          f"{', '.join(LR_SCHEDULES)}")
-    cls = LR_SCHEDULES[kind]
-    if cls is StepDecayLR:
-        return cls(learning_rate, steps_per_epoch, decay, warmup_steps)
-    if issubclass(cls, _DecayToEnd):
-        return cls(learning_rate, total_steps, warmup_steps)
-    return cls(learning_rate, warmup_steps)
+    if learning_rate < 0:
+        raise ValueError(f"learning rate must be >= 0, got {learning_rate}")
+    if total_steps < 1 or steps_per_epoch < 1:
+        raise ValueError(f"total_steps and steps_per_epoch must be >= 1, got {total_steps} "
+                         f"and {steps_per_epoch}")
+    if kind == "step" and not 0 < decay <= 1:
+        raise ValueError(f"step decay needs 0 < --lr_decay <= 1, got {decay}")
+    shape = LR_SCHEDULES[kind](float(learning_rate), int(total_steps), int(steps_per_epoch),
+                               float(decay))
+    return Warmup(shape, warmup_steps)
 
 
-def learning_rates_from_flags(cfg):
-    """(segmentor schedule, discriminator schedule) from resolved flags: --lr_schedule at
-    --learning_rate, and --disc_lr_schedule (`same`: the segmentor's shape) at
-    --disc_learning_rate, both with --warmup_steps and --lr_decay. Flags an older config lacks
-    take their defaults (constant, no warm-up)."""
-    kind = getattr(cfg, "lr_schedule", "constant")
-    disc_kind = getattr(cfg, "disc_lr_schedule", "same")
-    common = dict(total_steps=cfg.epochs * cfg.steps_per_epoch,
-                  steps_per_epoch=cfg.steps_per_epoch, decay=getattr(cfg, "lr_decay", 0.75),
-                  warmup_steps=getattr(cfg, "warmup_steps", 0))
-    seg = lr_schedule(kind, cfg.learning_rate, **common)
-    disc = lr_schedule(kind if disc_kind == "same" else disc_kind,
-                       getattr(cfg, "disc_learning_rate", cfg.learning_rate), **common)
+def learning_rates(run, method_config):
+    """(segmentor schedule, discriminator schedule): --lr_schedule at --learning_rate, and
+    --disc_lr_schedule (`same`: the segmentor's shape) at --disc_learning_rate, both with
+    --warmup_steps and --lr_decay. `run` holds the optimisation settings (epochs,
+    steps_per_epoch, learning_rate, lr_schedule, lr_decay, warmup_steps); `method_config` the
+    method's (disc_learning_rate, disc_lr_schedule)."""
+    common = dict(total_steps=run.epochs * run.steps_per_epoch,
+                  steps_per_epoch=run.steps_per_epoch, decay=run.lr_decay,
+                  warmup_steps=run.warmup_steps)
+    seg = lr_schedule(run.lr_schedule, run.learning_rate, **common)
+    disc_kind = method_config.disc_lr_schedule
+    disc = lr_schedule(run.lr_schedule if disc_kind == "same" else disc_kind,
+                       method_config.disc_learning_rate, **common)
     return seg, disc

@@ -14,11 +14,15 @@ otherwise from round 1 on (round 0 is source-only warm-up).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
 from uda_tf import losses
+from uda_tf.methods import register
 from uda_tf.methods.base import SegmentationMethod, split_batch
+from uda_tf.methods.settings import setting
 from uda_tf.models import heads
 
 PSEUDO_LABEL_CRITERIA = ("confidence", "entropy")
@@ -48,15 +52,27 @@ def masked_cross_entropy(labels, logits, mask):
     return tf.reduce_mean(ce * mask, axis=spatial)
 
 
+@register("self_training")
 class SelfTraining(SegmentationMethod):
     uses_target = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(SegmentationMethod.Config):
+        pseudo_label_criterion: str = setting(
+            "confidence", "self_training: which target pixels keep their pseudo-label: max "
+            "probability >= --pseudo_label_threshold (confidence) or entropy/log C <= it "
+            "(entropy).", choices=PSEUDO_LABEL_CRITERIA)
+        pseudo_label_threshold: float = setting(0.9, "self_training: the filter's threshold.",
+                                                lower=0, upper=1)
+        pseudo_label_weight: float = setting(
+            1.0, "self_training: weight of the pseudo-label cross-entropy on target.", lower=0)
+        self_training_round_epochs: int = setting(
+            1, "self_training: epochs per round; the teacher that makes the pseudo-labels "
+            "takes the student's weights at each round.", lower=1)
 
     def __init__(self, segmentor, class_names, *, teacher: keras.Model, criterion="confidence",
                  threshold=0.9, pseudo_weight=1.0, warmup=True, **kwargs):
         super().__init__(segmentor, class_names, **kwargs)
-        if criterion not in PSEUDO_LABEL_CRITERIA:
-            raise ValueError(f"--pseudo_label_criterion must be one of {PSEUDO_LABEL_CRITERIA}, "
-                             f"got {criterion!r}")
         self.teacher = teacher
         self.teacher.trainable = False
         self.criterion, self.threshold = criterion, float(threshold)
@@ -69,21 +85,20 @@ class SelfTraining(SegmentationMethod):
         self.refresh_teacher()
 
     @classmethod
-    def from_flags(cls, segmentor, class_names, cfg):
+    def from_config(cls, segmentor, class_names, config, run):
         teacher = keras.models.clone_model(segmentor)
-        return cls(segmentor, class_names, **cls.supervised_kwargs(cfg, class_names),
-                   **cls.target_kwargs(cfg), teacher=teacher,
-                   criterion=cfg.pseudo_label_criterion, threshold=cfg.pseudo_label_threshold,
-                   pseudo_weight=cfg.pseudo_label_weight,
-                   warmup=not cfg.init_checkpoint)
+        return cls(segmentor, class_names, **cls.base_kwargs(config, class_names),
+                   teacher=teacher, criterion=config.pseudo_label_criterion,
+                   threshold=config.pseudo_label_threshold,
+                   pseudo_weight=config.pseudo_label_weight, warmup=not run.init_checkpoint)
 
     def refresh_teacher(self):
         """Teacher <- student (start of a round)."""
         for t, s in zip(self.teacher.weights, self.segmentor.weights):
             t.assign(s)
 
-    def training_callbacks(self, cfg):
-        return [TeacherRounds(int(cfg.self_training_round_epochs))]
+    def training_callbacks(self):
+        return [TeacherRounds(self.config.self_training_round_epochs)]
 
     @property
     def metrics(self):
@@ -103,9 +118,7 @@ class SelfTraining(SegmentationMethod):
             weight = self.pseudo_weight * self.pseudo_active
             loss = (losses.replica_mean(seg) + weight * losses.replica_mean(pseudo)
                     + losses.replica_mean(self.minent_loss(logits[n_s:])))
-        variables = self.segmentor.trainable_variables
-        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
-        self.seg_optimizer.apply_gradients(zip(grads, variables))
+        self.apply_update(tape, loss, "seg")
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         self.pseudo_loss_tracker.update_state(tf.reduce_mean(pseudo))
         self.pseudo_fraction_tracker.update_state(tf.reduce_mean(mask))

@@ -4,9 +4,11 @@ from __future__ import annotations
 import tensorflow as tf
 
 from uda_tf import losses
+from uda_tf.methods import register
 from uda_tf.methods.base import SegmentationMethod, split_batch
 
 
+@register("source_only")
 class SourceOnly(SegmentationMethod):
     uses_target = False
 
@@ -16,8 +18,6 @@ class SourceOnly(SegmentationMethod):
             logits = self.segmentor(x_s, training=True)["logits"]
             seg = self.supervised_loss(y_s, logits)
             loss = losses.replica_mean(seg)
-        variables = self.segmentor.trainable_variables
-        (grads,) = self.optimizer_gradients(tape, loss, (self.seg_optimizer, variables))
-        self.seg_optimizer.apply_gradients(zip(grads, variables))
+        self.apply_update(tape, loss, "seg")
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         return {"seg_loss": self.seg_loss_tracker.result()}

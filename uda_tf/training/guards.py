@@ -3,9 +3,10 @@ metrics, and output directories that cannot be written.
 
 `keras.callbacks.TerminateOnNaN` stops on a NaN `loss` but says neither which term nor that a
 gradient blew up, and methods here report several terms (`seg_loss`, `domain_loss`, ...) and
-no `loss`. `DivergenceGuard` checks every logged term and the global gradient norm of every
-optimizer after each step; it stops naming them (`--on_divergence=stop`) or rolls back to the
-newest backup and goes on (`--on_divergence=rollback`): weights and optimizer states return to
+no `loss`. `DivergenceGuard` checks every logged term and the gradient norm of every
+optimizer after each step (recorded by the method's `apply_update` in its train_step:
+`SegmentationMethod.gradient_norms`); it stops naming them (`--on_divergence=stop`) or rolls
+back to the newest backup and goes on (`--on_divergence=rollback`): weights and optimizer states return to
 that backup, the data stream does not rewind, so the batches since the backup (the bad one
 among them) are skipped; the learning rate is left alone (a single bad batch, the common
 cause, needs no smaller steps; a run that diverges again and again stops after
@@ -25,43 +26,16 @@ class DivergenceError(RuntimeError):
     """Training produced a non-finite loss term or gradient; the message names them."""
 
 
-def track_gradient_norms(model) -> dict[str, tf.Variable]:
-    """{optimizer attribute: variable holding the global norm of its last applied gradient}.
-
-    The norm is taken on the gradients the optimizer applies, after the sum over replicas:
-    Keras' TF optimizer all-reduces them in `_all_reduce_sum_gradients` (Keras 3.15,
-    keras/src/backend/tensorflow/optimizer.py), so that one method is wrapped per optimizer
-    instance; every method's `apply_gradients` goes through it, and no method needs to
-    change. Call inside the strategy scope, after the optimizers exist."""
-    from uda_tf.training.resume import optimizers
-    norms = {}
-    for name, opt in optimizers(model).items():
-        if hasattr(opt, "_uda_grad_norm"):
-            norms[name] = opt._uda_grad_norm
-            continue
-        var = tf.Variable(0.0, trainable=False, name=f"grad_norm_{name}",
-                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        original = opt._all_reduce_sum_gradients
-
-        def wrapped(grads_and_vars, _original=original, _var=var):
-            reduced = list(_original(grads_and_vars))
-            _var.assign(tf.linalg.global_norm([g for g, _ in reduced]))
-            return reduced
-
-        opt._all_reduce_sum_gradients = wrapped
-        opt._uda_grad_norm = var
-        norms[name] = var
-    return norms
-
-
 class DivergenceGuard(keras.callbacks.Callback):
     """Checks each step's logged terms and gradient norms; adds the epoch's mean gradient
     norm per optimizer to the epoch logs as `grad_norm/<optimizer>` (so place it before the
-    loggers). `backup` (a resume.TrainingBackup) gives the global step and the rollback."""
+    loggers). `grad_norms()` returns {optimizer: norm of its last step's gradients} (a
+    method's `gradient_norms`); `backup` (a resume.TrainingBackup) gives the global step and
+    the rollback."""
 
     POLICIES = ("stop", "rollback")
 
-    def __init__(self, grad_norms: dict, *, policy: str = "stop", backup=None,
+    def __init__(self, grad_norms, *, policy: str = "stop", backup=None,
                  max_rollbacks: int = 3):
         super().__init__()
         if policy not in self.POLICIES:
@@ -87,8 +61,8 @@ class DivergenceGuard(keras.callbacks.Callback):
             self._sums, self._counts = self._resumed
             self._resumed = None
             return
-        self._sums = {n: 0.0 for n in self.grad_norms}
-        self._counts = {n: 0 for n in self.grad_norms}
+        self._sums = {n: 0.0 for n in self.grad_norms()}
+        self._counts = {n: 0 for n in self.grad_norms()}
 
     # Travels with the training backup (resume.py), so a resumed epoch's mean gradient norm
     # covers the steps before the crash too.
@@ -102,7 +76,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
         values = {k: float(v) for k, v in (logs or {}).items() if _is_scalar(v)}
-        norms = {n: float(v.numpy()) for n, v in self.grad_norms.items()}
+        norms = self.grad_norms()
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         bad.update({f"grad_norm/{n}": v for n, v in norms.items() if not math.isfinite(v)})
         if not bad:
@@ -130,7 +104,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        for n in self.grad_norms:
+        for n in self._counts:
             if self._counts.get(n):
                 logs[f"grad_norm/{n}"] = self._sums[n] / self._counts[n]
         if self.rollbacks:

@@ -8,9 +8,9 @@ and metadata files are written in place, so a kill between the two leaves a torn
 A backup is a directory `<run_dir>/backup/step-<batches:09d>/` with
 
 * `variables.npz`: every variable, by group: `model` (all sub-networks' weights and
-  non-trainable state: norm statistics, seed-generator states), `optimizer/<attribute>` for
-  every optimizer the method holds (`seg_optimizer`, `disc_optimizer`, ...; their
-  `iterations` drive the lambda schedules, so the schedule state comes with them) and
+  non-trainable state: norm statistics, seed-generator states), `optimizer/<label>` for
+  every optimizer in the method's `optimizers` dict (`seg_optimizer`, `disc_optimizer`,
+  ...; their `iterations` drive the lambda schedules, so the schedule state comes with them) and
   `metrics` (running means of the epoch in progress);
 * `state.json`: epoch, step within the epoch, batches consumed from the training stream, the
   state of callbacks that keep some (the best checkpoint's `best`, the learning-curve
@@ -58,14 +58,14 @@ class BackupError(RuntimeError):
 
 
 def optimizers(model) -> dict[str, keras.optimizers.Optimizer]:
-    """Every optimizer a method holds, by attribute name (`model.optimizer` is the same object
-    as `seg_optimizer`, so it appears once, under the method's own name)."""
-    found: dict[int, tuple[str, keras.optimizers.Optimizer]] = {}
-    for name, value in sorted(vars(model).items()):
-        if isinstance(value, keras.optimizers.Optimizer):
-            if id(value) not in found or found[id(value)][0] in ("optimizer", "_optimizer"):
-                found[id(value)] = (name, value)
-    return {name: opt for name, opt in sorted(found.values(), key=lambda p: p[0])}
+    """Every optimizer a method holds (its `optimizers` dict, which `compile` fills), by
+    label (`seg_optimizer`, `disc_optimizer`, ...), sorted: the backup's group names. A plain
+    Keras model has its one `optimizer`."""
+    if hasattr(model, "optimizer_label"):
+        found = {model.optimizer_label(n): opt for n, opt in model.optimizers.items()}
+    else:
+        found = {"optimizer": model.optimizer}
+    return dict(sorted(found.items()))
 
 
 def state_groups(model) -> dict[str, list]:
