@@ -16,7 +16,8 @@ MultiWorkerMirroredStrategy with Keras 3 `fit` fails in two places (keras #20585
    [1] in multi-worker mode (`shaped_step`); the reduction then averages the workers' values
    back into a scalar. On one machine logs stay scalars (there Keras stacks and averages them).
 
-`SegmentationMethod` (methods/base.py) hooks both in, so every registered method gets them;
+`FitHooks` below hooks both in (with the validation-metrics fix), and every method derives
+from it through `SegmentationMethod` (methods/base.py), so every registered method gets them;
 the two-worker tests (tests/methods/test_multiworker.py, tests/cli/test_multiworker_cli.py)
 show they suffice.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 
+import keras
 import tensorflow as tf
 
 
@@ -60,3 +62,30 @@ def all_layers(model) -> list:
     Keras 3 has no public recursive walk (`model.layers` lists the top level only); this is
     `Layer._flatten_layers`, which Keras itself uses for the same purpose."""
     return list(model._flatten_layers(include_self=False))
+
+
+class FitHooks(keras.Model):
+    """The base of every uda_tf method (methods/base.py): Keras `fit` and `evaluate` with the
+    overrides of private Trainer hooks uda_tf needs, all of them here."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # keras #20585, item 1: skipped for a model already built with its optimizers.
+        if needs_symbolic_build(self):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        # keras #20585, item 2: logs shaped [1] in multi-worker mode.
+        return super()._make_function(shaped_step(step_function, self.distribute_strategy))
+
+    def _get_metrics_result_or_logs(self, logs):
+        """Keras reports the metrics' own results (their variables, summed over every replica
+        and worker when read) only when a step returns exactly `self.metrics`' keys; otherwise
+        it keeps the last step's logs, which under a strategy are each replica's *local*
+        results averaged over the replicas. A method's `test_step` returns the validation
+        metrics only (a GRL also tracks domain_loss, ...), so on several replicas val_dice was
+        the mean of per-replica Dice, not the Dice of the validation set. Take the metrics'
+        results for the keys the step returned (keras/src/trainers/trainer.py)."""
+        metric_logs = self.get_metrics_result()
+        if isinstance(logs, dict) and logs and set(logs) <= set(metric_logs):
+            return {name: metric_logs[name] for name in logs}
+        return super()._get_metrics_result_or_logs(logs)

@@ -10,6 +10,8 @@ choose anything); log everything to MLflow and write <run_dir>/result.json.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +27,7 @@ from uda_tf.methods import METHODS
 from uda_tf.models import MODELS
 from uda_tf.models.heads import HEADS
 from uda_tf.models.layers import NORMALIZATIONS
+from uda_tf.training import adapt, devices, guards, multiworker
 from uda_tf.training.devices import CLUSTERS
 from uda_tf.methods.schedules import LR_SCHEDULES
 from uda_tf.training.selection import SELECT_ON
@@ -386,16 +389,16 @@ def check_splits(manifest, cfg, method_cls) -> None:
                              f"{' and '.join(needs)} read; its splits: {splits(target)}")
 
 
-def plan_run_dir(cfg) -> str:
-    """The run directory, checked without writing anything: inside --output_dir; with
-    --resume an earlier run of ours; otherwise new, empty, or (with --overwrite) one uda_tf
-    created. `claim_run_dir` acts on it once every other check has passed."""
+def plan_run_dir(cfg) -> tuple[str, str]:
+    """The run directory and the run's name (--run_name, or <method>-<time>), checked without
+    writing anything: inside --output_dir; with --resume an earlier run of ours; otherwise new,
+    empty, or (with --overwrite) one uda_tf created. `claim_run_dir` acts on it once every
+    other check has passed."""
     from uda_tf.training import resume, tracking
     name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     files.check_name(name, "--run_name")
     run_dir = os.path.join(cfg.output_dir, name)
     files.inside(cfg.output_dir, run_dir, "--run_name")  # e.g. a link to somewhere else
-    cfg.run_name = name
     if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
         raise app.UsageError(f"--run_name={name}: {run_dir} exists and is not a directory")
     exists = os.path.isdir(run_dir)
@@ -416,13 +419,13 @@ def plan_run_dir(cfg) -> str:
             # trained yet, so starting from scratch in it loses nothing.
             logging.warning("--resume: %s has no training backup yet (the run stopped before "
                             "its first one); training starts from scratch in it", run_dir)
-        return run_dir
+        return run_dir, name
     if exists and _entries(run_dir):
         if not cfg.overwrite:
             raise app.UsageError(f"run directory {run_dir} exists; pick another --run_name or "
                                  "pass --overwrite")
         files.check_created(run_dir, other="--run_name")
-    return run_dir
+    return run_dir, name
 
 
 def _entries(run_dir) -> list[str]:
@@ -458,29 +461,73 @@ def claim_run_dir(cfg, run_dir, hold) -> str:
     return run_dir
 
 
-def train(cfg: SimpleNamespace) -> dict:
+@dataclasses.dataclass
+class Checked:
+    """What the start-up checks established about the run, before anything is written."""
+
+    method_cls: type
+    method_config: object
+    manifest: object  # data.manifest.Manifest
+    target_labelled: list  # semi-supervised target cases whose labels train (usually none)
+    volumes: bool  # 3D records: the segmentor trains on patches
+    patch_size: tuple | None  # 3D: the training patch (the exported model's input)
+
+
+@dataclasses.dataclass
+class Placement:
+    """Where the run executes and who writes it."""
+
+    strategy: object
+    workers: int
+    chief: bool  # only the chief writes the run directory, MLflow, the export
+    run_dir: str | None = None
+    run_name: str | None = None
+
+
+def train(cfg) -> dict:
     """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json.
 
     Every check that can fail on the user's input (names, data, domains and splits, flags,
     the init checkpoint loaded into the model, the output directory) runs before the run
     directory is touched; the chief then holds the run directory's lock until it returns."""
-    import contextlib
     with contextlib.ExitStack() as hold:
-        return _train(cfg, hold)
+        checked = check_run(cfg)
+        where = place_run(cfg)
+        streams = data_streams(cfg, checked, where)
+        model = build_model(cfg, checked, where)
+        # Every check has passed: only now is the run directory created, locked, or (with
+        # --overwrite) emptied. Other workers write into a temporary directory of their own.
+        if where.chief:
+            where.run_dir = claim_run_dir(cfg, where.run_dir, hold)
+        else:
+            where.run_dir = multiworker.worker_dir(None, where.strategy)
+        from uda_tf.training import tracking
+        values = {**vars(cfg), "run_name": where.run_name or cfg.run_name,
+                  "mlflow_experiment": tracking.experiment_name(cfg.mlflow_experiment, sys.argv)}
+        flags_path = os.path.join(where.run_dir, "flags.cfg")
+        with files.atomic_write(flags_path) as f:
+            f.write(flagfile_text(values))
+        fit_args = dict(streams, run_dir=where.run_dir, values=values,
+                        grad_norms=model.gradient_norms,
+                        class_names=checked.manifest.class_names)
+        if not where.chief:
+            # Every worker runs the same fit with the same callbacks in the same order: reading
+            # a distributed metric variable, as a backup does, is an all-reduce every worker
+            # must join; only the chief tracks in MLflow, exports and evaluates.
+            try:
+                fit_and_keep_best(cfg, model, **fit_args)
+            finally:
+                multiworker.cleanup_worker_dir(where.run_dir, where.strategy)
+            return {"run_dir": None, "worker": True, "evaluations": {}}
+        return fit_export_evaluate(cfg, checked, where, model, values, fit_args)
 
 
-def _train(cfg: SimpleNamespace, hold) -> dict:
-    import keras
-
-    from uda_tf.data import augment, pipeline
-    from uda_tf.evaluation.evaluate import evaluate_model
-    from uda_tf.serving.export import export_segmentor, load_serving_fn
+def check_run(cfg) -> Checked:
+    """Every check of the flags against the prepared data, the names and the splits; raises
+    UsageError naming the flag. Reads the manifest (and, with --check_shards, the shards)."""
+    from uda_tf.data.integrity import verify_shards
     from uda_tf.methods import get_method
-    from uda_tf.evaluation import inference
-    from uda_tf.models import check_flags, input_shape_from_flags, segmentor_from_flags
-    from uda_tf.evaluation import figures
-    from uda_tf.training import adapt, devices, guards, multiworker, tracking
-    from uda_tf.training.selection import selection_monitor
+    from uda_tf.models import check_flags, input_shape_from_flags
 
     method_cls = get_method(cfg.method)
     try:
@@ -503,24 +550,24 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
     target_labelled = labelled_target_cases(cfg, manifest)
     volumes = manifest.record_kind == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
-    patch_size = input_shape_from_flags(vars(cfg), manifest)[:3] if volumes else None
+    patch_size = tuple(input_shape_from_flags(vars(cfg), manifest)[:3]) if volumes else None
     if cfg.check_shards:
-        from uda_tf.data.integrity import verify_shards
         verify_shards(manifest, cfg.data_dir, {cfg.source_domain, cfg.target_domain})
+    return Checked(method_cls, method_config, manifest, target_labelled, volumes, patch_size)
+
+
+def place_run(cfg) -> Placement:
+    """The tf.distribute strategy and this process's role; on the chief, the run directory,
+    checked without writing anything. Seeds, determinism and the precision policy are set."""
+    import keras
+
     try:
         strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
                                          slurm_port_base=cfg.slurm_port_base)
     except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
         raise app.UsageError(str(err)) from err
     workers = multiworker.num_workers(strategy)
-    replicas = strategy.num_replicas_in_sync
-    if (replicas - 1) * -(-cfg.global_batch_size // replicas) >= cfg.global_batch_size:
-        # tf.distribute cuts a batch into pieces of ceil(batch / replicas); the last replica
-        # would get none, and a model cannot train on an empty batch.
-        raise app.UsageError(
-            f"--global_batch_size={cfg.global_batch_size} on {replicas} replicas leaves a "
-            f"replica without samples (batches are split in pieces of "
-            f"{-(-cfg.global_batch_size // replicas)}); use a multiple of {replicas}")
+    check_global_batch(cfg.global_batch_size, strategy.num_replicas_in_sync)
     for flag, on in (("--resume", cfg.resume),
                      ("--on_divergence=rollback", cfg.on_divergence == "rollback")):
         # Both restore the chief's backup on the chief alone, which would leave the workers
@@ -530,55 +577,83 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
                                  f"several workers ({workers}, --cluster={cfg.cluster})")
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
-    chief = multiworker.is_chief(strategy)
-    if chief:  # other workers write nowhere but a temporary directory
-        run_dir = plan_run_dir(cfg)  # writes nothing
+    where = Placement(strategy, workers, multiworker.is_chief(strategy))
+    if where.chief:  # other workers write nowhere but a temporary directory
+        where.run_dir, where.run_name = plan_run_dir(cfg)  # writes nothing
         guards.check_writable(cfg.output_dir, "--output_dir")  # before any work, not at the end
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
+    return where
 
-    class_names = manifest.class_names
 
-    def make_segmentor(sync_batchnorm=False):
-        return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
+def check_global_batch(global_batch_size: int, replicas: int) -> None:
+    """tf.distribute cuts a batch into pieces of ceil(batch / replicas); when the last replica
+    would get none, a model cannot train on its empty batch."""
+    piece = -(-global_batch_size // replicas)
+    if (replicas - 1) * piece >= global_batch_size:
+        raise app.UsageError(
+            f"--global_batch_size={global_batch_size} on {replicas} replicas leaves a replica "
+            f"without samples (batches are split in pieces of {piece}); use a multiple of "
+            f"{replicas}")
+
+
+def data_streams(cfg, checked: Checked, where: Placement) -> dict:
+    """What fit reads: `train_ds_after(batches)`, the source validation stream and its step
+    count, and the target validation stream of the label-free criteria (or None)."""
+    from uda_tf.data import augment, pipeline
+    manifest, patch_size = checked.manifest, checked.patch_size
+    uses_target = checked.method_cls.uses_target
 
     def train_ds_after(batches):
         """The training stream after `batches` batches (resume.py): replayed and skipped
         under --deterministic, else re-seeded with the position."""
         ds = pipeline.train_dataset(
             cfg.data_dir, manifest, source=cfg.source_domain,
-            target=cfg.target_domain if method_cls.uses_target else None,
+            target=cfg.target_domain if uses_target else None,
             global_batch_size=cfg.global_batch_size, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed if cfg.deterministic else cfg.seed + batches,
             augmentations=cfg.augment, target_augmentations=cfg.target_augment or None,
             augment_params=augment.parse_params(cfg.augment_params), fda_beta=cfg.fda_beta,
             patch_size=patch_size, foreground_fraction=cfg.foreground_fraction,
-            patches_per_volume=cfg.patches_per_volume,
-            num_workers=workers,
-            labelled_target=(cfg.target_domain, target_labelled, labelled_per_batch(cfg))
-            if target_labelled else None)
+            patches_per_volume=cfg.patches_per_volume, num_workers=where.workers,
+            labelled_target=(cfg.target_domain, checked.target_labelled,
+                             labelled_per_batch(cfg)) if checked.target_labelled else None)
         return ds.skip(batches) if cfg.deterministic else ds
+
     # Validation repeats with a step count of exactly one pass, so every epoch sees every
     # source-validation slice (3D: every tile of every volume) once (and Keras does not hit
     # the end of a finite dataset). Batches are padded to a multiple of the replica count,
     # the padding weighted 0: any number of replicas and workers and any split size, and the
     # Dice of exactly the real slices (pipeline.pad_batch).
-    padded = pipeline.padded_batch_size(cfg.global_batch_size, strategy.num_replicas_in_sync)
-    if volumes:
+    batch = cfg.global_batch_size
+    padded = pipeline.padded_batch_size(batch, where.strategy.num_replicas_in_sync)
+    if checked.volumes:
         val_ds = pipeline.eval_patches(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                       patch_size, batch_size=cfg.global_batch_size,
-                                       pad_to_batch=padded).repeat()
+                                       patch_size, batch_size=batch, pad_to_batch=padded)
         val_count = pipeline.num_eval_patches(manifest, cfg.source_domain, "val", patch_size)
     else:
         val_ds = pipeline.eval_dataset(cfg.data_dir, manifest, cfg.source_domain, "val",
-                                       batch_size=cfg.global_batch_size,
-                                       pad_to_batch=padded).repeat()
+                                       batch_size=batch, pad_to_batch=padded)
         val_count = manifest.num_records(cfg.source_domain, "val")
-    val_steps = math.ceil(val_count / cfg.global_batch_size)
+    return dict(train_ds_after=train_ds_after, val_ds=val_ds.repeat(),
+                val_steps=math.ceil(val_count / batch),
+                target_val_fn=target_val_dataset_fn(cfg, manifest, checked.volumes, patch_size))
+
+
+def make_segmentor(cfg, manifest, sync_batchnorm=False):
+    from uda_tf.models import segmentor_from_flags
+    return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
+
+
+def build_model(cfg, checked: Checked, where: Placement):
+    """The method around a fresh segmentor (or --init_checkpoint's, --freeze_layers applied),
+    compiled with every optimizer built, under the strategy's scope."""
+    strategy = where.strategy
     with strategy.scope():
         segmentor = make_segmentor(
+            cfg, checked.manifest,
             sync_batchnorm=cfg.sync_batchnorm and strategy.num_replicas_in_sync > 1)
         try:
             if cfg.init_checkpoint:
@@ -588,127 +663,147 @@ def _train(cfg: SimpleNamespace, hold) -> dict:
                 logging.warning("frozen segmentor layers: %s", ", ".join(frozen))
         except (ValueError, FileNotFoundError) as err:
             raise app.UsageError(str(err)) from None
-        model = method_cls.build(segmentor, class_names, method_config, cfg)
-        grad_norms = model.gradient_norms
-    # Every check has passed: only now is the run directory created, locked, or (with
-    # --overwrite) emptied.
-    if chief:
-        run_dir = claim_run_dir(cfg, run_dir, hold)
-    else:  # other workers never write into the run (training/multiworker.py)
-        run_dir = multiworker.worker_dir(None, strategy)
-    cfg.mlflow_experiment = tracking.experiment_name(cfg.mlflow_experiment, sys.argv)
-    values = dict(vars(cfg))
-    flags_path = os.path.join(run_dir, "flags.cfg")
-    with open(flags_path, "w") as f:
-        f.write(flagfile_text(values))
-    # Every worker runs the same fit with the same callbacks in the same order (checkpoint,
-    # backups, criteria, guard): reading a distributed metric variable, as a backup does, is an
-    # all-reduce that every worker must join. The other workers write into their temporary
-    # run_dir; only the chief tracks in MLflow, exports and evaluates.
-    fit_args = dict(train_ds_after=train_ds_after, val_ds=val_ds, val_steps=val_steps,
-                    run_dir=run_dir, values=values, grad_norms=grad_norms,
-                    class_names=class_names,
-                    target_val_fn=target_val_dataset_fn(cfg, manifest, volumes, patch_size))
-    if not chief:
-        try:
-            fit_and_keep_best(cfg, model, **fit_args)
-        finally:
-            multiworker.cleanup_worker_dir(run_dir, strategy)
-        return {"run_dir": None, "worker": True, "evaluations": {}}
+        return checked.method_cls.build(segmentor, checked.manifest.class_names,
+                                        checked.method_config, cfg)
 
-    tracking_uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
-    tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
-            "dataset_content_hash": manifest.content_hash, "method": cfg.method,
-            "target_labels_in_training": str(bool(cfg.target_labelled_cases)).lower(),
-            **tracking.environment_tags(strategy)}
-    tracking.set_http_defaults()
-    tracker = tracking.RunTracker(tracking_uri, run_dir, cfg.mlflow_experiment, cfg.run_name,
-                                  resume=cfg.resume)
-    tracker.log_params(values)
-    tracker.set_tags(tags)
-    tracker.log_artifact(flags_path)
-    tracker.log_artifact(os.path.join(cfg.data_dir, "manifest.json"))
-    tracker.flush()  # a failure is kept and retried at the next epoch; training goes on
-    epoch_logger = tracking.MlflowEpochLogger(tracker)
+
+def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
+                        fit_args) -> dict:
+    """The chief's run, tracked in MLflow from start to end: fit, export the kept segmentor,
+    evaluate the export, report. The MLflow run ends FINISHED only if all of it did."""
+    tracker, epoch_logger = start_tracking(cfg, checked, where, values)
     status = "FAILED"
     try:
         checkpoint, train_seconds = fit_and_keep_best(cfg, model, **fit_args,
                                                       epoch_logger=epoch_logger)
-        ckpt_path = checkpoint.path
-
-        # Export the best segmentor, rebuilt outside the strategy so the SavedModel holds
-        # plain variables, then evaluate what was exported. It serves in float32 whatever
-        # the training precision (weights are float32 either way).
-        keras.mixed_precision.set_global_policy("float32")
-        segmentor = make_segmentor()
-        segmentor.load_weights(ckpt_path)
-        exported_weights = ckpt_path
-        if cfg.adabn:
-            target_images = pipeline.domain_stream(
-                cfg.data_dir, manifest, cfg.target_domain, "train",
-                batch_size=cfg.global_batch_size, labelled=False,
-                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, augment_data=False,
-                patch_size=patch_size)
-            used = adapt.reestimate_batchnorm(segmentor, target_images, cfg.adabn_batches)
-            tracker.log_metrics({"adabn_batches_used": used}, flush=False)
-            # Kept beside the source-statistics checkpoint, so uda-export can rebuild either.
-            exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
-            with files.atomic_write(exported_weights, None) as tmp:
-                segmentor.save_weights(tmp)
-        export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"),
-                                       cfg.model_name, manifest=manifest)
-        serve = load_serving_fn(export_path)
-        if volumes:  # whole volumes by Gaussian sliding window over patches of the model's size
-            predict = inference.volume_predict_fn(inference.saved_model_fn(serve), patch_size)
-        else:
-            predict = lambda images: serve(image=images)  # noqa: E731  labels + entropy
-        evaluations = {}
-        for role, domain in (("source", cfg.source_domain), ("target", cfg.target_domain)):
-            if domain is None or not manifest.labelled_cases(domain, "test"):
-                continue  # nothing to score against (an unlabelled target is the UDA norm)
-            oracle = role == "target"
-            out = os.path.join(run_dir, "eval", f"{role}_test")
-            summary = evaluate_model(predict, cfg.data_dir, manifest, domain, "test", out,
-                                     oracle=oracle)
-            tracker.log_metrics(summary_metrics(summary, f"{'oracle/' if oracle else ''}"
-                                                         f"{role}_test"), flush=False)
-            tracker.log_artifact(out, artifact_path=f"eval/{role}_test")
-            evaluations[role] = {"domain": domain, "dir": out, "summary": summary}
-        # Learning curves, sample target slices with entropy (no target labels read), model.
-        for path in figures.learning_curves(epoch_logger.history, os.path.join(run_dir, "plots")):
-            tracker.log_artifact(path, artifact_path="plots")
-        sample = figures.sample_segmentations(
-            serve, cfg.data_dir, manifest, cfg.target_domain or cfg.source_domain,
-            os.path.join(run_dir, "samples", "segmentations.png"), count=cfg.mlflow_sample_slices)
-        if sample:
-            tracker.log_artifact(sample, artifact_path="samples")
+        export_path, exported_weights = export_best(cfg, checked, checkpoint.path,
+                                                    where.run_dir, tracker)
+        serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker)
+        log_figures(cfg, checked, serve, where.run_dir, tracker, epoch_logger)
         tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
                                 alias=cfg.register_alias)
-        monitor, _ = selection_monitor(cfg.select_on)
-        at_best = {name: dict(values).get(checkpoint.best_epoch)
-                   for name, values in epoch_logger.history.items()}
-        best_val_dice = at_best.get("val_dice")  # source val Dice of the kept epoch
-        tracker.log_metrics({f"best_{monitor}": checkpoint.best,
-                             "best_epoch": checkpoint.best_epoch,
-                             "train_seconds": train_seconds})  # sends all of the above
-        result = {"run_dir": run_dir, "run_name": cfg.run_name, "method": cfg.method,
-                  "mlflow": {"tracking_uri": tracking_uri, "run_id": tracker.run_id,
-                             "experiment": cfg.mlflow_experiment,
-                             "model": tracker.model_info,
-                             "ui": tracking.ui_command(tracking_uri)},
-                  "selection": {"select_on": cfg.select_on, "monitor": monitor,
-                                "best": checkpoint.best, "best_epoch": checkpoint.best_epoch,
-                                "epoch_logs": at_best},
-                  "best_epoch": checkpoint.best_epoch, "best_val_dice": best_val_dice,
-                  "checkpoint": ckpt_path, "exported_weights": exported_weights,
-                  "saved_model": export_path,
-                  "train_seconds": train_seconds, "evaluations": evaluations}
-        with files.atomic_write(os.path.join(run_dir, "result.json")) as f:
-            json.dump(result, f, indent=2)
+        result = report(cfg, values, where.run_dir, tracker, epoch_logger, checkpoint,
+                        train_seconds, exported_weights, export_path, evaluations)
         status = "FINISHED"
         return result
     finally:
         tracker.finish(status)  # flushes; if MLflow is unreachable: <run_dir>/mlflow_unsent.json
+
+
+def start_tracking(cfg, checked: Checked, where: Placement, values):
+    """The MLflow run (resumed with --resume) with the run's flags, tags, flags.cfg and the
+    dataset's manifest; returns the tracker and the epoch logger fit reports to."""
+    from uda_tf.training import tracking
+    uri = cfg.mlflow_tracking_uri or tracking.default_tracking_uri(cfg.output_dir)
+    tags = {"git_commit": tracking.git_commit(os.path.dirname(os.path.abspath(__file__))),
+            "dataset_content_hash": checked.manifest.content_hash, "method": cfg.method,
+            "target_labels_in_training": str(bool(cfg.target_labelled_cases)).lower(),
+            **tracking.environment_tags(where.strategy)}
+    tracking.set_http_defaults()
+    tracker = tracking.RunTracker(uri, where.run_dir, values["mlflow_experiment"],
+                                  where.run_name, resume=cfg.resume)
+    tracker.log_params(values)
+    tracker.set_tags(tags)
+    tracker.log_artifact(os.path.join(where.run_dir, "flags.cfg"))
+    tracker.log_artifact(os.path.join(cfg.data_dir, "manifest.json"))
+    tracker.flush()  # a failure is kept and retried at the next epoch; training goes on
+    return tracker, tracking.MlflowEpochLogger(tracker)
+
+
+def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
+    """The kept segmentor, rebuilt outside the strategy so the SavedModel holds plain
+    variables (in float32 whatever the training precision), with AdaBN's target statistics
+    when asked, exported to <run_dir>/export. Returns (SavedModel path, weights exported)."""
+    import keras
+
+    from uda_tf.data import pipeline
+    from uda_tf.serving.export import export_segmentor
+    keras.mixed_precision.set_global_policy("float32")
+    segmentor = make_segmentor(cfg, checked.manifest)
+    segmentor.load_weights(ckpt_path)
+    exported_weights = ckpt_path
+    if cfg.adabn:
+        target_images = pipeline.domain_stream(
+            cfg.data_dir, checked.manifest, cfg.target_domain, "train",
+            batch_size=cfg.global_batch_size, labelled=False, shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed, augment_data=False, patch_size=checked.patch_size)
+        used = adapt.reestimate_batchnorm(segmentor, target_images, cfg.adabn_batches)
+        tracker.log_metrics({"adabn_batches_used": used}, flush=False)
+        # Kept beside the source-statistics checkpoint, so uda-export can rebuild either.
+        exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
+        with files.atomic_write(exported_weights, None) as tmp:
+            segmentor.save_weights(tmp)
+    export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"), cfg.model_name,
+                                   manifest=checked.manifest)
+    return export_path, exported_weights
+
+
+def evaluate_export(cfg, checked: Checked, export_path, run_dir, tracker):
+    """The exported SavedModel scored on the labelled test cases of the source and, as an
+    oracle never used to choose anything, the target. Returns (serving function,
+    {role: evaluation})."""
+    from uda_tf.evaluation import inference
+    from uda_tf.evaluation.evaluate import evaluate_model
+    from uda_tf.serving.export import load_serving_fn
+    serve = load_serving_fn(export_path)
+    if checked.volumes:  # whole volumes by Gaussian sliding window over the model's patches
+        predict = inference.volume_predict_fn(inference.saved_model_fn(serve),
+                                              checked.patch_size)
+    else:
+        predict = lambda images: serve(image=images)  # noqa: E731  labels + entropy
+    evaluations = {}
+    for role, domain in (("source", cfg.source_domain), ("target", cfg.target_domain)):
+        if domain is None or not checked.manifest.labelled_cases(domain, "test"):
+            continue  # nothing to score against (an unlabelled target is the UDA norm)
+        oracle = role == "target"
+        out = os.path.join(run_dir, "eval", f"{role}_test")
+        summary = evaluate_model(predict, cfg.data_dir, checked.manifest, domain, "test", out,
+                                 oracle=oracle)
+        tracker.log_metrics(summary_metrics(summary, f"{'oracle/' if oracle else ''}"
+                                                     f"{role}_test"), flush=False)
+        tracker.log_artifact(out, artifact_path=f"eval/{role}_test")
+        evaluations[role] = {"domain": domain, "dir": out, "summary": summary}
+    return serve, evaluations
+
+
+def log_figures(cfg, checked: Checked, serve, run_dir, tracker, epoch_logger) -> None:
+    """Learning curves, and sample target slices with entropy (no target label read)."""
+    from uda_tf.evaluation import figures
+    for path in figures.learning_curves(epoch_logger.history, os.path.join(run_dir, "plots")):
+        tracker.log_artifact(path, artifact_path="plots")
+    sample = figures.sample_segmentations(
+        serve, cfg.data_dir, checked.manifest, cfg.target_domain or cfg.source_domain,
+        os.path.join(run_dir, "samples", "segmentations.png"), count=cfg.mlflow_sample_slices)
+    if sample:
+        tracker.log_artifact(sample, artifact_path="samples")
+
+
+def report(cfg, values, run_dir, tracker, epoch_logger, checkpoint, train_seconds,
+           exported_weights, export_path, evaluations) -> dict:
+    """The run's final metrics to MLflow and <run_dir>/result.json (written last)."""
+    from uda_tf.training import tracking
+    from uda_tf.training.selection import selection_monitor
+    monitor, _ = selection_monitor(cfg.select_on)
+    at_best = {name: dict(history).get(checkpoint.best_epoch)
+               for name, history in epoch_logger.history.items()}
+    tracker.log_metrics({f"best_{monitor}": checkpoint.best, "best_epoch": checkpoint.best_epoch,
+                         "train_seconds": train_seconds})  # sends everything logged before
+    uri = tracker.tracking_uri
+    result = {"run_dir": run_dir, "run_name": values["run_name"], "method": cfg.method,
+              "mlflow": {"tracking_uri": uri, "run_id": tracker.run_id,
+                         "experiment": values["mlflow_experiment"],
+                         "model": tracker.model_info, "ui": tracking.ui_command(uri)},
+              "selection": {"select_on": cfg.select_on, "monitor": monitor,
+                            "best": checkpoint.best, "best_epoch": checkpoint.best_epoch,
+                            "epoch_logs": at_best},
+              "best_epoch": checkpoint.best_epoch,
+              "best_val_dice": at_best.get("val_dice"),  # source val Dice of the kept epoch
+              "checkpoint": checkpoint.path, "exported_weights": exported_weights,
+              "saved_model": export_path, "train_seconds": train_seconds,
+              "evaluations": evaluations}
+    with files.atomic_write(os.path.join(run_dir, "result.json")) as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 def target_val_dataset_fn(cfg, manifest, volumes, patch_size):

@@ -47,7 +47,7 @@ def loss_scaled(optimizer):
     return optimizer
 
 
-class SegmentationMethod(keras.Model):
+class SegmentationMethod(keras_compat.FitHooks):
     """Base class. A subclass's `train_step` is its method's update rule; `test_step` (Dice and
     supervised loss on labelled source validation slices) is shared, since checkpoints are
     chosen on source-validation Dice by default and target labels never reach a method.
@@ -228,28 +228,6 @@ class SegmentationMethod(keras.Model):
         """Callbacks the method's update rule needs during fit (e.g. self-training's teacher
         rounds, from the `config` it was built with); train.py adds them."""
         return []
-
-    # -- multi-worker fit (keras #20585; the workarounds live in uda_tf/keras_compat.py) ----
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if keras_compat.needs_symbolic_build(self):
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def _make_function(self, step_function):
-        return super()._make_function(
-            keras_compat.shaped_step(step_function, self.distribute_strategy))
-
-    def _get_metrics_result_or_logs(self, logs):
-        """Keras reports the metrics' own results (their variables, summed over every replica
-        and worker when read) only when a step returns exactly `self.metrics`' keys; otherwise
-        it keeps the last step's logs, which under a strategy are each replica's *local*
-        results averaged over the replicas. `test_step` returns the validation metrics only
-        (a GRL also tracks domain_loss, ...), so on several replicas val_dice was the mean of
-        per-replica Dice, not the Dice of the validation set. Take the metrics' results for
-        the keys the step returned (keras/src/trainers/trainer.py)."""
-        metric_logs = self.get_metrics_result()
-        if isinstance(logs, dict) and logs and set(logs) <= set(metric_logs):
-            return {name: metric_logs[name] for name in logs}
-        return super()._get_metrics_result_or_logs(logs)
 
     def call(self, images, training=False):
         return self.segmentor(images, training=training)["logits"]
