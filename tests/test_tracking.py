@@ -17,9 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite store for the in-process tests (creating one costs a second or two)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+def store(tmp_path_factory, mlflow_store):
+    """One sqlite store for the in-process tests."""
+    return mlflow_store(tmp_path_factory.mktemp("store"))
 
 
 def free_port():
@@ -29,7 +29,7 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_prepared, tmp_path_factory):
+def runs(tiny_prepared, tmp_path_factory, mlflow_store):
     """Starts both trainings at once (TensorFlow start-up dominates; two cores), then waits."""
     data_dir, manifest = tiny_prepared
     tmp = tmp_path_factory.mktemp("tracking")
@@ -39,7 +39,7 @@ def runs(tiny_prepared, tmp_path_factory):
         "--method=source_only", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
         "--base_filters=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
         "--mlflow_sample_slices=3"]) + "\n")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = mlflow_store(tmp)
     offline_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     commands = {
         "online": [f"--flagfile={flagfile}", "--run_name=online", f"--mlflow_tracking_uri={uri}",
@@ -59,6 +59,7 @@ def runs(tiny_prepared, tmp_path_factory):
     return results, uri, manifest
 
 
+@pytest.mark.slow
 def test_run_logs_params_metrics_artifacts_and_model(runs):
     import mlflow
     (code, out, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]

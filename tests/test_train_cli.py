@@ -17,9 +17,10 @@ def _train(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-def test_grl_run_end_to_end(tiny_prepared, tmp_path):
+@pytest.mark.slow
+def test_grl_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
     data_dir, manifest = tiny_prepared
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
                   "--method=grl", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
                   "--base_filters=2", "--num_cpu_devices=2", f"--output_dir={tmp_path}/runs",
