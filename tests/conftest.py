@@ -6,9 +6,9 @@ Distribution tests run MirroredStrategy over the first two (`two_replicas`) or a
 single-device tests use OneDeviceStrategy("/cpu:0") in the same process
 (logical devices can only be configured before TensorFlow initialises them).
 
-`make test` runs the tests in parallel processes (pytest-xdist, `--dist=loadgroup`): each
-process is set up as above and has its own temporary directories; tests that share a module
-fixture run in one process (`pytest_collection_modifyitems`), so it is built once.
+`make test` runs the tests in parallel processes (pytest-xdist, `--dist=loadfile`): each
+process is set up as above and has its own temporary directories, and runs whole test files,
+so a module fixture (a prepared dataset, an export, the e2e chains) is built once.
 """
 import os
 import shutil
@@ -22,18 +22,12 @@ from uda_tf.training import devices  # noqa: E402
 devices.split_cpu(3)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests using a module- or class-scoped fixture join one xdist group per module: spread
-    over processes, each would build the fixture again (a prepared dataset, an export, the e2e
-    chains). Tests marked `slow` move to the front (stable order otherwise) so that the
-    longest ones start first and no process is left with one at the end; a module's tests stay
-    together, so its fixtures are still built once in a serial run."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d[-1].scope for d in defs.name2fixturedefs.values()} if defs else set()
-        if scopes & {"module", "class"}:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """Files with a test marked `slow` move to the front, whole and otherwise in order: xdist
+    hands out files in this order (`--no-loadscope-reorder`), so the longest start first and
+    no process is left alone with one at the end (longest-first scheduling). pytest-xdist's
+    `xdist_group` is not used: with pytest 9.2 its renamed node ids are ignored (xdist 3.8 sets
+    `Item._nodeid`, pytest now reads `Item._id`), so groups were silently split."""
     modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: getattr(item, "module", None) is None
                or item.module.__name__ not in modules)
