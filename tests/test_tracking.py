@@ -275,3 +275,17 @@ def test_replay_drops_artifacts_that_no_longer_exist(tmp_path, store, caplog):
     run_id = (tmp_path / tracking.RUN_ID_FILE).read_text().strip()
     assert [a.path for a in client.list_artifacts(run_id)] == ["kept.txt"]
     assert len(client.get_metric_history(run_id, "loss")) == 1
+
+
+def test_mlflow_store_copies_are_migrated_and_independent(mlflow_store, tmp_path):
+    """tests/conftest.py `mlflow_store`: each copy already holds MLflow's schema (no migration
+    in the run that opens it) and is a store of its own."""
+    import sqlite3
+
+    import mlflow
+    a, b = mlflow_store(tmp_path / "a"), mlflow_store(tmp_path / "b", "other.db")
+    assert b == f"sqlite:///{tmp_path / 'b' / 'other.db'}"
+    with sqlite3.connect(a[len("sqlite:///"):]) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    mlflow.MlflowClient(a).create_experiment("only_in_a")
+    assert mlflow.MlflowClient(b).get_experiment_by_name("only_in_a") is None

@@ -11,7 +11,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(*args, timeout=300):
+def _train(*args, timeout=600):
+    """train.py as a user runs it. A tiny run takes ~60 s on an idle core; the limit allows for
+    a machine loaded several times over (`make test` runs two test processes; 300 s was hit
+    at a load average of 6-8 on 2 cores)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
