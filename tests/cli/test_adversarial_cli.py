@@ -7,9 +7,10 @@ import pytest
 from tests.cli.test_train_cli import _train
 
 
-def test_adversarial_run_end_to_end(tiny_prepared, tmp_path):
+@pytest.mark.slow
+def test_adversarial_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
     data_dir, _ = tiny_prepared
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
                   "--method=adversarial", "--adv_loss=wgan-gp", "--patch_discriminators",
                   "--adv_both_domains", "--disc_steps=2", "--minent_weight=0.01",

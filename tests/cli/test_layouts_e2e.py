@@ -125,9 +125,10 @@ def _link_dir(directory, files):
     return directory
 
 
-def run_chain(name, work):
-    """prepare -> train -> predict -> evaluate for one layout under `work`; stops at the first
-    step that fails. Returns {"steps": [(step, seconds, CompletedProcess)], paths...}."""
+def run_chain(name, work, mlflow_uri):
+    """prepare -> train -> predict -> evaluate for one layout under `work` (train tracks in
+    `mlflow_uri`); stops at the first step that fails. Returns {"steps": [(step, seconds,
+    CompletedProcess)], paths...}."""
     spec = LAYOUTS[name]
     layout = spec.get("layout", name)
     out = {"steps": [], "raw": os.path.join(work, "raw"), "work": work}
@@ -144,7 +145,7 @@ def run_chain(name, work):
         "train.py", f"--data_dir={prepared}", *spec["train"], "--epochs=1",
         "--steps_per_epoch=1", "--base_filters=2", "--global_batch_size=2", "--augment=none",
         f"--output_dir={work}/runs", "--run_name=e2e", "--model_name=e2e",
-        f"--mlflow_tracking_uri=sqlite:///{work}/mlflow.db", "--mlflow_experiment=e2e",
+        f"--mlflow_tracking_uri={mlflow_uri}", "--mlflow_experiment=e2e",
         "--mlflow_sample_slices=0", "--backup_every_steps=0", "--notarget_criteria"], steps)
     if proc.returncode:
         return out
@@ -179,13 +180,14 @@ def run_chain(name, work):
 
 
 @pytest.fixture(scope="module")
-def chains(request, tmp_path_factory):
+def chains(request, tmp_path_factory, mlflow_store):
     """The chains of every layout selected in this session, JOBS at a time."""
     selected = sorted({item.callspec.params["layout"] for item in request.session.items
                        if item.module is request.module and hasattr(item, "callspec")})
     with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
-        futures = {name: pool.submit(run_chain, name, str(tmp_path_factory.mktemp(name)))
-                   for name in selected}
+        works = {name: str(tmp_path_factory.mktemp(name)) for name in selected}
+        futures = {name: pool.submit(run_chain, name, work, mlflow_store(work))
+                   for name, work in works.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -260,6 +262,7 @@ def _check_evaluation(chain, spec, manifest):
         assert mean is None or 0.0 <= mean <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_end_to_end(layout, chains):
     chain, spec = chains[layout], LAYOUTS[layout]

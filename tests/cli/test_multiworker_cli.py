@@ -43,9 +43,10 @@ def _wait(procs, limit):
     return outputs
 
 
-def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path):
+@pytest.mark.slow
+def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_store):
     data_dir, _ = tiny_prepared
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     procs = _start_workers([
         f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
         "--method=adversarial", "--adv_both_domains", "--cluster=tf_config",

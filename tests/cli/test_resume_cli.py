@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 8  # per epoch; the kill waits for a backup inside the second epoch
@@ -25,9 +26,9 @@ def _args(data_dir, tmp_path, name):
 
 
 def _uri(tmp_path, name):
-    """One store per run name: the two runs start at the same time, and two processes creating
-    one fresh sqlite store race in MLflow's schema migration ("table _alembic_tmp_experiments
-    already exists"). The killed and the resumed run share theirs."""
+    """One store per run name (copies of a migrated one, tests/conftest.py `mlflow_store`), so
+    the two runs started at the same time keep apart. The killed and the resumed run share
+    theirs."""
     return f"sqlite:///{tmp_path}/mlflow_{name}.db"
 
 
@@ -42,8 +43,12 @@ def _final_backup(run_dir):
         return backups[-1], {k: npz[k] for k in npz.files}
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_prepared, tmp_path):
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_prepared, tmp_path,
+                                                             mlflow_store):
     data_dir, _ = tiny_prepared
+    for name in ("whole", "crash"):
+        assert mlflow_store(tmp_path, f"mlflow_{name}.db") == _uri(tmp_path, name)
     whole = subprocess.Popen(_args(data_dir, tmp_path, "whole"), env=_env(), cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Killed as soon as a backup inside epoch 1 exists (steps 10.. of 16).

@@ -21,7 +21,8 @@ def prepared_volumes(tmp_path_factory):
     return str(out), manifest
 
 
-def test_unet3d_run_end_to_end(prepared_volumes, tmp_path):
+@pytest.mark.slow
+def test_unet3d_run_end_to_end(prepared_volumes, tmp_path, mlflow_store):
     data_dir, manifest = prepared_volumes
     assert manifest["output"]["records"] == "volumes"
     proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
@@ -30,7 +31,7 @@ def test_unet3d_run_end_to_end(prepared_volumes, tmp_path):
                   "--class_weights=0.5,1,1", "--lr_schedule=poly", "--warmup_steps=1",
                   "--epochs=1", "--steps_per_epoch=2", "--global_batch_size=2",
                   "--num_cpu_devices=2", "--shuffle_buffer=4", f"--output_dir={tmp_path}/runs",
-                  "--run_name=tiny3d", f"--mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                  "--run_name=tiny3d", f"--mlflow_tracking_uri={mlflow_store(tmp_path)}",
                   "--model_name=tiny3d", "--mlflow_experiment=test3d", "--mlflow_sample_slices=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny3d"

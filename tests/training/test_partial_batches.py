@@ -53,7 +53,9 @@ def test_pad_batch_weights_the_padding_zero():
         == [9, 6, 8, 3]
 
 
-def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepared, tmp_path):
+@pytest.mark.slow
+def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepared, tmp_path,
+                                                                      mlflow_store):
     """10 validation slices in batches of 8 on 3 replicas: the last batch of 2 left a replica
     without a sample (InvalidArgumentError, a FAILED MLflow run). Now the run finishes and its
     val_dice is the Dice of the checkpoint on the 10 slices, computed on one device; the
@@ -66,7 +68,8 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
     data_dir, manifest = tiny_prepared
     assert manifest.num_records("dom_a", "val") == 10
     cfg = _cfg(data_dir, tmp_path / "runs", num_cpu_devices=3, global_batch_size=8,
-               method="grl", target_criteria=True)
+               method="grl", target_criteria=True,
+               mlflow_tracking_uri=mlflow_store(tmp_path / "runs"))
     result = train.train(cfg)
     logs = result["selection"]["epoch_logs"]
 

@@ -17,9 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite store for the in-process tests (creating one costs a second or two)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+def store(tmp_path_factory, mlflow_store):
+    """One sqlite store for the in-process tests."""
+    return mlflow_store(tmp_path_factory.mktemp("store"))
 
 
 def free_port():
@@ -29,7 +29,7 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_prepared, tmp_path_factory):
+def runs(tiny_prepared, tmp_path_factory, mlflow_store):
     """Starts both trainings at once (TensorFlow start-up dominates; two cores), then waits."""
     data_dir, manifest = tiny_prepared
     tmp = tmp_path_factory.mktemp("tracking")
@@ -39,7 +39,7 @@ def runs(tiny_prepared, tmp_path_factory):
         "--method=source_only", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
         "--base_filters=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
         "--mlflow_sample_slices=3"]) + "\n")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = mlflow_store(tmp)
     offline_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     commands = {
         "online": [f"--flagfile={flagfile}", "--run_name=online", f"--mlflow_tracking_uri={uri}",
@@ -59,6 +59,7 @@ def runs(tiny_prepared, tmp_path_factory):
     return results, uri, manifest
 
 
+@pytest.mark.slow
 def test_run_logs_params_metrics_artifacts_and_model(runs):
     import mlflow
     (code, out, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
@@ -274,3 +275,17 @@ def test_replay_drops_artifacts_that_no_longer_exist(tmp_path, store, caplog):
     run_id = (tmp_path / tracking.RUN_ID_FILE).read_text().strip()
     assert [a.path for a in client.list_artifacts(run_id)] == ["kept.txt"]
     assert len(client.get_metric_history(run_id, "loss")) == 1
+
+
+def test_mlflow_store_copies_are_migrated_and_independent(mlflow_store, tmp_path):
+    """tests/conftest.py `mlflow_store`: each copy already holds MLflow's schema (no migration
+    in the run that opens it) and is a store of its own."""
+    import sqlite3
+
+    import mlflow
+    a, b = mlflow_store(tmp_path / "a"), mlflow_store(tmp_path / "b", "other.db")
+    assert b == f"sqlite:///{tmp_path / 'b' / 'other.db'}"
+    with sqlite3.connect(a[len("sqlite:///"):]) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    mlflow.MlflowClient(a).create_experiment("only_in_a")
+    assert mlflow.MlflowClient(b).get_experiment_by_name("only_in_a") is None
