@@ -157,7 +157,14 @@ def _validate_data(manifest: dict, fail) -> None:
         if entry["domain"] not in domains:
             fail(f"'cases'[{case_id!r}] 'domain'", f"one of 'domains' {sorted(domains)}",
                  entry["domain"])
-    shards = manifest["shards"]
+    _validate_shards(manifest["shards"], domains, fail)
+    skipped = manifest.get("skipped_cases", [])
+    if not (isinstance(skipped, list) and all(isinstance(e, dict) for e in skipped)):
+        fail("'skipped_cases'", "a list of objects", skipped)
+
+
+def _validate_shards(shards, domains, fail) -> None:
+    splits = (*SPLITS, _UNLABELLED)
     if not isinstance(shards, list):
         fail("'shards'", "a list", type(shards).__name__)
     for index, shard in enumerate(shards):
@@ -178,9 +185,6 @@ def _validate_data(manifest: dict, fail) -> None:
             fail(f"{key} 'domain'", f"one of 'domains' {sorted(domains)}", shard.get("domain"))
         if shard.get("split") not in splits:
             fail(f"{key} 'split'", f"one of {', '.join(splits)}", shard.get("split"))
-    skipped = manifest.get("skipped_cases", [])
-    if not (isinstance(skipped, list) and all(isinstance(e, dict) for e in skipped)):
-        fail("'skipped_cases'", "a list of objects", skipped)
 
 
 def load_manifest(data_dir: str) -> "Manifest":

@@ -140,6 +140,21 @@ def read_unsent(path: str) -> dict:
     """The contents of an mlflow_unsent.json written by `RunTracker.finish`, checked field by
     field; UnsentFileError naming the file and what is wrong otherwise (never another error:
     tests/training/test_replay_properties.py)."""
+    saved = _read_json_object(path)
+    for key in ("tracking_uri", "experiment"):
+        _expect(_is_text(saved.get(key)), path, f"{key!r}", "a string")
+    for key in ("run_name", "run_id", "last_error"):
+        _expect(saved.get(key) is None or _is_text(saved[key]), path, f"{key!r}",
+                "a string or null")
+    _expect(saved.get("status", "FINISHED") in ("FINISHED", "FAILED", "KILLED", "RUNNING",
+                                                "SCHEDULED"), path, "'status'",
+            "an MLflow run status")
+    saved["pending"] = _checked_pending(saved.get("pending"), path)
+    return saved
+
+
+def _read_json_object(path: str) -> dict:
+    """The JSON object in `path`; UnsentFileError saying why it cannot be read."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -158,15 +173,11 @@ def read_unsent(path: str) -> dict:
         raise UnsentFileError(f"{path}: not readable JSON ({type(e).__name__}); the file is "
                               "kept as it is (nothing was sent or removed)") from None
     _expect(isinstance(saved, dict), path, "the top level", "a JSON object")
-    for key in ("tracking_uri", "experiment"):
-        _expect(_is_text(saved.get(key)), path, f"{key!r}", "a string")
-    for key in ("run_name", "run_id", "last_error"):
-        _expect(saved.get(key) is None or _is_text(saved[key]), path, f"{key!r}",
-                "a string or null")
-    _expect(saved.get("status", "FINISHED") in ("FINISHED", "FAILED", "KILLED", "RUNNING",
-                                                "SCHEDULED"), path, "'status'",
-            "an MLflow run status")
-    pending = saved.get("pending")
+    return saved
+
+
+def _checked_pending(pending, path: str) -> dict:
+    """The queue of an unsent file, every entry checked, with only the keys replay reads."""
     _expect(isinstance(pending, dict), path, "'pending'", "a JSON object")
     for key in ("params", "tags"):
         group = pending.get(key, {})
@@ -191,18 +202,14 @@ def read_unsent(path: str) -> dict:
                               and all(_is_text(model.get(k, ""))
                                       for k in ("register_name", "alias"))),
             path, "pending 'model'", "null or {saved_model, register_name, alias: strings}")
-    saved["pending"] = {"params": dict(pending.get("params", {})),
-                        "tags": dict(pending.get("tags", {})),
-                        "metrics": [{k: m[k] for k in ("key", "value", "timestamp", "step")}
-                                    for m in metrics],
-                        "artifacts": [{"path": a["path"],
-                                       "artifact_path": a.get("artifact_path")}
-                                      for a in artifacts],
-                        "model": None if model is None else {
-                            "saved_model": model["saved_model"],
-                            "register_name": model.get("register_name", ""),
-                            "alias": model.get("alias", "")}}
-    return saved
+    return {"params": dict(pending.get("params", {})), "tags": dict(pending.get("tags", {})),
+            "metrics": [{k: m[k] for k in ("key", "value", "timestamp", "step")}
+                        for m in metrics],
+            "artifacts": [{"path": a["path"], "artifact_path": a.get("artifact_path")}
+                          for a in artifacts],
+            "model": None if model is None else {
+                "saved_model": model["saved_model"],
+                "register_name": model.get("register_name", ""), "alias": model.get("alias", "")}}
 
 
 def _set_aside(path: str) -> str:
