@@ -21,9 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _cfg(data_dir, out, **overrides):
-    """Resolved flags as train.py's main passes them: every default, then a tiny run."""
+    """The RunConfig train.py's main passes: every flag's default, then a tiny run."""
     from absl import flags
     from uda_tf.cli import train
+    from uda_tf.training.config import RunConfig
     train.define_flags()  # once per process
     values = {name: flags.FLAGS[name].default for name in train._NAMES}
     values.update(data_dir=data_dir, source_domain="dom_a", target_domain="dom_b",
@@ -33,7 +34,7 @@ def _cfg(data_dir, out, **overrides):
                   mlflow_sample_slices=0, model_name="m", check_shards=False,
                   backup_every_steps=0, target_criteria=False)
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return RunConfig.from_flags(values)
 
 
 def _train(cfg):
