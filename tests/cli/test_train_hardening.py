@@ -68,7 +68,9 @@ def test_path_escaping_names_are_refused_before_anything_is_written(tiny_prepare
     victim = _precious(tmp_path / "victim", marker=True)  # even a run of ours elsewhere
     value = str(victim) if value == "ABSOLUTE" else value
     out = tmp_path / "runs"
-    cfg = _cfg(data_dir, out, overwrite=True, **{flag: value})
+    # (an alias needs a registered model name: RunConfig checks that rule too)
+    needs = {"register_model_name": "seg"} if flag == "register_alias" else {}
+    cfg = _cfg(data_dir, out, overwrite=True, **needs, **{flag: value})
     with pytest.raises(files.BadNameError, match=f"--{flag}={value!r}"):
         _train(cfg)
     assert _intact(victim) and not out.exists()

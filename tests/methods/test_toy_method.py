@@ -11,7 +11,7 @@ import tests.methods.toy_method  # noqa: F401  (registers --method=toy)
 
 def _values(data_dir, out, **overrides):
     from absl import flags
-    from uda_tf import train
+    from uda_tf.cli import train
     train.define_flags()  # adds the toy's flag and --method value if defined before
     values = {name: flags.FLAGS[name].default for name in train._NAMES}
     values.update(data_dir=data_dir, source_domain="dom_a", target_domain="dom_b",
@@ -26,7 +26,7 @@ def _values(data_dir, out, **overrides):
 
 def test_toy_setting_is_a_generated_flag():
     from absl import flags
-    from uda_tf import train
+    from uda_tf.cli import train
     train.define_flags()
     assert "toy_l2_weight" in train._NAMES
     assert flags.FLAGS["toy_l2_weight"].default == 0.01
@@ -38,8 +38,8 @@ def test_toy_setting_is_a_generated_flag():
 
 
 def test_toy_trains_resumes_and_exports(tiny_prepared, tmp_path):
-    from uda_tf import train
-    from uda_tf.export import export_checkpoint
+    from uda_tf.cli import train
+    from uda_tf.serving.export import export_checkpoint
     from uda_tf.training import resume
     from uda_tf.training.config import RunConfig
     data_dir, _ = tiny_prepared

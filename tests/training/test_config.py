@@ -120,3 +120,13 @@ def test_a_file_that_is_no_config_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"flags.cfg: --epochs must be >= 1"):
         RunConfig.from_flagfile(str(tmp_path / "flags.cfg"))
     assert run_config_file(str(tmp_path / "nowhere")) is None
+
+
+def test_resume_compares_the_flags_of_this_runs_config():
+    """A backup holds the flags of the run that made it; settings of other methods (which
+    backups made before RunConfig held) are not this run's and are not compared."""
+    from uda_tf.training.resume import flag_differences
+    current = _adversarial().flag_values()
+    saved = {**current, "grl_lambda": 2.0, "epochs": 2}
+    assert flag_differences(saved, current) == ["--epochs: backup 2, now 3"]
+    assert flag_differences({}, {"epochs": 3}) == ["--epochs: backup None, now 3"]
