@@ -126,14 +126,14 @@ def test_bad_input_exits_nonzero_naming_it(args, expected):
 
 
 def test_fda_needs_a_method_with_target_batches(tiny_prepared):
-    from types import SimpleNamespace
-
     from absl import app
 
     from uda_tf.cli import train
+    from uda_tf.training.config import RunConfig
     data_dir, _ = tiny_prepared
-    cfg = SimpleNamespace(method="source_only", data_dir=data_dir, dataset_source="",
-                          source_domain="dom_a", target_domain="dom_b", fda_beta=0.1)
+    cfg = RunConfig.from_flags(dict(method="source_only", data_dir=data_dir, dataset_source="",
+                                    source_domain="dom_a", target_domain="dom_b",
+                                    fda_beta=0.1))
     with pytest.raises(app.UsageError, match="--fda_beta=0.1 needs target batches"):
         train.train(cfg)
 

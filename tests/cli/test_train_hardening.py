@@ -21,9 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _cfg(data_dir, out, **overrides):
-    """Resolved flags as train.py's main passes them: every default, then a tiny run."""
+    """The RunConfig train.py's main passes: every flag's default, then a tiny run."""
     from absl import flags
     from uda_tf.cli import train
+    from uda_tf.training.config import RunConfig
     train.define_flags()  # once per process
     values = {name: flags.FLAGS[name].default for name in train._NAMES}
     values.update(data_dir=data_dir, source_domain="dom_a", target_domain="dom_b",
@@ -33,7 +34,7 @@ def _cfg(data_dir, out, **overrides):
                   mlflow_sample_slices=0, model_name="m", check_shards=False,
                   backup_every_steps=0, target_criteria=False)
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return RunConfig.from_flags(values)
 
 
 def _train(cfg):
@@ -67,7 +68,9 @@ def test_path_escaping_names_are_refused_before_anything_is_written(tiny_prepare
     victim = _precious(tmp_path / "victim", marker=True)  # even a run of ours elsewhere
     value = str(victim) if value == "ABSOLUTE" else value
     out = tmp_path / "runs"
-    cfg = _cfg(data_dir, out, overwrite=True, **{flag: value})
+    # (an alias needs a registered model name: RunConfig checks that rule too)
+    needs = {"register_model_name": "seg"} if flag == "register_alias" else {}
+    cfg = _cfg(data_dir, out, overwrite=True, **needs, **{flag: value})
     with pytest.raises(files.BadNameError, match=f"--{flag}={value!r}"):
         _train(cfg)
     assert _intact(victim) and not out.exists()

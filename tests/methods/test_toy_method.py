@@ -3,7 +3,6 @@ here and nowhere else, gets its setting as a generated train.py flag, trains thr
 train.train, resumes from its backup (every optimizer restored) and exports."""
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -42,8 +41,9 @@ def test_toy_trains_resumes_and_exports(tiny_prepared, tmp_path):
     from uda_tf.cli import train
     from uda_tf.serving.export import export_checkpoint
     from uda_tf.training import resume
+    from uda_tf.training.config import RunConfig
     data_dir, _ = tiny_prepared
-    result = train.train(SimpleNamespace(**_values(data_dir, tmp_path)))
+    result = train.train(RunConfig.from_flags(_values(data_dir, tmp_path)))
     run_dir = result["run_dir"]
     backups = resume.list_backups(os.path.join(run_dir, resume.BACKUP_DIR))
     state = json.loads(open(os.path.join(backups[-1], "state.json")).read())
@@ -56,7 +56,7 @@ def test_toy_trains_resumes_and_exports(tiny_prepared, tmp_path):
     assert any(v.shape == () and int(v) == 2 for v in probe_iterations)  # stepped twice
 
     # --resume restores every group (a count mismatch, e.g. a forgotten optimizer, raises)
-    again = train.train(SimpleNamespace(**_values(data_dir, tmp_path, resume=True)))
+    again = train.train(RunConfig.from_flags(_values(data_dir, tmp_path, resume=True)))
     assert again["run_dir"] == run_dir and os.path.isdir(again["saved_model"])
 
     exported = export_checkpoint(run_dir, export_root=str(tmp_path / "export"),

@@ -124,7 +124,7 @@ def test_unet3d_step_is_the_same_on_one_device_and_two_replicas(method, norm, on
 @pytest.mark.parametrize("values,data_rank,message", [
     ({"model": "unet3d"}, 2, "--model=unet3d takes 3D patches"),
     ({"model": "unet2d"}, 3, "--model=unet2d takes 2D slices"),
-    ({"model": "unet3d", "patch_size": "16,16"}, 3, "--patch_size"),
+    ({"model": "unet3d", "patch_size": (16, 16)}, 3, "--patch_size"),
     ({"head": "sigmoid"}, 2, "--head=sigmoid needs a two-class dataset"),
     ({"class_weights": ["1", "2"]}, 2, "--class_weights has 2 values but the dataset has "
                                        "num_classes=3"),
@@ -135,15 +135,20 @@ def test_bad_model_flags_name_the_flag(values, data_rank, message):
         check_flags({"model": "unet2d", **values}, MANIFESTS[data_rank])
 
 
-def test_flags_cfg_strings_rebuild_the_same_3d_segmentor():
-    """export/predict rebuild the segmentor from flags.cfg, whose values are strings."""
+def test_flags_cfg_rebuilds_the_same_3d_segmentor(tmp_path):
+    """export/predict rebuild the segmentor from a run's config; an older run's flags.cfg
+    (strings) is read into the same typed values."""
+    from uda_tf.training.config import RunConfig
     manifest = {"image_shape": [40, 40, None, 1], "num_classes": 3,
                 "output": {"records": "volumes"}}
-    cfg = {"model": "unet3d", "base_filters": "2", "norm": "group", "patch_size": "16,16,8"}
-    seg = segmentor_from_flags(cfg, manifest)
+    (tmp_path / "flags.cfg").write_text("--model=unet3d\n--base_filters=2\n--norm=group\n"
+                                        "--patch_size=16,16,8\n")
+    cfg = RunConfig.from_flagfile(str(tmp_path / "flags.cfg"))
+    assert cfg.patch_size == (16, 16, 8)
+    seg = segmentor_from_flags(cfg.flag_values(), manifest)
     assert seg.input_shape == (None, 16, 16, 8, 1)
     with pytest.raises(ValueError, match="--patch_size=h,w,d"):
-        segmentor_from_flags({**cfg, "patch_size": ""}, manifest)
+        segmentor_from_flags(cfg.replace(patch_size=()).flag_values(), manifest)
 
 
 def test_domain_classifier_on_3d_features_of_several_levels():

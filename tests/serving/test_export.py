@@ -133,6 +133,10 @@ def test_assets_and_warmup_requests_run(exported):
     extra = os.path.join(path, "assets.extra")
     assert json.load(open(os.path.join(extra, "manifest.json"))) == exported.manifest
     assert json.load(open(os.path.join(extra, "label_names.json"))) == MANIFEST["label_names"]
+    # the run's config, read from the old run's flags.cfg, travels with the export
+    from uda_tf.training.config import RunConfig
+    config = RunConfig.load(os.path.join(extra, "config.json"))
+    assert (config.base_filters, config.norm, config.model_name) == (4, "instance", "tiny")
     seen = []
     for record in tf.data.TFRecordDataset(os.path.join(extra, WARMUP_FILE)):
         request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
@@ -145,3 +149,21 @@ def test_assets_and_warmup_requests_run(exported):
         seen.append((signature, batch))
     assert sorted(seen) == [("serving_default", 1), ("serving_default", 3),
                             ("serving_raw", 1), ("serving_raw", 3)]
+
+
+def test_export_reads_the_runs_config_json_before_its_flags_cfg(tmp_path):
+    """A run's checkpoints/ holds config.json (and flags.cfg for people): the export builds the
+    segmentor config.json describes and names its model after it."""
+    from uda_tf.data.manifest import write_manifest
+    from uda_tf.training.config import RunConfig
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    tiny_segmentor(seed=4).save_weights(str(ckpt / "best.weights.h5"))
+    config = RunConfig.from_flags({"base_filters": 4, "norm": "instance",
+                                   "model_name": "from_json"})
+    config.save(str(ckpt / "config.json"))
+    (ckpt / "flags.cfg").write_text("--base_filters=8\n--norm=batch\n--model_name=stale\n")
+    write_manifest(str(ckpt), MANIFEST)
+    path = export_checkpoint(str(tmp_path), warmup_batch_sizes=(1,))
+    assert path.endswith(os.path.join("export", "from_json", "1"))
+    assert RunConfig.load(os.path.join(path, "assets.extra", "config.json")) == config

@@ -2,7 +2,6 @@
 logical CPUs, 9 or 7 slices in batches of 8 or 4): no crash, and the Dice and loss are those
 of exactly the real slices, as on one device."""
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,7 +72,7 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
     result = train.train(cfg)
     logs = result["selection"]["epoch_logs"]
 
-    seg = segmentor_from_flags(vars(SimpleNamespace(**vars(cfg))), manifest)
+    seg = segmentor_from_flags(cfg.flag_values(), manifest)
     seg.load_weights(result["checkpoint"])
     dice = StreamingDice(["background", "left", "front"])
     for images, labels in pipeline.eval_dataset(data_dir, manifest, "dom_a", "val",

@@ -12,8 +12,9 @@ from uda_tf.serving.export import export_checkpoint
 
 def define_flags():
     from absl import flags
-    flags.DEFINE_string("checkpoint", None, "best.weights.h5 (with flags.cfg next to it), its "
-                        "checkpoints directory, or the run directory.")
+    flags.DEFINE_string("checkpoint", None, "best.weights.h5 (with the run's config.json or "
+                        "flags.cfg next to it), its checkpoints directory, or the run "
+                        "directory.")
     flags.DEFINE_string("export_dir", None, "Export root: the SavedModel goes to "
                         "<export_dir>/<model_name>/<version> (default: <run_dir>/export).")
     flags.DEFINE_string("model_name", None, "Model name (default: the run's --model_name).")

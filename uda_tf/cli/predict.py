@@ -16,8 +16,8 @@ def define_flags():
     from uda_tf.data.layouts import LAYOUTS
     flags.DEFINE_string("model", None, "SavedModel directory (<name>/<version>) or a "
                         ".weights.h5 checkpoint.")
-    flags.DEFINE_string("flags", None, "flags.cfg of the run, for a .weights.h5 --model "
-                        "(default: the one next to the checkpoint).")
+    flags.DEFINE_string("flags", None, "config.json or flags.cfg of the run, for a .weights.h5 "
+                        "--model (default: the one next to the checkpoint).")
     flags.DEFINE_string("manifest", None, "manifest.json (or its directory) of the prepared "
                         "training data (default: the SavedModel's assets.extra/manifest.json, "
                         "or next to the checkpoint).")

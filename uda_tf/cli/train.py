@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from types import SimpleNamespace
 
 from absl import app, flags, logging
 
 from uda_tf import files, methods
-from uda_tf.methods import METHODS
-from uda_tf.models import MODELS
-from uda_tf.models.heads import HEADS
-from uda_tf.models.layers import NORMALIZATIONS
-from uda_tf.training import adapt, devices, guards, multiworker
-from uda_tf.training.devices import CLUSTERS
-from uda_tf.methods.schedules import LR_SCHEDULES
-from uda_tf.training.selection import SELECT_ON
+from uda_tf.methods import METHODS, settings
+from uda_tf.training import adapt, config, devices, guards, multiworker
+from uda_tf.training.config import CONFIG_FILE, RunConfig
 
 FLAGS = flags.FLAGS
 _NAMES: list[str] = []  # the flags this CLI defines, in order: resolved, logged and saved
@@ -48,195 +43,33 @@ def _define(kind, name, default, help_text, enum_values=None, **kwargs):
 
 def define_flags():
     """Define this CLI's flags (at run time, so importing the module defines nothing); once
-    per process (tests define them to read their defaults). Called again, it adds the flags
-    and the --method value of methods registered since (a method module imported later)."""
+    per process (tests define them to read their defaults). They are generated from
+    `RunConfig`'s fields, with every registered method's settings after --head. Called again,
+    it adds the flags and the --method value of methods registered since (a method module
+    imported later)."""
     if _NAMES:
         methods.define_flags(_define)
         known = FLAGS["method"].parser.enum_values
         known.extend(sorted(set(METHODS) - set(known)))
         return
-    # data
-    _define("string", "data_dir", None, "Prepared dataset: a directory with manifest.json "
-            "(python -m uda_tf.cli.prepare).")
-    _define("string", "dataset_source", "", "Where the raw dataset comes from and how to prepare "
-            "it; printed when --data_dir holds no prepared dataset.")
-    _define("string", "source_domain", None, "Labelled source domain (a domain in the manifest).")
-    _define("string", "target_domain", None, "Unlabelled target domain; its labels are never read "
-            "for training or checkpoint choice.")
-    _define("string", "target_labelled_cases", "", "Semi-supervised: target training cases "
-            "whose labels may train the segmentor (comma list of case ids, or a count N for the "
-            "first N in sorted order). Empty (default): no target label is ever read for "
-            "training.")
-    _define("integer", "target_labelled_per_batch", 0, "Semi-supervised: labelled target "
-            "samples in each batch, in place of as many source ones (0: a quarter of "
-            "--global_batch_size, at least 1).", lower_bound=0)
-    _define("integer", "shuffle_buffer", 2048, "Slices in each domain's shuffle buffer.", lower_bound=1)
-    _define("string", "augment", "default", "Source training augmentation: a preset (none, "
-            "flip, default = flips + intensity jitter, full = flips, rotation, scaling, elastic, "
-            "gamma, contrast, brightness, noise, bias field, blur) or comma-separated op names "
-            "of uda_tf.data.augment.")
-    _define("string", "target_augment", "", "Target training augmentation, as --augment "
-            "(empty: the same as --augment).")
-    _define("list", "augment_params", [], "Augmentation parameters and per-sample "
-            "probabilities, name=value (a range as low:high), e.g. "
-            "rotation_degrees=10,p_elastic=0.3,noise_std=0:0.05.")
-    _define("float", "fda_beta", 0.0, "Fourier domain adaptation of source batches towards the "
-            "paired target batch (Yang & Soatto 2020): half-width of the swapped low-frequency "
-            "band as a fraction of the image size, e.g. 0.01; 0: off. Needs a method that uses "
-            "the target domain.", lower_bound=0, upper_bound=0.5)
-    _define("float", "foreground_fraction", 1 / 3, "3D datasets: share of patches centred on "
-            "a foreground voxel (nnU-Net oversampling).", lower_bound=0, upper_bound=1)
-    _define("integer", "patches_per_volume", 1, "3D datasets: patches cut from each volume "
-            "read.", lower_bound=1)
-    # method and model
-    _define("enum", "method", "source_only", "Adaptation method.", enum_values=sorted(METHODS))
-    _define("enum", "model", "unet2d", "Segmentor: " + "; ".join(
-        f"{n}: {s.about}" for n, s in MODELS.items()) + ". 2D models train on slices, 3D "
-        "models on patches of volumes (prepare --output=volumes).", enum_values=list(MODELS))
-    _define("integer", "base_filters", 16, "Filters of the first block of the segmentor (U-Nets "
-            "double them per level).", lower_bound=1)
-    _define("enum", "norm", "instance", "Normalisation layers (batch norm: see "
-            "--sync_batchnorm).", enum_values=list(NORMALIZATIONS))
-    _define("bool", "sync_batchnorm", True, "--norm=batch on several replicas: batch statistics "
-            "over the global batch (synchronised BatchNorm, the same update as one device); "
-            "--nosync_batchnorm: each replica normalises with its own share of the batch.")
-    _define("list", "patch_size", None, "3D models: training patch h,w,d cropped from the volumes "
-            "(also the exported model's input; whole volumes are evaluated by sliding window). "
-            "Default: the prepared volume size.")
-    _define("enum", "head", "softmax", "Softmax over num_classes logits, or one sigmoid logit "
-            "(two-class datasets only).", enum_values=list(HEADS))
-    # every registered method's settings (uda_tf/methods: each method's Config)
-    methods.define_flags(_define)
-    _define("string", "init_checkpoint", "", "Start the segmentor from these weights (a "
-            "<run>/checkpoints/best.weights.h5 of an earlier run, e.g. source-only) instead of a "
-            "random initialisation.")
-    _define("string", "freeze_layers", "", "Regular expression (matched at the start of layer "
-            "names, e.g. 'enc0|enc1' or 'dec|logits'): matching segmentor layers are not "
-            "trained. Empty: train all.")
-    _define("bool", "adabn", False, "AdaBN: after training, re-estimate every BatchNorm layer's "
-            "statistics on target training images before export (needs --norm=batch and "
-            "--target_domain; works with any --method).")
-    _define("integer", "adabn_batches", 100, "AdaBN: target batches of --global_batch_size "
-            "slices to average the statistics over.", lower_bound=1)
-    # optimisation
-    _define("integer", "epochs", 10, "Epochs.", lower_bound=1)
-    _define("integer", "steps_per_epoch", 100, "Training steps per epoch.", lower_bound=1)
-    _define("integer", "global_batch_size", 16, "Source slices per step over all replicas (the same "
-            "number of target slices is added for methods that use target data).", lower_bound=1)
-    _define("float", "learning_rate", 1e-3, "Adam learning rate of the segmentor.", lower_bound=0)
-    _define("enum", "lr_schedule", "constant", "Learning-rate schedule of the segmentor: constant, "
-            "step (x--lr_decay per epoch), poly ((1 - t/T)^0.9, nnU-Net) or cosine.",
-            enum_values=list(LR_SCHEDULES))
-    _define("float", "lr_decay", 0.75, "Step schedule: factor per epoch.", lower_bound=0,
-            upper_bound=1)
-    _define("integer", "warmup_steps", 0, "Linear learning-rate warm-up over this many steps "
-            "(every schedule).", lower_bound=0)
-    _define("integer", "seed", 0, "Random seed (weights, shuffling, augmentation).")
-    _define("bool", "jit_compile", False, "Compile train/test steps with XLA.")
-    # devices
-    _define("integer", "num_cpu_devices", 1, "On a machine without GPUs, split the CPU into this "
-            "many logical devices and mirror over them (used by tests).", lower_bound=1)
-    _define("enum", "cluster", "auto", "Multi-worker training (MultiWorkerMirroredStrategy): "
-            "the cluster from the TF_CONFIG environment variable, from the Slurm job step "
-            "(srun), none, or auto (TF_CONFIG if it names several tasks, else Slurm if the "
-            "step has several tasks). Only the chief writes the run.", enum_values=list(CLUSTERS))
-    _define("integer", "slurm_port_base", 8888, "Slurm clusters: first port of the workers on "
-            "each node.", lower_bound=1, upper_bound=65535)
-    _define("bool", "mixed_precision", False, "Compute in mixed precision: mixed_float16 with "
-            "loss scaling on GPU, mixed_bfloat16 on CPU; weights and outputs stay float32.")
-    # outputs
-    _define("string", "output_dir", "runs", "Root of the run directories.")
-    _define("string", "run_name", "", "Run directory under --output_dir and MLflow run name: "
-            "a plain name, no '/' or '..' (default: <method>-<timestamp>).")
-    _define("bool", "overwrite", False, "Replace an existing run directory of the same name, "
-            "once every check has passed; only a run directory uda_tf created (it holds "
-            ".uda_tf_created) is emptied, never another directory.")
-    _define("string", "model_name", "uda_segmentor", "SavedModel name: exported to "
-            "<run_dir>/export/<model_name>/<version>.")
-    _define("string", "mlflow_tracking_uri", "", "MLflow tracking URI (default: sqlite store "
-            "<output_dir>/mlflow.db).")
-    _define("string", "mlflow_experiment", "", "MLflow experiment name (default: the "
-            "--flagfile's basename without .cfg, one experiment per config; else uda_tf).")
-    _define("bool", "resume", False, "Continue in the existing run directory --run_name "
-            "(not wiped) from its newest backup, and its MLflow run (<run_dir>/mlflow_run_id) "
-            "with what <run_dir>/mlflow_unsent.json holds. A run stopped before its first "
-            "backup starts again from scratch there; a directory that is no run is refused.")
-    _define("string", "register_model_name", "", "Register the exported model in the MLflow "
-            "Model Registry under this name (empty: do not register).")
-    _define("string", "register_alias", "", "Alias (e.g. champion) for the registered version; "
-            "needs --register_model_name.")
-    # model selection
-    _define("enum", "select_on", "source_dice", "Which epoch's segmentor is kept and exported: "
-            "source_dice (Dice on source validation labels), target_entropy (lowest mean "
-            "prediction entropy on target validation images), target_agreement (highest Dice "
-            "between predictions of flipped copies of target validation images) or oracle (Dice "
-            "on target validation labels: only when you have them and say so).",
-            enum_values=list(SELECT_ON))
-    _define("bool", "target_criteria", True, "Also compute the label-free target criteria "
-            "(target_entropy, target_agreement) and, where target validation labels exist, "
-            "oracle/val_dice every epoch, for the record; they cost three forward passes over the "
-            "target validation split.")
-    _define("integer", "mlflow_sample_slices", 4, "Target validation slices in the logged "
-            "sample-segmentation figure (0: none).", lower_bound=0)
-    for name in ("augment", "target_augment"):
-        flags.register_validator(name, lambda v, name=name: _check_augment(name, v))
-    flags.register_validator("augment_params", _check_augment_params)
-    flags.register_validator("patch_size", _check_patch_size)
-    # reliability (uda_tf/training/resume.py, guards.py)
-    _define("bool", "deterministic", False, "Op determinism and seeded data: a run resumed "
-            "from a backup ends with the same weights as an uninterrupted one (slower).")
-    _define("integer", "backup_every_steps", 100, "Back up the whole training state (weights, "
-            "every optimizer, schedules, epoch, step) to <run_dir>/backup every this many steps "
-            "and at every epoch end (0: epoch ends only); --resume continues from it.",
-            lower_bound=0)
-    _define("enum", "on_divergence", "stop", "A non-finite loss term or gradient norm: stop "
-            "naming it, or roll back to the last backup and skip the batches since.",
-            enum_values=["stop", "rollback"])
-    _define("bool", "check_shards", True, "Check the sha256 of every shard used against the "
-            "manifest before training (a corrupted shard is named, not met mid-epoch).")
-    _define("integer", "max_rollbacks", 3, "--on_divergence=rollback: stop after this many.",
-            lower_bound=0)
-    flags.register_multi_flags_validator(
-        ["resume", "run_name"], lambda v: not v["resume"] or bool(v["run_name"]),
-        message="--resume needs --run_name: the run directory to continue")
-    flags.register_multi_flags_validator(
-        ["register_alias", "register_model_name"],
-        lambda v: not v["register_alias"] or bool(v["register_model_name"]),
-        message="--register_alias needs --register_model_name")
+    run_names = [f.name for f in settings.fields(RunConfig)]
+    cut = run_names.index(config.METHOD_SETTINGS_AFTER) + 1
+    settings.define_flags([RunConfig], _define, names=run_names[:cut])
+    methods.define_flags(_define)  # every registered method's settings (each one's Config)
+    settings.define_flags([RunConfig], _define, names=run_names[cut:])
+    for f in settings.fields(RunConfig):  # the checks RunConfig runs, as absl validators
+        if f.metadata["check"] is not None:
+            flags.register_validator(f.name, functools.partial(_validate, f.metadata["check"],
+                                                               f.name))
+    for names, passes, message in config.CROSS_FIELD_RULES:
+        flags.register_multi_flags_validator(list(names), passes, message=message)
 
 
-
-def _check_augment(name, value) -> bool:
-    if name == "target_augment" and not value:
-        return True
-    from uda_tf.data import augment  # (TensorFlow: imported only once flags are parsed)
+def _validate(check, name, value) -> bool:
     try:
-        augment.resolve_names(value)
-    except ValueError:
-        raise flags.ValidationError(
-            f"--{name}={value!r}: expected a preset ({', '.join(augment.PRESETS)}) or "
-            f"comma-separated names from: {', '.join(augment.OPS)}") from None
-    return True
-
-
-def _check_augment_params(value) -> bool:
-    from uda_tf.data import augment
-    try:
-        params = augment.parse_params(value)
-        augment.build("none", **params)  # checks the probabilities
+        check(name, value)
     except ValueError as e:
         raise flags.ValidationError(str(e)) from None
-    return True
-
-
-def _check_patch_size(value) -> bool:
-    try:
-        ok = not value or (len(value) == 3 and all(int(v) >= 1 for v in value))
-    except ValueError:
-        ok = False
-    if not ok:
-        raise flags.ValidationError(f"--patch_size={','.join(value)}: expected three positive "
-                                    "integers H,W,D, or nothing")
     return True
 
 
@@ -250,10 +83,17 @@ def flagfile_text(values: dict) -> str:
         if isinstance(value, bool):
             lines.append(f"--{name}" if value else f"--no{name}")
         elif isinstance(value, (list, tuple)):  # list flags: comma form, as on the command line
-            lines.append(f"--{name}={','.join(str(v) for v in value)}")
+            lines.append(f"--{name}={','.join(_item_text(v) for v in value)}")
         elif value is not None:
             lines.append(f"--{name}={value}")
     return "\n".join(lines) + "\n"
+
+
+def _item_text(value) -> str:
+    """A list item as a user types it: a typed whole float (class weight 1.0) as 1."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def require_prepared_data(data_dir, dataset_source):
@@ -484,8 +324,8 @@ class Placement:
     run_name: str | None = None
 
 
-def train(cfg) -> dict:
-    """Everything after flag parsing; `cfg` holds resolved flag values. Returns result.json.
+def train(cfg: RunConfig) -> dict:
+    """Everything after flag parsing; `cfg` is the run's checked config. Returns result.json.
 
     Every check that can fail on the user's input (names, data, domains and splits, flags,
     the init checkpoint loaded into the model, the output directory) runs before the run
@@ -502,11 +342,13 @@ def train(cfg) -> dict:
         else:
             where.run_dir = multiworker.worker_dir(None, where.strategy)
         from uda_tf.training import tracking
-        values = {**vars(cfg), "run_name": where.run_name or cfg.run_name,
-                  "mlflow_experiment": tracking.experiment_name(cfg.mlflow_experiment, sys.argv)}
-        flags_path = os.path.join(where.run_dir, "flags.cfg")
-        with files.atomic_write(flags_path) as f:
+        # The config as run: with the resolved run name and MLflow experiment.
+        cfg = cfg.replace(run_name=where.run_name or cfg.run_name, mlflow_experiment=(
+            tracking.experiment_name(cfg.mlflow_experiment, sys.argv)))
+        values = cfg.flag_values()
+        with files.atomic_write(os.path.join(where.run_dir, "flags.cfg")) as f:
             f.write(flagfile_text(values))
+        cfg.save(os.path.join(where.run_dir, CONFIG_FILE))
         fit_args = dict(streams, run_dir=where.run_dir, values=values,
                         grad_norms=model.gradient_norms,
                         class_names=checked.manifest.class_names)
@@ -529,18 +371,14 @@ def check_run(cfg) -> Checked:
     from uda_tf.methods import get_method
     from uda_tf.models import check_flags, input_shape_from_flags
 
-    method_cls = get_method(cfg.method)
-    try:
-        method_config = method_cls.configure(vars(cfg))
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    method_cls, method_config = get_method(cfg.method), cfg.method_config
     manifest = require_prepared_data(cfg.data_dir, cfg.dataset_source)
     check_domains(manifest, cfg.source_domain, cfg.target_domain, method_cls)
     if cfg.fda_beta and not method_cls.uses_target:
         raise app.UsageError(f"--fda_beta={cfg.fda_beta} needs target batches, which "
                              f"--method={cfg.method} does not use; pass --fda_beta=0")
     try:
-        check_flags(vars(cfg), manifest)
+        check_flags(cfg.flag_values(), manifest)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     check_selection(manifest, cfg)
@@ -550,7 +388,7 @@ def check_run(cfg) -> Checked:
     target_labelled = labelled_target_cases(cfg, manifest)
     volumes = manifest.record_kind == "volumes"
     # 3D: the segmentor's input is the training patch; 2D: None (whole slices).
-    patch_size = tuple(input_shape_from_flags(vars(cfg), manifest)[:3]) if volumes else None
+    patch_size = tuple(input_shape_from_flags(cfg.flag_values(), manifest)[:3]) if volumes else None
     if cfg.check_shards:
         verify_shards(manifest, cfg.data_dir, {cfg.source_domain, cfg.target_domain})
     return Checked(method_cls, method_config, manifest, target_labelled, volumes, patch_size)
@@ -644,7 +482,7 @@ def data_streams(cfg, checked: Checked, where: Placement) -> dict:
 
 def make_segmentor(cfg, manifest, sync_batchnorm=False):
     from uda_tf.models import segmentor_from_flags
-    return segmentor_from_flags(vars(cfg), manifest, sync_batchnorm=sync_batchnorm)
+    return segmentor_from_flags(cfg.flag_values(), manifest, sync_batchnorm=sync_batchnorm)
 
 
 def build_model(cfg, checked: Checked, where: Placement):
@@ -700,8 +538,8 @@ def start_tracking(cfg, checked: Checked, where: Placement, values):
             "target_labels_in_training": str(bool(cfg.target_labelled_cases)).lower(),
             **tracking.environment_tags(where.strategy)}
     tracking.set_http_defaults()
-    tracker = tracking.RunTracker(uri, where.run_dir, values["mlflow_experiment"],
-                                  where.run_name, resume=cfg.resume)
+    tracker = tracking.RunTracker(uri, where.run_dir, cfg.mlflow_experiment, cfg.run_name,
+                                  resume=cfg.resume)
     tracker.log_params(values)
     tracker.set_tags(tags)
     tracker.log_artifact(os.path.join(where.run_dir, "flags.cfg"))
@@ -734,7 +572,7 @@ def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
         with files.atomic_write(exported_weights, None) as tmp:
             segmentor.save_weights(tmp)
     export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"), cfg.model_name,
-                                   manifest=checked.manifest)
+                                   manifest=checked.manifest, config=cfg)
     return export_path, exported_weights
 
 
@@ -789,9 +627,9 @@ def report(cfg, values, run_dir, tracker, epoch_logger, checkpoint, train_second
     tracker.log_metrics({f"best_{monitor}": checkpoint.best, "best_epoch": checkpoint.best_epoch,
                          "train_seconds": train_seconds})  # sends everything logged before
     uri = tracker.tracking_uri
-    result = {"run_dir": run_dir, "run_name": values["run_name"], "method": cfg.method,
+    result = {"run_dir": run_dir, "run_name": cfg.run_name, "method": cfg.method,
               "mlflow": {"tracking_uri": uri, "run_id": tracker.run_id,
-                         "experiment": values["mlflow_experiment"],
+                         "experiment": cfg.mlflow_experiment,
                          "model": tracker.model_info, "ui": tracking.ui_command(uri)},
               "selection": {"select_on": cfg.select_on, "monitor": monitor,
                             "best": checkpoint.best, "best_epoch": checkpoint.best_epoch,
@@ -839,8 +677,8 @@ def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir,
                                     class_names=class_names)
     checkpoint = selection[-1]
     os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
-    shutil.copy(os.path.join(run_dir, "flags.cfg"),
-                os.path.join(os.path.dirname(ckpt_path), "flags.cfg"))
+    for name in ("flags.cfg", CONFIG_FILE):
+        shutil.copy(os.path.join(run_dir, name), os.path.join(os.path.dirname(ckpt_path), name))
     # The checkpoint directory is self-contained for `uda-export` (weights, flags, data).
     shutil.copy(os.path.join(cfg.data_dir, "manifest.json"),
                 os.path.join(os.path.dirname(ckpt_path), "manifest.json"))
@@ -884,7 +722,11 @@ def main(argv):
     from uda_tf.data.integrity import ShardCorruptedError
     from uda_tf.training.resume import BackupError
     try:
-        result = train(SimpleNamespace(**resolved_flags()))
+        cfg = RunConfig.from_flags(resolved_flags())
+    except ValueError as e:  # a value or a rule between flags; the message names the flag
+        raise app.UsageError(str(e)) from None
+    try:
+        result = train(cfg)
     except (DivergenceError, BackupError, OSError, ShardCorruptedError, files.BadNameError,
             files.OutputLockedError, files.NotOurDirectoryError) as e:
         sys.exit(f"train: error: {e}")

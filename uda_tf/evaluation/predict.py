@@ -68,7 +68,8 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
                    tta: bool = False, batch_size: int = 32, patch_size=None,
                    overlap: float = 0.5) -> Predictor:
     """A SavedModel directory (`serving_default`, as uda_tf.serving.export writes it) or a
-    `.weights.h5` checkpoint with its run's flags.cfg (`flags_path`, default next to it)."""
+    `.weights.h5` checkpoint with its run's config.json or flags.cfg (`flags_path`, default
+    the one next to it)."""
     if isinstance(manifest, str):
         manifest = _load_manifest(manifest, "--manifest")
     if _is_saved_model(model):
@@ -112,20 +113,22 @@ def _saved_model_fn(model: str, manifest: dict | None):
 
 
 def _checkpoint_fn(model: str, manifest: dict | None, flags_path: str | None):
-    """As `_saved_model_fn`, for a `.weights.h5` checkpoint: the segmentor its run's flags
-    describe, the manifest found next to it or in the run's --data_dir unless given."""
+    """As `_saved_model_fn`, for a `.weights.h5` checkpoint: the segmentor its run's config
+    describes (`flags_path`: a config.json or flags.cfg; default the one next to it), the
+    manifest found next to it or in the run's --data_dir unless given."""
     import tensorflow as tf
-    from uda_tf.serving.export import read_flagfile
     from uda_tf.models import segmentor_from_flags
     from uda_tf.models.heads import class_probabilities
+    from uda_tf.training.config import CONFIG_FILE, read_run_config, run_config_file
     here = os.path.dirname(os.path.abspath(model))
-    flags_path = flags_path or os.path.join(here, "flags.cfg")
-    if not os.path.isfile(flags_path):
-        raise ValueError(f"--model={model} is a checkpoint but --flags={flags_path} does not "
-                         "exist; pass the flags.cfg of the run that trained it")
-    values = read_flagfile(flags_path)
+    flags_path = flags_path or run_config_file(here)
+    if flags_path is None or not os.path.isfile(flags_path):
+        raise ValueError(f"--model={model} is a checkpoint but "
+                         f"--flags={flags_path or os.path.join(here, CONFIG_FILE)} does not "
+                         "exist; pass the config.json or flags.cfg of the run that trained it")
+    config = read_run_config(flags_path)
     if manifest is None:
-        candidates = [here, values.get("data_dir") or ""]
+        candidates = [here, config.data_dir or ""]
         found = [c for c in candidates if os.path.isfile(os.path.join(c, "manifest.json"))]
         if not found:
             raise ValueError(f"no manifest.json next to --model={model} or in the run's "
@@ -133,7 +136,7 @@ def _checkpoint_fn(model: str, manifest: dict | None, flags_path: str | None):
         manifest = _load_manifest(found[0], "--manifest")
     from uda_tf.serving.safe_load import check_weights_file
     check_weights_file(model, "--model")
-    segmentor = segmentor_from_flags(values, manifest)
+    segmentor = segmentor_from_flags(config.flag_values(), manifest)
     try:
         segmentor.load_weights(model)
     except Exception as e:  # keras raises ValueError/KeyError for mismatched layers

@@ -12,13 +12,20 @@ import dataclasses
 from typing import Any, Callable
 
 
-def setting(default, help: str, *, choices=None, lower=None, upper=None, kind: str = ""):
+def setting(default, help: str, *, choices=None, lower=None, upper=None, kind: str = "",
+            item: type = float, check: Callable | None = None):
     """A Config field: the flag's default, help text, allowed values (`choices`, a tuple
-    defined once next to the code that reads it) and inclusive bounds. `kind` names the absl
-    flag type when the default does not tell it (`list` for a list flag defaulting to None)."""
+    defined once next to the code that reads it, or a registry dict that grows as modules
+    register, checked as it is then) and inclusive bounds. `kind` names the absl flag type when
+    the default does not tell it (`list` for a list flag defaulting to None, `string` for one
+    defaulting to None); `item` is the type of a list's items. `check(name, value)` raises a
+    ValueError naming the flag for a value the bounds cannot describe; it sees the value as
+    given (strings from the command line, or typed values) and is also the absl validator."""
+    if choices is not None and not isinstance(choices, dict):
+        choices = tuple(choices)
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": None if choices is None else tuple(choices), "lower": lower,
-        "upper": upper, "kind": kind or _kind_of(default, choices)})
+        "help": help, "choices": choices, "lower": lower, "upper": upper,
+        "kind": kind or _kind_of(default, choices), "item": item, "check": check})
 
 
 def _kind_of(default, choices) -> str:
@@ -36,14 +43,16 @@ def fields(config_cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config_cls) if "help" in f.metadata]
 
 
-def define_flags(config_classes, define: Callable) -> list[str]:
+def define_flags(config_classes, define: Callable, names=None) -> list[str]:
     """Calls `define(kind, name, default, help, enum_values=..., lower_bound=...,
-    upper_bound=...)` once per setting of `config_classes` (a field shared through a base
-    Config is defined once; two classes giving one name different declarations is a
-    programming error). Returns the names, in order."""
+    upper_bound=...)` once per setting of `config_classes` (only those in `names` when given;
+    a field shared through a base Config is defined once; two classes giving one name
+    different declarations is a programming error). Returns the names, in order."""
     seen: dict[str, dataclasses.Field] = {}
     for cls in config_classes:
         for f in fields(cls):
+            if names is not None and f.name not in names:
+                continue
             if f.name in seen:
                 if (seen[f.name].default, seen[f.name].metadata) != (f.default, f.metadata):
                     raise TypeError(f"setting {f.name!r} is declared twice, differently "
@@ -53,7 +62,9 @@ def define_flags(config_classes, define: Callable) -> list[str]:
             m = f.metadata
             kwargs = {}
             if m["kind"] == "enum":
-                kwargs["enum_values"] = [str(c) for c in m["choices"]]
+                choices = m["choices"]  # a registry is listed sorted, a tuple in its order
+                kwargs["enum_values"] = [str(c) for c in (
+                    sorted(choices) if isinstance(choices, dict) else choices)]
             if m["lower"] is not None:
                 kwargs["lower_bound"] = m["lower"]
             if m["upper"] is not None:
@@ -74,12 +85,12 @@ def check_value(name: str, value: Any, metadata) -> None:
         raise ValueError(f"--{name} must be <= {upper}, got {value}")
 
 
-def _convert(name, value, kind):
+def _convert(name, value, kind, item=float):
     if value is None:
         return None
     try:
-        if kind == "list":  # a list flag: its items as numbers, kept as a tuple (frozen)
-            return tuple(float(v) for v in value)
+        if kind == "list":  # a list flag: its items typed, kept as a tuple (frozen)
+            return tuple(item(v) for v in value)
         if kind == "float":
             return float(value)
         if kind == "integer":
@@ -99,7 +110,10 @@ def from_values(config_cls, values: dict):
     for f in dataclasses.fields(config_cls):
         if f.name not in values:
             continue
-        value = _convert(f.name, values[f.name], f.metadata.get("kind"))
+        value, check = values[f.name], f.metadata.get("check")
+        if check is not None and value is not None:
+            check(f.name, value)
+        value = _convert(f.name, value, f.metadata.get("kind"), f.metadata.get("item", float))
         if value is not None and "help" in f.metadata:
             check_value(f.name, value, f.metadata)
         kwargs[f.name] = value

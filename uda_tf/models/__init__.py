@@ -53,14 +53,6 @@ def get_model(name: str) -> ModelSpec:
             from None
 
 
-def int_list(value) -> list[int] | None:
-    """A list flag as train.py resolves it (list of str) or as flags.cfg stores it ("a,b,c")."""
-    if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
-        return None
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [int(v) for v in items]
-
-
 def input_shape_from_flags(values: dict, manifest: dict) -> tuple:
     """The segmentor's input: a prepared slice (H, W, C) for 2D models; a patch
     (*--patch_size, C) for 3D models (default: the whole prepared volume, if all have one
@@ -78,11 +70,7 @@ def input_shape_from_flags(values: dict, manifest: dict) -> tuple:
     if kind != "volumes":
         raise ValueError(f"--model={name} takes 3D patches but the dataset holds 2D slices: "
                          "prepare it with --output=volumes, or use a 2D model")
-    try:
-        patch = int_list(values.get("patch_size"))
-    except ValueError:
-        raise ValueError(f"--patch_size={values.get('patch_size')!r}: expected three integers "
-                         "h,w,d") from None
+    patch = list(values.get("patch_size") or ()) or None  # typed: a RunConfig's ints
     if patch is None:
         if None in shape[:3]:
             raise ValueError(f"--model={name}: the volumes have different sizes {shape[:3]}; "
@@ -106,8 +94,8 @@ def check_flags(values: dict, manifest: dict) -> None:
 def segmentor_from_flags(values: dict, manifest: dict, *, sync_batchnorm: bool = False):
     """The segmentor train.py builds for these resolved flags and this prepared dataset
     (freshly initialised; load a checkpoint into it). Export and predict rebuild it the same
-    way from a run's flags.cfg, whose values are strings; flags missing from an older
-    flags.cfg take their defaults (unet2d, softmax)."""
+    way from the run's saved `RunConfig` (`flag_values()`); a flag missing from `values` takes
+    its default (unet2d, softmax)."""
     from uda_tf.models.heads import output_channels
     spec = get_model(values.get("model") or "unet2d")
     channels = output_channels(values.get("head") or "softmax", int(manifest["num_classes"]))

@@ -21,8 +21,8 @@ Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Si
   runs `serving_default`'s computation. `prepare` normalises before it resamples, so the two
   paths differ only where interpolation mixes clipped and unclipped voxels.
 
-`assets.extra/` holds `manifest.json` (the prepared dataset's manifest), `label_names.json`
-and `tf_serving_warmup_requests` (PredictionLog records TF Serving replays at load time).
+`assets.extra/` holds `manifest.json` (the prepared dataset's manifest), `label_names.json`,
+`config.json` (the run's `RunConfig`, when the export knows it) and `tf_serving_warmup_requests` (PredictionLog records TF Serving replays at load time).
 Only the segmentor is exported, never the adversarial wrapper (docs/DESIGN.md).
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from uda_tf.files import OutputLock, check_name, write_json
 from uda_tf.losses import entropy_map
 from uda_tf.models.heads import class_probabilities
 from uda_tf.serving.protocol import predict_request, raw_input_names
+from uda_tf.training.config import CONFIG_FILE, RunConfig, read_run_config, run_config_file
 
 SERVING_DEFAULT = "serving_default"
 SERVING_RAW = "serving_raw"
@@ -124,11 +125,12 @@ def check_export_target(export_root: str, model_name: str, *,
 
 def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                      version: int | None = None, *, manifest: dict | None = None,
+                     config: RunConfig | None = None,
                      warmup_batch_sizes=SERVING_BATCH_SIZES) -> str:
     """Write the SavedModel atomically (temporary directory, then rename); returns its path.
 
     With `manifest` (the prepared dataset's), also exports `serving_raw` and puts the manifest
-    and label names into assets.extra/. Warm-up requests cover every signature at each of
+    and label names into assets.extra/; with `config` (the run's), config.json there too. Warm-up requests cover every signature at each of
     `warmup_batch_sizes` (the server's allowed batch sizes).
 
     One export at a time per model directory: `OutputLock(<export_root>/<model_name>)` is held
@@ -138,11 +140,12 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
     model_dir = check_export_target(export_root, model_name)
     with OutputLock(model_dir, "export"):
         return _write_version(segmentor, model_dir, model_name, version,
-                              None if manifest is None else Manifest.of(manifest),
+                              None if manifest is None else Manifest.of(manifest), config,
                               warmup_batch_sizes)
 
 
-def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_batch_sizes):
+def _write_version(segmentor, model_dir, model_name, version, manifest, config,
+                   warmup_batch_sizes):
     version = next_version(model_dir) if version is None else int(version)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
@@ -164,6 +167,8 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, warmup_b
         archive.write_out(tmp, verbose=False)
         _write_assets(os.path.join(tmp, "assets.extra"), manifest, model_name, shape,
                       normalization, signatures, warmup_batch_sizes)
+        if config is not None:
+            config.save(os.path.join(tmp, "assets.extra", CONFIG_FILE))
         # rename(2) replaces an empty directory silently: check again right before it.
         if os.path.lexists(final):
             raise FileExistsError(f"export version already exists: {final} (created while "
@@ -266,25 +271,6 @@ def image_input_shape(fn, path: str, flag: str = "--model") -> list:
     return spec.shape.as_list()
 
 
-def read_flagfile(path: str) -> dict[str, str]:
-    """{name: value} of a flags.cfg written by train.py (`--name=value`, `--flag`,
-    `--noflag`); values stay strings."""
-    values = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line.startswith("--"):
-                continue
-            name, sep, value = line[2:].partition("=")
-            if sep:
-                values[name] = value
-            elif name.startswith("no"):
-                values[name[2:]] = "false"
-            else:
-                values[name] = "true"
-    return values
-
-
 from uda_tf.models import segmentor_from_flags  # noqa: E402  (re-exported for callers)
 
 
@@ -293,9 +279,10 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
                       manifest_path: str | None = None, *,
                       warmup_batch_sizes=SERVING_BATCH_SIZES) -> str:
     """Checkpoint -> SavedModel. `checkpoint` is a `.weights.h5` file, a checkpoints directory
-    or a run directory; `flags.cfg` is read next to the weights, the manifest from
-    `manifest_path`, else next to the weights, else from the flags' --data_dir. Defaults:
-    `<run_dir>/export`, the run's --model_name, the next version."""
+    or a run directory; the run's config is read next to the weights (config.json, or the
+    flags.cfg of a run made before it existed), the manifest from `manifest_path`, else next
+    to the weights, else from the config's --data_dir. Defaults: `<run_dir>/export`, the
+    run's --model_name, the next version. The export carries the config in assets.extra/."""
     from uda_tf.data.manifest import load_manifest
     weights = checkpoint
     if os.path.isdir(weights):
@@ -304,15 +291,13 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"--checkpoint={checkpoint}: no weights file {weights}")
     ckpt_dir = os.path.dirname(os.path.abspath(weights))
-    flags_path = os.path.join(ckpt_dir, "flags.cfg")
-    if not os.path.isfile(flags_path):
-        raise FileNotFoundError(f"--checkpoint={checkpoint}: no flags.cfg next to it "
-                                f"({flags_path}); it records how the segmentor was built")
-    values = read_flagfile(flags_path)
-    missing = [k for k in ("base_filters", "norm") if k not in values]
-    if missing:
-        raise ValueError(f"{flags_path} lacks {', '.join('--' + k for k in missing)}")
-    candidates = [manifest_path] if manifest_path else [ckpt_dir, values.get("data_dir")]
+    config_path = run_config_file(ckpt_dir)
+    if config_path is None:
+        raise FileNotFoundError(f"--checkpoint={checkpoint}: no {CONFIG_FILE} or flags.cfg "
+                                f"next to it (in {ckpt_dir}); it records how the segmentor "
+                                "was built")
+    config = read_run_config(config_path)
+    candidates = [manifest_path] if manifest_path else [ckpt_dir, config.data_dir]
     for candidate in candidates:
         if candidate and os.path.isfile(candidate):
             candidate = os.path.dirname(candidate)  # load_manifest takes the directory
@@ -325,13 +310,13 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
             "--manifest=<prepared dir or manifest.json>")
     # Where it goes is checked before the (slow) model build, and before anything is written.
     root_flag = "--export_dir" if export_root else "--export_dir (default <run_dir>/export)"
-    name_flag = "--model_name" if model_name else f"--model_name of {flags_path}"
+    name_flag = "--model_name" if model_name else f"--model_name of {config_path}"
     export_root = export_root or os.path.join(os.path.dirname(ckpt_dir), "export")
-    model_name = model_name or values.get("model_name") or "uda_segmentor"
+    model_name = model_name or config.model_name
     check_export_target(export_root, model_name, root_flag=root_flag, name_flag=name_flag)
     from uda_tf.serving.safe_load import check_weights_file
     check_weights_file(weights, "--checkpoint")
-    segmentor = segmentor_from_flags(values, manifest)
+    segmentor = segmentor_from_flags(config.flag_values(), manifest)
     segmentor.load_weights(weights)
     return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest,
-                            warmup_batch_sizes=warmup_batch_sizes)
+                            config=config, warmup_batch_sizes=warmup_batch_sizes)

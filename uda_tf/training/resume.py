@@ -170,9 +170,11 @@ def assign_groups(groups: dict, arrays: dict, path: str, only=None) -> None:
 
 
 def flag_differences(saved: dict, current: dict) -> list[str]:
-    """`--name: backup X, now Y` for every training flag that differs."""
+    """`--name: backup X, now Y` for every training flag of this run that differs. A flag the
+    run does not have is not compared: backups made before RunConfig held every registered
+    method's settings, a run's config holds its own method's only."""
     out = []
-    for name in sorted(set(saved) | set(current)):
+    for name in sorted(current):
         if name in RESUMABLE_CHANGES:
             continue
         if saved.get(name) != current.get(name):
@@ -186,7 +188,8 @@ class TrainingBackup(keras.callbacks.Callback):
 
     `stateful`: {name: callback} whose `backup_state()` / `restore_state(dict)` travel with
     the backup (the best checkpoint's `best`, the epoch logger's history).
-    `flags`: the run's resolved flags; a resume with different training flags is refused.
+    `flags`: the run's flags (`RunConfig.flag_values()`); a resume with different training
+    flags is refused. List flags are left out, as backups before RunConfig left them out.
     """
 
     def __init__(self, backup_dir: str, *, steps_per_epoch: int, every_steps: int = 0,
