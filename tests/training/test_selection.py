@@ -114,7 +114,7 @@ def test_fit_puts_criteria_in_logs_before_the_checkpoint(tmp_path):
     x_s, y_s = target_data(8, seed=1)
     x_t, y_t = target_data(8, seed=2)  # target labels: only the oracle reads them
     model = SourceOnly(threshold_segmentor(0.5), ["background", "fg"])
-    model.compile(keras.optimizers.Adam(1e-2))
+    model.compile(seg=keras.optimizers.Adam(1e-2))
     source = tf.data.Dataset.from_tensor_slices((x_s, y_s)).batch(4)
     callbacks = selection_callbacks(
         "target_entropy", str(tmp_path / "best.weights.h5"), class_names=["background", "fg"],
