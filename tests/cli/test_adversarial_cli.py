@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from tests.cli.test_train_cli import _train
+from tests.cli.test_train_cli import _train_here
 
 
 @pytest.mark.slow
 def test_adversarial_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
     data_dir, _ = tiny_prepared
     uri = mlflow_store(tmp_path)
-    proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+    proc = _train_here(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
                   "--method=adversarial", "--adv_loss=wgan-gp", "--patch_discriminators",
                   "--adv_both_domains", "--disc_steps=2", "--minent_weight=0.01",
                   "--epochs=1", "--steps_per_epoch=2", "--global_batch_size=4",
@@ -36,6 +36,6 @@ def test_adversarial_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
     (["--method=minent", "--data_dir=/no/x"], "--minent_weight > 0"),
 ])
 def test_configs_and_bad_flag_combinations(args, expected):
-    proc = _train(*args, timeout=120)
+    proc = _train_here(*args)
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]

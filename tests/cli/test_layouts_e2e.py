@@ -6,25 +6,22 @@ real sample scans for MSD v1 and glob):
     python -m uda_tf.cli.prepare --layout=<layout> ...  ->  python train.py ... (1 step, exports)
     ->  python -m uda_tf.cli.predict ...  ->  python -m uda_tf.cli.evaluate ...
 
-Each step is a real subprocess as a user runs it and must exit 0. Predictions must be one per
+Each step is the command line's `main`, given the user's arguments through `absl.app.run` in
+the test process (tests/cli_runner.py: the same flag parsing, checks and exit codes, without
+four TensorFlow start-ups per layout; the process boundary itself is tested by the CLI tests
+of each command), and must exit 0. Predictions must be one per
 input case with the input's shape, affine, qform/sform (codes and matrices) and orientation;
 evaluate's metrics.csv and summary.json must hold the expected cases and classes with values
 in range.
 
-Cost: four TensorFlow start-ups and a tiny training + export per layout, ~340 CPU-seconds
-for all 7 (train.py is two thirds of it). The chains of the selected layouts run
-`UDA_E2E_JOBS` (default 2) at a time from one module fixture: 5 min 21 s measured on 2 cores
-shared with other jobs (load ~2.8), about 3 minutes expected on 2 idle ones; each test then
-checks its own layout's outputs and prints the seconds each step took (`pytest -s`).
+The chains of the selected layouts run one after another from one module fixture; each test
+then checks its own layout's outputs and prints the seconds each step took (`pytest -s`).
 """
-import concurrent.futures
 import csv
 import glob
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import nibabel as nib
@@ -32,12 +29,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli_runner import run_cli
 from tests.data import raw_layouts as raw
 from uda_tf.cli.prepare_flags import LAYOUT_OPTION_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-JOBS = max(1, int(os.environ.get("UDA_E2E_JOBS", "2")))
-STEP_TIMEOUT = 300
 
 # What a user passes per layout, and what must come out. predict reads the raw layout
 # (--layout with --input_dir and prepare's layout options); `images`/`labels`: {case id: file relative to the raw folder} expected from the file
@@ -105,13 +101,11 @@ LAYOUTS = {
 }
 
 
-def _step(name, args, log):
-    """Runs one command line; returns its CompletedProcess and logs (name, seconds, rc)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO,
-           "CUDA_VISIBLE_DEVICES": ""}
+def _step(name, module, args, log):
+    """Runs one command line (`python -m <module> args`, in this process); returns its
+    Completed (returncode, stdout, stderr) and logs (name, seconds, Completed)."""
     start = time.time()
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=STEP_TIMEOUT)
+    proc = run_cli(module, args)
     log.append((name, time.time() - start, proc))
     return proc
 
@@ -135,14 +129,14 @@ def run_chain(name, work, mlflow_uri):
     spec["make"](out["raw"])
     prepared = out["prepared"] = os.path.join(work, "prepared")
     steps = out["steps"]
-    proc = _step("prepare", ["-m", "uda_tf.cli.prepare", f"--layout={layout}",
+    proc = _step("prepare", "uda_tf.cli.prepare", [f"--layout={layout}",
                              f"--input_dir={out['raw']}", f"--output_dir={prepared}",
                              "--size=16,16", "--workers=1", "--noprogress", *spec["prepare"]],
                  steps)
     if proc.returncode:
         return out
-    proc = _step("train", [
-        "train.py", f"--data_dir={prepared}", *spec["train"], "--epochs=1",
+    proc = _step("train", "uda_tf.cli.train", [
+        f"--data_dir={prepared}", *spec["train"], "--epochs=1",
         "--steps_per_epoch=1", "--base_filters=2", "--global_batch_size=2", "--augment=none",
         f"--output_dir={work}/runs", "--run_name=e2e", "--model_name=e2e",
         f"--mlflow_tracking_uri={mlflow_uri}", "--mlflow_experiment=e2e",
@@ -157,7 +151,7 @@ def run_chain(name, work, mlflow_uri):
         tuple(f"--{o}=" for o in LAYOUT_OPTION_FLAGS))]
     # predict reads the raw layout as prepare did, with the same layout options
     inputs = [f"--layout={layout}", f"--input_dir={out['raw']}", *options]
-    proc = _step("predict", ["-m", "uda_tf.cli.predict", f"--model={model}", *inputs,
+    proc = _step("predict", "uda_tf.cli.predict", [f"--model={model}", *inputs,
                              f"--output_dir={predictions}"], steps)
     if proc.returncode:
         return out
@@ -175,20 +169,17 @@ def run_chain(name, work, mlflow_uri):
         labels = _link_dir(os.path.join(linked, "labels"),
                            {c: os.path.join(out["raw"], p) for c, p in spec["labels"].items()})
         args = [f"--predictions={preds}", f"--labels={labels}", f"--manifest={prepared}"]
-    _step("evaluate", ["-m", "uda_tf.cli.evaluate", *args, f"--output_dir={evaluation}"], steps)
+    _step("evaluate", "uda_tf.cli.evaluate", [*args, f"--output_dir={evaluation}"], steps)
     return out
 
 
 @pytest.fixture(scope="module")
 def chains(request, tmp_path_factory, mlflow_store):
-    """The chains of every layout selected in this session, JOBS at a time."""
+    """The chains of every layout selected in this session, one after another."""
     selected = sorted({item.callspec.params["layout"] for item in request.session.items
                        if item.module is request.module and hasattr(item, "callspec")})
-    with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
-        works = {name: str(tmp_path_factory.mktemp(name)) for name in selected}
-        futures = {name: pool.submit(run_chain, name, work, mlflow_store(work))
-                   for name, work in works.items()}
-        return {name: future.result() for name, future in futures.items()}
+    works = {name: str(tmp_path_factory.mktemp(name)) for name in selected}
+    return {name: run_chain(name, work, mlflow_store(work)) for name, work in works.items()}
 
 
 def _check_steps(chain):

@@ -8,11 +8,19 @@ import sys
 import numpy as np
 import pytest
 
+from tests.cli_runner import run_cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _train_here(*args):
+    """`python train.py *args` through the CLI's flags and main in this process
+    (tests/cli_runner.py): what a user gets, without a TensorFlow start-up per run."""
+    return run_cli("uda_tf.cli.train", args)
+
+
 def _train(*args, timeout=600):
-    """train.py as a user runs it. A tiny run takes ~60 s on an idle core; the limit allows for
+    """train.py as a user runs it, in a new process. A tiny run takes ~60 s on an idle core; the limit allows for
     a machine loaded several times over (`make test` runs two test processes; 300 s was hit
     at a load average of 6-8 on 2 cores)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -106,6 +114,12 @@ def test_selection_needs_what_it_reads():
     check_selection(manifest, cfg(select_on="oracle", target_domain="a"))
 
 
+def test_bad_flag_exits_nonzero_from_a_real_process():
+    proc = _train("--bogus_flag=1", timeout=120)
+    assert proc.returncode != 0
+    assert "bogus_flag" in proc.stderr
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--bogus_flag=1"], "bogus_flag"),
     (["--method=nope", "--data_dir=x"], "--method"),
@@ -118,7 +132,7 @@ def test_selection_needs_what_it_reads():
     (["--patch_size=64,64"], "--patch_size=64,64: expected three positive integers"),
 ])
 def test_bad_input_exits_nonzero_naming_it(args, expected):
-    proc = _train(*args, timeout=120)
+    proc = _train_here(*args)
     assert proc.returncode != 0
     assert expected in proc.stderr
     if "EXAMPLE" in " ".join(args):

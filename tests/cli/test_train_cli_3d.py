@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.cli.test_train_cli import _train
+from tests.cli.test_train_cli import _train_here
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def prepared_volumes(tmp_path_factory):
 def test_unet3d_run_end_to_end(prepared_volumes, tmp_path, mlflow_store):
     data_dir, manifest = prepared_volumes
     assert manifest["output"]["records"] == "volumes"
-    proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+    proc = _train_here(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
                   "--method=grl", "--grl_features=encoder", "--model=unet3d",
                   "--patch_size=16,16,8", "--norm=batch", "--base_filters=2",
                   "--class_weights=0.5,1,1", "--lr_schedule=poly", "--warmup_steps=1",

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 from absl import app
 
+from tests.cli_runner import run_cli
 from uda_tf import files
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -223,16 +224,12 @@ def test_cli_turns_known_conditions_into_errors(tiny_prepared, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text('{"format": "uda_tf-prepared", "vers')
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    common = [sys.executable, os.path.join(REPO, "train.py"), "--source_domain=dom_a",
-              f"--output_dir={tmp_path}/runs"]
-    proc = subprocess.run(common + [f"--data_dir={data_dir}", "--run_name=../victim",
-                                    "--overwrite"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    common = ["--source_domain=dom_a", f"--output_dir={tmp_path}/runs"]
+    proc = run_cli("uda_tf.cli.train", common + [f"--data_dir={data_dir}",
+                                                 "--run_name=../victim", "--overwrite"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "train: error: --run_name='../victim' must be a plain name" in proc.stderr
     assert _intact(victim)
-    proc = subprocess.run(common + [f"--data_dir={broken}"], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=REPO)
+    proc = run_cli("uda_tf.cli.train", common + [f"--data_dir={broken}"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"--data_dir={broken}: cannot read {broken}/manifest.json" in proc.stderr

@@ -1,19 +1,16 @@
 """prepare: a tiny synthetic MSD dataset -> shards + manifest, checked against the contract."""
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import LABELS, LPS_CASE, make_msd
+from tests.helpers import LPS_CASE, make_msd
 from uda_tf.data import prepare as prepare_mod
 from uda_tf.data import io, layouts, manifest as manifest_lib, preprocess, tfrecord
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = (16, 28)  # H crops the 20-voxel x axis, W pads the 24-voxel y axis
 
 
@@ -227,12 +224,10 @@ def test_manifest_answers_from_its_json(prepared):
 
 
 def test_cli_rejects_unknown_flag_and_layout(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    base = [sys.executable, "-m", "uda_tf.cli.prepare", f"--input_dir={tmp_path}",
-            f"--output_dir={tmp_path / 'out'}"]
+    from tests.cli_runner import run_cli
+    base = [f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}"]
     for arg, expected in (("--bogus_flag", "bogus_flag"), ("--layout=nope", "layout")):
-        proc = subprocess.run(base + [arg], capture_output=True, text=True, cwd=REPO, env=env,
-                              timeout=120)
+        proc = run_cli("uda_tf.cli.prepare", base + [arg])
         assert proc.returncode != 0
         assert expected in proc.stderr and (arg != "--layout=nope" or "msd" in proc.stderr)
 

@@ -13,12 +13,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tests import cli_runner
 from uda_tf.files import BadNameError, OutputLockedError
 
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def run_cli(module, *args):
+    """The command line in this process (tests/cli_runner.py)."""
+    return cli_runner.run_cli(module, args)
+
+
+def run_process(module, *args):
+    """The command line in a new process, as a user starts it."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
                           text=True, timeout=180, env=ENV)
 
@@ -155,7 +162,7 @@ def test_export_is_one_writer_and_never_replaces_a_version(tmp_path, monkeypatch
 
 def test_export_cli_errors_are_named(tmp_path):
     ckpt = fake_run(tmp_path)
-    done = run_cli("uda_tf.cli.export", f"--checkpoint={ckpt}", f"--export_dir={tmp_path}/e",
+    done = run_process("uda_tf.cli.export", f"--checkpoint={ckpt}", f"--export_dir={tmp_path}/e",
                    "--model_name=../../x")
     assert_cli_error(done, "export", "--model_name='../../x' must be a plain model name")
     assert not os.path.exists(tmp_path / "e")

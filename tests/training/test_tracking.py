@@ -1,19 +1,16 @@
 """MLflow tracking as a user meets it: a tiny training logs params, per-epoch metrics, plots,
 sample segmentations and a registered model; with the server unreachable, training still
-finishes and keeps what it could not send. The two training runs go in parallel."""
+finishes and keeps what it could not send."""
 import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from tests.cli_runner import run_cli
 from uda_tf.training import tracking
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +27,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def runs(tiny_prepared, tmp_path_factory, mlflow_store):
-    """Starts both trainings at once (TensorFlow start-up dominates; two cores), then waits."""
+    """Both trainings, each through train.py's command line (tests/cli_runner.py)."""
     data_dir, manifest = tiny_prepared
     tmp = tmp_path_factory.mktemp("tracking")
     flagfile = tmp / "tiny_exp.cfg"
@@ -47,15 +44,10 @@ def runs(tiny_prepared, tmp_path_factory, mlflow_store):
         "offline": [f"--flagfile={flagfile}", "--run_name=offline",
                     f"--mlflow_tracking_uri={offline_uri}", "--mlflow_experiment=explicit"],
     }
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args],
-                                    cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, args in commands.items()}
     results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        results[name] = (proc.returncode, out, err, tmp / "runs" / name)
+    for name, args in commands.items():  # train.py's flags and main, in this process
+        proc = run_cli("uda_tf.cli.train", args)
+        results[name] = (proc.returncode, proc.stdout, proc.stderr, tmp / "runs" / name)
     return results, uri, manifest
 
 
