@@ -501,8 +501,14 @@ def build_model(cfg, checked: Checked, where: Placement):
                 logging.warning("frozen segmentor layers: %s", ", ".join(frozen))
         except (ValueError, FileNotFoundError) as err:
             raise app.UsageError(str(err)) from None
-        return checked.method_cls.build(segmentor, checked.manifest.class_names,
-                                        checked.method_config, cfg)
+        model = checked.method_cls.build(segmentor, checked.manifest.class_names,
+                                         checked.method_config, cfg)
+    from uda_tf.training.selection import check_model
+    try:
+        check_model(cfg.select_on, model)  # a criterion that needs the method's two networks
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    return model
 
 
 def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,

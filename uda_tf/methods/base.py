@@ -229,8 +229,21 @@ class SegmentationMethod(keras_compat.FitHooks):
         rounds, from the `config` it was built with); train.py adds them."""
         return []
 
+    def kept_network(self) -> keras.Model:
+        """The network this method validates (`test_step`), checkpoints (the best checkpoint
+        of training/callbacks.py), judges by the label-free target criteria and so exports:
+        the segmentor, unless a method keeps another network of the same architecture (mean
+        teacher's EMA teacher)."""
+        return self.segmentor
+
+    def paired_network(self) -> keras.Model | None:
+        """A second network of the kept one's architecture whose target predictions the
+        kept network's can be compared with (mean teacher: the student or the teacher, the
+        one not kept), or None; read by --select_on=target_teacher_agreement."""
+        return None
+
     def call(self, images, training=False):
-        return self.segmentor(images, training=training)["logits"]
+        return self.kept_network()(images, training=training)["logits"]
 
     @property
     def metrics(self):
@@ -286,12 +299,13 @@ class SegmentationMethod(keras_compat.FitHooks):
         return self.minent_weight * ent
 
     def test_step(self, data):
-        """(images, labels) or (images, labels, weights): validation batches padded to the
-        global batch size (pipeline.eval_dataset(pad_to_batch=True)) carry weight 0 on the
-        padding, which then counts in neither the loss nor the Dice."""
+        """Validates `kept_network()` on (images, labels) or (images, labels, weights):
+        validation batches padded to the global batch size (pipeline.eval_dataset(
+        pad_to_batch=True)) carry weight 0 on the padding, which then counts in neither the
+        loss nor the Dice."""
         images, labels = data[0], data[1]
         weights = data[2] if len(data) > 2 else None
-        logits = self.segmentor(images, training=False)["logits"]
+        logits = self.kept_network()(images, training=False)["logits"]
         if weights is None:
             loss = tf.reduce_mean(self.supervised_loss(labels, logits))
             self.seg_loss_tracker.update_state(loss)

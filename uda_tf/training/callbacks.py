@@ -9,8 +9,17 @@ import keras
 from uda_tf.files import atomic_write
 
 
+def kept_network(model) -> keras.Model:
+    """The network a run keeps and exports: a method's `kept_network()` (its segmentor, or
+    e.g. mean teacher's EMA teacher), a plain wrapper's `segmentor`, else `model` itself."""
+    if hasattr(model, "kept_network"):
+        return model.kept_network()
+    return getattr(model, "segmentor", model)
+
+
 class BestSegmentorCheckpoint(keras.callbacks.Callback):
-    """Saves `model.segmentor` weights whenever `monitor` improves.
+    """Saves the kept network's weights (`kept_network(model)`: the segmentor, or the network
+    a method keeps instead) whenever `monitor` improves.
 
     The default monitor is source-validation Dice (`val_dice`): target labels never choose a
     checkpoint. Weights are written to a temporary file then renamed, so a crash mid-write
@@ -38,10 +47,10 @@ class BestSegmentorCheckpoint(keras.callbacks.Callback):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
             from uda_tf.training.guards import ensure_space, weights_file_size
+            network = kept_network(self.model)
             with atomic_write(self.path, None) as tmp:
-                ensure_space(tmp, weights_file_size(self.model.segmentor.weights),
-                             "the checkpoint")
-                self.model.segmentor.save_weights(tmp)
+                ensure_space(tmp, weights_file_size(network.weights), "the checkpoint")
+                network.save_weights(tmp)
         except (OSError, RuntimeError) as e:  # h5py reports a full disk as either
             kept = (f"the previous best {self.path} (epoch {self.best_epoch}, "
                     f"{self.monitor}={self.best:.4f})" if os.path.exists(self.path)

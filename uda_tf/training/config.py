@@ -207,8 +207,10 @@ class RunConfig:
         "source_dice", "Which epoch's segmentor is kept and exported: source_dice (Dice on "
         "source validation labels), target_entropy (lowest mean prediction entropy on target "
         "validation images), target_agreement (highest Dice between predictions of flipped "
-        "copies of target validation images) or oracle (Dice on target validation labels: "
-        "only when you have them and say so).", choices=SELECT_ON)
+        "copies of target validation images), target_teacher_agreement (highest Dice between "
+        "the teacher's and the student's predictions on target validation images; "
+        "mean_teacher) or oracle (Dice on target validation labels: only when you have them "
+        "and say so).", choices=SELECT_ON)
     target_criteria: bool = setting(
         True, "Also compute the label-free target criteria (target_entropy, "
         "target_agreement) and, where target validation labels exist, oracle/val_dice every "

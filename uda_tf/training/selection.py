@@ -13,15 +13,22 @@ is chosen by one of (`--select_on`):
   a transformed copy mapped back (flips, or a fixed intensity jitter; higher is better): the
   test-time-augmentation consistency that Wang et al. (2019, "Aleatoric uncertainty estimation
   with test-time augmentation for medical image segmentation") use as an uncertainty estimate.
+* `target_teacher_agreement`: for a method with two networks of one architecture (mean
+  teacher: its EMA teacher and its student), mean Dice between their predictions on target
+  validation images (higher is better). The teacher averages the student over recent steps,
+  so the two agree where the student's target predictions have stopped moving, the state
+  self-ensembling's consistency term (French et al. 2018) pushes towards. Our own heuristic,
+  offered to be measured against the others, not as the default.
 * `oracle`: Dice on target validation labels. Reported under the `oracle/` prefix whenever
   labels exist, and used to choose a checkpoint only when asked for by name, since it needs
   exactly the labels UDA assumes are missing (docs/DESIGN.md, "Target labels stay out of
   training").
 
-`TargetCriteria` adds `target_entropy`, `target_agreement` and `oracle/val_dice` (+ per class)
-to the epoch logs in `on_epoch_end`; Keras passes one logs dict through the callbacks in list
-order, so it must come BEFORE the checkpoint callback that reads them (and before loggers that
-should record them). `selection_callbacks` builds the pair in that order.
+`TargetCriteria` adds `target_entropy`, `target_agreement`, `target_teacher_agreement` (for a
+model with a `paired_network()`) and `oracle/val_dice` (+ per class) to the epoch logs in
+`on_epoch_end`; Keras passes one logs dict through the callbacks in list order, so it must
+come BEFORE the checkpoint callback that reads them (and before loggers that should record
+them). `selection_callbacks` builds the pair in that order.
 """
 from __future__ import annotations
 
@@ -32,13 +39,15 @@ import tensorflow as tf
 from uda_tf.losses import entropy_map
 from uda_tf.metrics import dice_from_counts
 from uda_tf.models.heads import class_probabilities
-from uda_tf.training.callbacks import BestSegmentorCheckpoint
+from uda_tf.training.callbacks import BestSegmentorCheckpoint, kept_network
 
-SELECT_ON = ("source_dice", "target_entropy", "target_agreement", "oracle")
+SELECT_ON = ("source_dice", "target_entropy", "target_agreement", "target_teacher_agreement",
+             "oracle")
 _MONITORS = {
     "source_dice": ("val_dice", "max"),
     "target_entropy": ("target_entropy", "min"),
     "target_agreement": ("target_agreement", "max"),
+    "target_teacher_agreement": ("target_teacher_agreement", "max"),
     "oracle": ("oracle/val_dice", "max"),
 }
 TRANSFORMS = ("flip", "jitter")
@@ -49,6 +58,21 @@ def selection_monitor(select_on: str) -> tuple[str, str]:
     if select_on not in _MONITORS:
         raise ValueError(f"--select_on must be one of {', '.join(SELECT_ON)}, got {select_on!r}")
     return _MONITORS[select_on]
+
+
+def paired_network(model):
+    """The network the kept one is compared with by `target_teacher_agreement` (a method's
+    `paired_network()`), or None."""
+    return model.paired_network() if hasattr(model, "paired_network") else None
+
+
+def check_model(select_on: str, model) -> None:
+    """--select_on=target_teacher_agreement needs a model with a paired network."""
+    if select_on == "target_teacher_agreement" and paired_network(model) is None:
+        name = getattr(model, "name_in_registry", "") or type(model).__name__
+        raise ValueError(f"--select_on=target_teacher_agreement compares a teacher's and a "
+                         f"student's predictions; --method={name} has no second network "
+                         "(use --method=mean_teacher, or another --select_on)")
 
 
 def _unpack(batch):
@@ -62,6 +86,19 @@ def _unpack(batch):
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None), None
     return batch, None, None
+
+
+def _probabilities(network, images):
+    out = network(images, training=False)
+    return class_probabilities(out["logits"] if isinstance(out, dict) else out)
+
+
+def _overlap_counts(pred, other):
+    """[3, K]: per class, pixels where both one-hot maps say it, where `pred` does, where
+    `other` does (the pooled Dice's counts)."""
+    axes = list(range(len(pred.shape) - 1))
+    return tf.stack([tf.reduce_sum(pred * other, axes), tf.reduce_sum(pred, axes),
+                     tf.reduce_sum(other, axes)])
 
 
 class TargetCriteria(keras.callbacks.Callback):
@@ -108,33 +145,36 @@ class TargetCriteria(keras.callbacks.Callback):
         if id(segmentor) in self._step_fns:
             return self._step_fns[id(segmentor)]
 
-        def probabilities(images):
-            out = segmentor(images, training=False)
-            logits = out["logits"] if isinstance(out, dict) else out
-            return class_probabilities(logits)
-
         @tf.function(reduce_retracing=True)
         def step(images):
-            probs = probabilities(images)
+            probs = _probabilities(segmentor, images)
             k = probs.shape[-1]
             pred = tf.one_hot(tf.argmax(probs, -1), k)
-            axes = list(range(len(pred.shape) - 1))
             entropy = tf.reduce_sum(entropy_map(probs))
             agreement = []
             for transformed, back in self._pairs(images):
-                other = tf.one_hot(tf.argmax(back(probabilities(transformed)), -1), k)
-                agreement.append(tf.stack([tf.reduce_sum(pred * other, axes),
-                                           tf.reduce_sum(pred, axes),
-                                           tf.reduce_sum(other, axes)]))
+                other = tf.one_hot(tf.argmax(back(_probabilities(segmentor, transformed)), -1),
+                                   k)
+                agreement.append(_overlap_counts(pred, other))
             return entropy, tf.stack(agreement), pred
 
         self._step_fns[id(segmentor)] = step
         return step
 
-    def compute(self, segmentor) -> dict:
-        """The criteria of `segmentor` (a Keras model returning {"logits"} or logits)."""
+    def _paired_fn(self, paired):
+        """Overlap counts of a prediction (one-hot) with `paired`'s on the same images."""
+        key = ("paired", id(paired))
+        if key not in self._step_fns:
+            self._step_fns[key] = tf.function(lambda images, pred: _overlap_counts(
+                pred, tf.one_hot(tf.argmax(_probabilities(paired, images), -1),
+                                 pred.shape[-1])), reduce_retracing=True)
+        return self._step_fns[key]
+
+    def compute(self, segmentor, paired=None) -> dict:
+        """The criteria of `segmentor` (a Keras model returning {"logits"} or logits), and
+        with `paired` (a second such model) `target_teacher_agreement` between the two."""
         step = self._step_fn(segmentor)
-        entropy_sum, pixels, agree, oracle = 0.0, 0, None, None
+        entropy_sum, pixels, agree, oracle, pair = 0.0, 0, None, None, None
         for n, batch in enumerate(self.dataset_fn()):
             if self.steps is not None and n >= self.steps:
                 break
@@ -144,6 +184,9 @@ class TargetCriteria(keras.callbacks.Callback):
             entropy_sum += float(entropy)
             pixels += int(np.prod(pred.shape[:-1]))
             agree = agreement.numpy() if agree is None else agree + agreement.numpy()
+            if paired is not None:
+                counts = self._paired_fn(paired)(images, pred).numpy()
+                pair = counts if pair is None else pair + counts
             if self.oracle and labels is not None:
                 true = tf.one_hot(tf.cast(labels, tf.int32), pred.shape[-1])
                 if has_label is not None:
@@ -162,6 +205,8 @@ class TargetCriteria(keras.callbacks.Callback):
         dice = dice_from_counts(agree[:, 0], agree[:, 1], agree[:, 2])
         out = {"target_entropy": entropy_sum / pixels,
                "target_agreement": float(dice[:, 1:].mean())}
+        if pair is not None:
+            out["target_teacher_agreement"] = float(dice_from_counts(*pair)[1:].mean())
         if oracle is not None:
             per_class = dice_from_counts(*oracle)
             out["oracle/val_dice"] = float(per_class[1:].mean())
@@ -173,8 +218,7 @@ class TargetCriteria(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        model = self.model
-        logs.update(self.compute(getattr(model, "segmentor", model)))
+        logs.update(self.compute(kept_network(self.model), paired_network(self.model)))
 
 
 def selection_callbacks(select_on: str, checkpoint_path: str, *, dataset_fn=None,
