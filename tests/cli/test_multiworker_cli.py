@@ -1,5 +1,5 @@
 """train.py as two worker processes on 127.0.0.1 (TF_CONFIG), the way a user starts a
-multi-worker run: the adversarial method trains on both, the chief writes the run (checkpoint,
+multi-worker run: GRL trains on both, the chief writes the run (checkpoint,
 SavedModel, evaluation, one MLflow run) and the other worker writes nothing that outlives it.
 Flags that cannot work across workers are refused, naming the flag."""
 import json
@@ -44,12 +44,12 @@ def _wait(procs, limit):
 
 
 @pytest.mark.slow
-def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_store):
+def test_two_train_processes_run_grl(tiny_prepared, tmp_path, mlflow_store):
     data_dir, _ = tiny_prepared
     uri = mlflow_store(tmp_path)
     procs = _start_workers([
         f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
-        "--method=adversarial", "--adv_both_domains", "--cluster=tf_config",
+        "--method=grl", "--cluster=tf_config",
         "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4", "--base_filters=2",
         f"--output_dir={tmp_path}/runs", "--run_name=mw", f"--mlflow_tracking_uri={uri}",
         "--model_name=mw", "--mlflow_experiment=test", "--mlflow_sample_slices=0"], tmp_path)
@@ -71,7 +71,7 @@ def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_sto
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1  # only the chief tracks
-    metrics = client.get_metric_history(runs[0].info.run_id, "d_loss_entropy")
+    metrics = client.get_metric_history(runs[0].info.run_id, "domain_loss")
     assert [m.step for m in metrics] == [0, 1]
     assert runs[0].data.tags["workers"] == "2", runs[0].data.tags
 

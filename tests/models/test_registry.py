@@ -94,7 +94,10 @@ def _one_step(model, method, rank):
 
 
 # unet2d on two replicas: tests/methods/test_distributed.py
-@pytest.mark.parametrize("method", ["source_only", "grl"])
+# GRL's step holds source-only's (the supervised loss on the segmentor's logits) plus the
+# feature taps a domain classifier reads; source-only's own step on two replicas is compared
+# with one device below (unet3d) and in tests/methods/test_distributed.py.
+@pytest.mark.parametrize("method", ["grl"])
 @pytest.mark.parametrize("name", sorted(set(MODELS) - {"unet2d"}))
 def test_one_step_on_two_replicas(name, method, two_replicas):
     model = _method(name, method, two_replicas)
