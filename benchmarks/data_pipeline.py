@@ -9,7 +9,8 @@ Prints a table and writes benchmarks/results/data_pipeline.json. Every measureme
 fresh subprocess so its peak RSS (ru_maxrss) is its own. Streams also report CPU milliseconds
 per sample (process CPU time over the measured batches): on a shared machine the rate says
 what the pipeline got, the CPU time what it costs. Slices/s of a source/target zip count both
-domains' slices. Synthetic NIfTI volumes (smooth blobs
+domains' slices. The 2D zip runs with the `full`, `randomized` (full + label_intensity) and
+`full_gin` (full + gin) presets. Synthetic NIfTI volumes (smooth blobs
 and their labels, 256 x 256 in-plane at 1 mm) in the MSD layout, two domains.
 """
 from __future__ import annotations
@@ -115,8 +116,9 @@ def measure_stream(a: dict) -> dict:
     if a["mode"] == "bare":
         # The reference reader: interleaved shards, per-record parse + decode_raw, flip, batch.
         h, w, c = manifest["image_shape"]
-        files = manifest_lib.shard_files(manifest, a["data"], "site_a", "train")
-        ds = pipeline._records(files, shuffle_files=True, seed=0).repeat()
+        files = manifest.shard_files(a["data"], "site_a", "train")
+        ds = pipeline._records(files, shuffle_files=True, seed=0,
+                               compression=manifest.compression).repeat()
         ds = ds.map(lambda r: tfrecord.parse_slice(r, h, w, c, image_dtype=manifest["image_dtype"]),
                     num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(lambda e: (tf.image.random_flip_left_right(e["image"]), e["label"]),
@@ -155,7 +157,8 @@ def measure_ops(a: dict) -> dict:
     y = tf.cast(tf.random.uniform([BATCH_2D, 256, 256], 0, 3, tf.int32), tf.uint8)
     sets = {name: [name] for name in augment.OPS}
     sets.update({"rotation+scaling+elastic": ["rotation", "scaling", "elastic"],
-                 "preset default": "default", "preset full": "full"})
+                 "preset default": "default", "preset full": "full",
+                 "preset randomized": "randomized", "preset full_gin": "full_gin"})
     out = {}
     for label, names in sets.items():
         fn = tf.function(augment.build(names))
@@ -203,6 +206,11 @@ def run(quick: bool) -> dict:
             entry["source_2d_default"] = _child("stream", dict(common, mode="source",
                                                                augment="default"))
             entry["zip_2d_full"] = _child("stream", dict(common, mode="zip", augment="full"))
+            # Domain randomisation on top of full: label_intensity (labelled source batches
+            # only; the target's are unlabelled) and the random-network GIN (both domains).
+            for preset in ("randomized", "full_gin"):
+                entry[f"zip_2d_{preset}"] = _child("stream", dict(common, mode="zip",
+                                                                  augment=preset))
             # The same images stored as float16 (--image_dtype=float16): half the bytes to read
             # and parse.
             entry["zip_2d_full_f16"] = _child("stream", dict(common, data=out2d16, mode="zip",
@@ -230,6 +238,10 @@ def print_table(r: dict) -> None:
             ("source+target zip, full aug (slices/s)", "zip_2d_full", "samples_per_s"),
             ("source+target zip, full aug (steps/s)", "zip_2d_full", "steps_per_s"),
             ("  CPU ms per slice", "zip_2d_full", "cpu_ms_per_sample"),
+            ("source+target zip, randomized (slices/s)", "zip_2d_randomized", "samples_per_s"),
+            ("  CPU ms per slice", "zip_2d_randomized", "cpu_ms_per_sample"),
+            ("source+target zip, full_gin (slices/s)", "zip_2d_full_gin", "samples_per_s"),
+            ("  CPU ms per slice", "zip_2d_full_gin", "cpu_ms_per_sample"),
             ("same, float16 records (slices/s)", "zip_2d_full_f16", "samples_per_s"),
             ("  CPU ms per slice", "zip_2d_full_f16", "cpu_ms_per_sample"),
             ("3D zip, full aug, 64x64x32 (patches/s)", "zip_3d_full", "samples_per_s"),
@@ -242,7 +254,8 @@ def print_table(r: dict) -> None:
         print(f"{label:44s}" + "".join(f"{r['sizes'][n][key][field]:18.2f}" for n in names))
     print("peak RSS, MB")
     for key in ("prepare_2d", "prepare_2d_f16", "prepare_3d", "bare_reader_2d",
-                "source_2d_default", "zip_2d_full", "zip_2d_full_f16", "zip_3d_full"):
+                "source_2d_default", "zip_2d_full", "zip_2d_randomized", "zip_2d_full_gin",
+                "zip_2d_full_f16", "zip_3d_full"):
         print(f"  {key:42s}" + "".join(f"{r['sizes'][n][key]['peak_rss_mb']:18.0f}" for n in names))
     for key in ("prepare_2d", "prepare_3d"):
         print(f"  {key + ' (largest worker)':42s}" + "".join(

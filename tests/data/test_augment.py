@@ -102,6 +102,10 @@ def test_probability_zero_is_identity_and_half_mixes(name):
     aug = augment.build([name], jit=False, **{f"p_{name}": 0.5})
     out_x = aug(images)  # unlabelled: images only
     same = [np.allclose(out_x[i], images[i]) for i in range(32)]
+    if augment.OPS[name].needs_labels:  # an op that reads labels skips an unlabelled batch
+        assert sum(same) == 32
+        out_x, _ = aug(images, labels)
+        same = [np.allclose(out_x[i], images[i]) for i in range(32)]
     assert 2 <= sum(same) <= 30
     ds = tf.data.Dataset.from_tensors((images, labels)).map(aug)
     out_x, out_y = next(iter(ds))

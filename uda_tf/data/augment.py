@@ -11,8 +11,9 @@ probability and parameters; `build(names, **params)` returns one callable for th
 Rotation, scaling and elastic deformation are one resampling pass (bilinear images, nearest
 labels); when one of them is in the set, flips are folded into the same pass as a mirroring of
 the affine part (a mirrored-only sample maps voxel centres onto voxel centres and is exact),
-and a sample that drew only flips is reversed instead of resampled. Every op draws one Bernoulli(p) per sample, the batch-level, vectorised form of nnU-Net's
-per-sample augmentation probabilities (Isensee et al. 2021), whose ranges are the defaults here.
+and a sample that drew only flips is reversed instead of resampled. Every op draws one
+Bernoulli(p) per sample, the batch-level, vectorised form of nnU-Net's per-sample augmentation
+probabilities (Isensee et al. 2021), whose ranges are the defaults here.
 Ops run in registry order: spatial ops, the expensive intensity ops (subset=True), the cheap ones.
 How the chosen samples are changed depends on the op's cost (benchmarks/data_pipeline.py):
 cheap ops (brightness, jitter; flips when nothing is resampled) run over the whole batch with
@@ -20,6 +21,17 @@ identity parameters for the samples they do not touch; the resampling and the ex
 run on the chosen samples only. Under XLA (the default) that is one compiled loop over the
 samples with a conditional per op, so a sample costs what it drew; without XLA (jit=False) the
 chosen samples are gathered, transformed and scattered back.
+
+Presets (PRESETS): none; flip; default = flips + intensity jitter; full = flips, rotation,
+scaling, elastic, gamma, contrast, brightness, noise, bias field, blur; randomized = full +
+label_intensity; full_gin = full + gin. Op names may be combined freely: "full_gin" is the
+preset, "gin" the op alone, "flip,gin,noise" a set of ops.
+
+Domain-randomising ops (augment_random): `label_intensity` gives every label region of a
+labelled sample a random mean intensity and texture scale (SynthSeg-like; an op that declares
+`needs_labels` gets the labels and is skipped on unlabelled batches, so target images are left
+as they are), `gin` passes the image through a random shallow conv net (GIN). Both run first
+among the intensity ops, before noise, blur and the bias field.
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import dataclasses
 import tensorflow as tf
 
 from uda_tf.data import augment_intensity as intensity
+from uda_tf.data import augment_random as randomize
 from uda_tf.data import augment_spatial as spatial
 
 
@@ -40,25 +53,37 @@ class AugOp:
     fn: object = None  # intensity ops: fn(images, active=None, **params)
     subset: bool = False  # expensive: computed for the chosen samples only (module docstring)
     xla: bool = True  # False: kept out of the XLA-compiled chain (run last, on a subset)
+    # True: fn(images, labels=..., active=None, **params) reads the labels (never changes
+    # them) and is skipped on unlabelled batches.
+    needs_labels: bool = False
+    check: object = None  # check(params): ValueError naming a parameter that is unusable
 
 
 OPS: dict[str, AugOp] = {}
 
 
 def register_op(name: str, kind: str, probability: float, fn=None, *, subset=False, xla=True,
-                **params) -> None:
+                needs_labels=False, check=None, **params) -> None:
     if name in OPS:
         raise ValueError(f"augmentation {name!r} is already registered")
-    OPS[name] = AugOp(name, kind, probability, params, fn, subset, xla)
+    OPS[name] = AugOp(name, kind, probability, params, fn, subset, xla, needs_labels, check)
 
 
 register_op("flip", "spatial", 0.5, flip_axes=None)  # None: every spatial axis, each p
 register_op("rotation", "spatial", 0.2, rotation_degrees=15.0)
 register_op("scaling", "spatial", 0.2, scale_range=(0.85, 1.25))
 register_op("elastic", "spatial", 0.2, elastic_alpha=4.0, elastic_grid=5)
-# Expensive intensity ops (subset=True) first, in nnU-Net's order (noise, blur, contrast, gamma)
-# plus the bias field: under XLA they run in one loop over the chosen samples; the cheap
-# whole-batch ops (brightness, jitter) come after it.
+# Expensive intensity ops (subset=True) first: under XLA they run in one loop over the chosen
+# samples; the cheap whole-batch ops (brightness, jitter) come after it. The domain-randomising
+# ops (augment_random) come first, so that each tissue gets a random mean and spread (or the
+# image a random network's contrast) and then the blur, bias field and noise of a scan; then
+# nnU-Net's order (noise, blur, contrast, gamma) plus the bias field.
+register_op("label_intensity", "intensity", 0.5, randomize.label_intensity, subset=True,
+            needs_labels=True, check=randomize.check_label_intensity,
+            label_intensity_mean=(0.0, 1.0), label_intensity_texture=(0.5, 1.5),
+            label_intensity_classes=8)
+register_op("gin", "intensity", 0.5, randomize.gin, subset=True, check=randomize.check_gin,
+            gin_layers=4, gin_channels=2, gin_kernel=3)
 register_op("noise", "intensity", 0.1, intensity.noise, subset=True, noise_std=(0.0, 0.1))
 register_op("blur", "intensity", 0.2, intensity.blur, subset=True, blur_sigma=(0.5, 1.0))
 register_op("contrast", "intensity", 0.15, intensity.contrast, subset=True,
@@ -77,6 +102,10 @@ PRESETS = {
     "full": ("flip", "rotation", "scaling", "elastic", "gamma", "contrast", "brightness",
              "noise", "bias_field", "blur"),
 }
+PRESETS["randomized"] = PRESETS["full"] + ("label_intensity",)
+PRESETS["full_gin"] = PRESETS["full"] + ("gin",)  # ("gin" alone is the op)
+# A preset named like an op must mean that op alone: "--augment=flip" cannot be ambiguous.
+assert all(PRESETS[n] == (n,) for n in PRESETS if n in OPS)
 _FUSED = ("rotation", "scaling", "elastic")
 
 
@@ -194,7 +223,7 @@ class Augmenter:
         p = self.params
         images, labels, fused, flips = self._flips(images, labels, names)
         spatial_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
-        looped = [name for name in names if OPS[name].kind == "intensity" and OPS[name].subset]
+        looped = [name for name in self._intensity(names, labels) if OPS[name].subset]
         op_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in looped}
         decisions = [*flips.values(), *spatial_on.values(), *op_on.values()]
         if decisions:
@@ -213,20 +242,32 @@ class Augmenter:
                         lambda: spatial.random_spatial(x, y, active=active, **spatial_kwargs),
                         lambda: _mirror(x, y, {a: v[i] for a, v in flips.items()}))
                 for name in looped:
-                    kwargs = {k: p[k] for k in OPS[name].params}
+                    kwargs = self._kwargs(name, y)
                     x = tf.cond(op_on[name][i],
                                 lambda fn=OPS[name].fn, kwargs=kwargs, x=x: fn(x, **kwargs),
                                 lambda x=x: x)
                 return x, y
 
             images, labels = _each_chosen(touched, one_sample, images, labels)
-        for name in names:
-            if OPS[name].kind != "intensity" or OPS[name].subset:
+        for name in self._intensity(names, labels):
+            if OPS[name].subset:
                 continue
-            kwargs = {k: p[k] for k in OPS[name].params}
             chosen = None if p[f"p_{name}"] >= 1 else tf.random.uniform([n]) < p[f"p_{name}"]
-            images = OPS[name].fn(images, active=chosen, **kwargs)
+            images = OPS[name].fn(images, active=chosen, **self._kwargs(name, labels))
         return images if labels is None else (images, labels)
+
+    @staticmethod
+    def _intensity(names, labels):
+        """The intensity ops of `names` that apply: those reading labels only with labels."""
+        return [name for name in names if OPS[name].kind == "intensity"
+                and (labels is not None or not OPS[name].needs_labels)]
+
+    def _kwargs(self, name, labels):
+        """The op's parameters, plus labels= for an op that reads them."""
+        kwargs = {k: self.params[k] for k in OPS[name].params}
+        if OPS[name].needs_labels:
+            kwargs["labels"] = labels
+        return kwargs
 
     def _flips(self, images, labels, names):
         """(images, labels, fused, flips): the per-axis flip decisions [n], kept to be folded
@@ -266,16 +307,18 @@ class Augmenter:
             images, labels = on_subset(
                 chosen, lambda x, y: spatial.random_spatial(x, y, active=sub_active, **kwargs),
                 images, labels)
-        for name in names:
-            if OPS[name].kind != "intensity":
-                continue
+        for name in self._intensity(names, labels):
             fn = OPS[name].fn
             kwargs = {k: p[k] for k in OPS[name].params}
             if p[f"p_{name}"] >= 1:
-                images = fn(images, **kwargs)
+                images = fn(images, **self._kwargs(name, labels))
                 continue
             chosen = tf.random.uniform([n]) < p[f"p_{name}"]
-            if OPS[name].subset:
+            if OPS[name].needs_labels:  # the chosen samples' labels are gathered with them
+                images = on_subset(
+                    chosen, lambda x, y, fn=fn, kwargs=kwargs: (fn(x, labels=y, **kwargs), y),
+                    images, labels)[0]
+            elif OPS[name].subset:
                 images, _ = on_subset(
                     chosen, lambda x, y, fn=fn, kwargs=kwargs: (fn(x, **kwargs), y), images)
             else:
@@ -295,11 +338,13 @@ class Augmenter:
 
 
 def build(names="full", *, jit: bool = True, **params) -> Augmenter:
-    """The augmentation callable for `names` (a preset: none, default, full; or op names).
+    """The augmentation callable for `names` (a preset of PRESETS, see the module docstring;
+    or op names).
 
     `params`: any op parameter (e.g. rotation_degrees=10, noise_std=(0, 0.05)) and per-op
-    probabilities `p_<name>`; an unknown parameter is an error naming the valid ones. `jit`:
-    compile the chain with XLA (see Augmenter).
+    probabilities `p_<name>`; an unknown parameter, a probability outside [0, 1] or a value an
+    op cannot use (its `check`) is an error naming the parameter. `jit`: compile the chain
+    with XLA (see Augmenter).
     """
     names = resolve_names(names)
     defaults = parameter_defaults()
@@ -310,7 +355,11 @@ def build(names="full", *, jit: bool = True, **params) -> Augmenter:
     for key, value in params.items():
         if key.startswith("p_") and not 0 <= float(value) <= 1:
             raise ValueError(f"{key} must be a probability in [0, 1], got {value}")
-    return Augmenter(names, {**defaults, **params}, jit=jit)
+    params = {**defaults, **params}
+    for op in OPS.values():  # every op's, so that a flag check (preset "none") sees them all
+        if op.check is not None:
+            op.check(params)
+    return Augmenter(names, params, jit=jit)
 
 
 def parameter_defaults() -> dict:
@@ -373,13 +422,14 @@ def parse_params(items, flag: str = "augment_params") -> dict:
                 if len(values) != len(default):
                     raise ValueError
                 value = tuple(values)
-            elif len(values) != 1:
+            elif len(values) != 1 or isinstance(default, int) and not values[0].is_integer():
                 raise ValueError
             else:
                 value = int(values[0]) if isinstance(default, int) else values[0]
         except ValueError:
             shape = ("low:high" if isinstance(default, tuple) else
-                     "axes like 1:2" if key == "flip_axes" else "one number")
+                     "axes like 1:2" if key == "flip_axes" else
+                     "one integer" if isinstance(default, int) else "one number")
             raise ValueError(f"--{flag}: {key}={text!r} must be {shape} "
                              f"(default {default})") from None
         out[key] = value

@@ -98,8 +98,10 @@ class RunConfig:
     augment: str = setting(
         "default", "Source training augmentation: a preset (none, flip, default = flips + "
         "intensity jitter, full = flips, rotation, scaling, elastic, gamma, contrast, "
-        "brightness, noise, bias field, blur) or comma-separated op names of "
-        "uda_tf.data.augment.", check=check_augment)
+        "brightness, noise, bias field, blur, randomized = full + label_intensity: a random "
+        "mean and texture scale per label region of labelled images, full_gin = full + gin: "
+        "a random shallow conv net per image) or comma-separated op names of "
+        "uda_tf.data.augment (e.g. full's names plus gin).", check=check_augment)
     target_augment: str = setting("", "Target training augmentation, as --augment (empty: "
                                   "the same as --augment).", check=check_augment)
     augment_params: tuple = setting(
