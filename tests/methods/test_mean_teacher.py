@@ -113,6 +113,20 @@ def test_flips_alone_are_exact_and_keep_every_pixel():
     assert valid.min() == 1.0
 
 
+def test_randomised_intensities_in_the_strong_view():
+    """GIN changes the student's (unlabelled) view; label_intensity, which reads labels, is
+    left out of it as augment leaves it out of unlabelled batches."""
+    params = {**augment.parameter_defaults(), "p_gin": 1.0, "gin_layers": 2}
+    assert "label_intensity" not in StrongView("randomized", params).intensity
+    view = StrongView("gin", params)
+    images = tf.random.uniform([2, 16, 16, 1], seed=1)
+    probs = tf.nn.softmax(tf.random.normal([2, 16, 16, 3], seed=2))
+    student, aligned, valid = view(images, probs)
+    assert float(tf.reduce_max(tf.abs(student - images))) > 1e-3
+    np.testing.assert_array_equal(aligned.numpy(), probs.numpy())  # no spatial op: unmoved
+    assert float(tf.reduce_min(valid)) == 1.0
+
+
 def test_out_of_view_pixels_are_masked():
     """Zoomed out to 0.5: the outer ring comes from outside the image. There the mask is 0,
     the moved probabilities are 0, the student's image is the sample's minimum, and the

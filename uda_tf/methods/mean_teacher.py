@@ -99,7 +99,10 @@ class StrongView:
     def __init__(self, names, params: dict):
         self.names = augment.resolve_names(names)
         self.params = params
-        self.intensity = [n for n in self.names if augment.OPS[n].kind == "intensity"]
+        # Ops that read labels (label_intensity) leave unlabelled images alone, as augment's
+        # do: the student's view is of target images.
+        self.intensity = [n for n in self.names if augment.OPS[n].kind == "intensity"
+                          and not augment.OPS[n].needs_labels]
 
     def __call__(self, images, probs):
         images = tf.convert_to_tensor(images)
