@@ -72,12 +72,40 @@ def test_domains_differ_like_scanners(subjects):
     zooms = {d: nib.affines.voxel_sizes(s.affine) / COARSE for d, s in subjects.items()}
     np.testing.assert_allclose(zooms["scanner_a"], [1.2, 1.2, 1.2])
     np.testing.assert_allclose(zooms["scanner_b"], [1.0, 1.0, 3.0])
+    np.testing.assert_allclose(zooms["lowfield"], [1.4, 1.4, 5.0])
     codes = {d: "".join(nib.aff2axcodes(s.affine)) for d, s in subjects.items()}
     assert codes["scanner_a"] == "RAS" and codes["scanner_b"] == "LPS"
-    assert codes["t2like"] == "LIP"
-    # Stored intensity ranges: 0..1000 versus an offset 0..4095 scale.
+    assert codes["t2like"] == "LIP" and codes["lowfield"] == "LAI"
+    # Stored intensity ranges: 0..1000 versus an offset 0..4095 scale and an offset 11-bit one.
     assert subjects["scanner_a"].image.max() <= 1000
     assert subjects["scanner_b"].image.min() >= 400 and subjects["scanner_b"].image.max() > 2000
+    assert subjects["lowfield"].image.min() >= 100 and subjects["lowfield"].image.max() <= 2047
+
+
+def _contrast_and_noise(s, domain):
+    """(GM/WM contrast, noise), both relative to the WM mean on the unit intensity scale.
+    Noise: std of the differences between neighbouring WM voxels along the first axis over
+    sqrt(2): the added noise is white, the tissue signal and bias field are smooth."""
+    params = phantom.DOMAINS[domain]
+    image = (s.image.astype(np.float64) - params.offset) / params.gain
+    gm, wm = (image[s.label == k].mean() for k in (2, 3))
+    in_wm = (s.label[1:] == 3) & (s.label[:-1] == 3)
+    noise = (image[1:] - image[:-1])[in_wm].std() / np.sqrt(2.0)
+    return (wm - gm) / wm, noise / wm
+
+
+def test_lowfield_has_flatter_contrast_and_more_noise_than_scanner_a(subjects):
+    contrast_a, noise_a = _contrast_and_noise(subjects["scanner_a"], "scanner_a")
+    contrast_low, noise_low = _contrast_and_noise(subjects["lowfield"], "lowfield")
+    assert 0.0 < contrast_low < 0.75 * contrast_a      # still T1-like, but compressed
+    assert noise_low > 1.5 * noise_a
+    # The brain's intensity spread (bias field and noise) is wider too.
+    def spread(s, domain):
+        params = phantom.DOMAINS[domain]
+        wm = (s.image[s.label == 3].astype(np.float64) - params.offset) / params.gain
+        return wm.std() / wm.mean()
+    assert spread(subjects["lowfield"], "lowfield") > 1.5 * spread(subjects["scanner_a"],
+                                                                   "scanner_a")
 
 
 def test_stored_orientation_is_only_a_relabelling(monkeypatch):
@@ -128,7 +156,8 @@ def test_unknown_domain_is_refused(tmp_path):
          "--domains=scanner_a,scanner_z"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "--domains" in result.stderr and "scanner_z" in result.stderr
-    assert "scanner_a, scanner_b, t2like" in result.stderr
+    assert ", ".join(phantom.DOMAINS) in result.stderr
+    assert "lowfield" in result.stderr
     assert not (tmp_path / "dataset.json").exists()
 
 

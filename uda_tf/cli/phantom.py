@@ -19,7 +19,10 @@ def define_flags():
     flags.DEFINE_string("output_dir", None, "Dataset root to write (dataset.json, imagesTr, "
                         "labelsTr).", required=True)
     flags.DEFINE_list("domains", ["scanner_a", "scanner_b"],
-                      f"Scanner domains to render, from: {', '.join(DOMAINS)}.")
+                      f"Scanner domains to render, from: {', '.join(DOMAINS)} (scanner_a: "
+                      "the T1 source; scanner_b: another T1 scanner; lowfield: low-field-like "
+                      "T1, flat grey/white contrast, strong bias field, heavy noise and blur, "
+                      "5 mm slices; t2like: T2-like, inverted contrast).")
     flags.DEFINE_integer("subjects_per_domain", 10, "Subjects per domain.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed; each subject draws from (seed, domain, index).")
     flags.DEFINE_integer("workers", 2, "Worker processes.", lower_bound=1)
