@@ -69,6 +69,13 @@ RECIPES: dict[str, Recipe] = {
     "adversarial": Recipe("configs/adversarial_demo.cfg"),
     "minent": Recipe("configs/minent_demo.cfg"),
     "self_training": Recipe("configs/self_training_demo.cfg"),
+    "source_only_randomized": Recipe("configs/source_only_augment_demo.cfg",
+                                     ("--augment=randomized",), "baseline"),
+    "source_only_gin": Recipe("configs/source_only_augment_demo.cfg", ("--augment=full_gin",),
+                              "baseline"),
+    "mean_teacher": Recipe("configs/mean_teacher_demo.cfg"),
+    "mean_teacher_randomized": Recipe("configs/mean_teacher_demo.cfg", (
+        "--augment=randomized", "--mt_student_augment=full_gin")),
     "oracle": Recipe("configs/demo.cfg", ("--method=source_only",), "oracle"),
 }
 SOURCE_ONLY, ORACLE = "source_only", "oracle"
