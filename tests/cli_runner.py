@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import logging
 import os
 import sys
 import traceback
@@ -57,6 +58,11 @@ def run_cli(module: str, args, cwd=REPO) -> Completed:
     cli = importlib.import_module(module)
     _forget_cli_flags()
     out, err = io.StringIO(), io.StringIO()
+    # absl's log handler holds the stderr of its creation: log records (warnings a user reads,
+    # e.g. MLflow values kept for later) are copied into the captured stderr here.
+    log_copy = logging.StreamHandler(err)
+    log_copy.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(log_copy)
     code = 0
     try:
         with (contextlib.chdir(cwd), contextlib.redirect_stdout(out),
@@ -70,6 +76,7 @@ def run_cli(module: str, args, cwd=REPO) -> Completed:
                 traceback.print_exc()
                 code = 1
     finally:
+        logging.getLogger().removeHandler(log_copy)
         _forget_cli_flags()
     if code is None:
         code = 0
