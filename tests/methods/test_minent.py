@@ -1,6 +1,5 @@
 """MinEnt: the target-entropy term, as the `minent` method and added by the base class to any
 method that sees target images (here GRL), checked against a hand-computed SGD step."""
-from types import SimpleNamespace
 
 import keras
 import numpy as np

@@ -3,11 +3,10 @@ logical CPUs, 9 or 7 slices in batches of 8 or 4): no crash, and the Dice and lo
 of exactly the real slices, as on one device."""
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import CLASS_NAMES, tiny_batch, tiny_segmentor
+from tests.helpers import tiny_batch
 from uda_tf.data import pipeline
 
 

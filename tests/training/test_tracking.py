@@ -54,7 +54,7 @@ def runs(tiny_prepared, tmp_path_factory, mlflow_store):
 @pytest.mark.slow
 def test_run_logs_params_metrics_artifacts_and_model(runs):
     import mlflow
-    (code, out, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
+    (code, _, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
     assert code == 0, err[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
     run_id = result["mlflow"]["run_id"]

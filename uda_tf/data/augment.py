@@ -223,7 +223,7 @@ class Augmenter:
         p = self.params
         images, labels, fused, flips = self._flips(images, labels, names)
         spatial_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
-        looped = [name for name in self._intensity(names, labels) if OPS[name].subset]
+        looped = [name for name in self.intensity_names(names, labels) if OPS[name].subset]
         op_on = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in looped}
         decisions = [*flips.values(), *spatial_on.values(), *op_on.values()]
         if decisions:
@@ -249,7 +249,7 @@ class Augmenter:
                 return x, y
 
             images, labels = _each_chosen(touched, one_sample, images, labels)
-        for name in self._intensity(names, labels):
+        for name in self.intensity_names(names, labels):
             if OPS[name].subset:
                 continue
             chosen = None if p[f"p_{name}"] >= 1 else tf.random.uniform([n]) < p[f"p_{name}"]
@@ -257,7 +257,7 @@ class Augmenter:
         return images if labels is None else (images, labels)
 
     @staticmethod
-    def _intensity(names, labels):
+    def intensity_names(names, labels):
         """The intensity ops of `names` that apply: those reading labels only with labels."""
         return [name for name in names if OPS[name].kind == "intensity"
                 and (labels is not None or not OPS[name].needs_labels)]
@@ -307,7 +307,7 @@ class Augmenter:
             images, labels = on_subset(
                 chosen, lambda x, y: spatial.random_spatial(x, y, active=sub_active, **kwargs),
                 images, labels)
-        for name in self._intensity(names, labels):
+        for name in self.intensity_names(names, labels):
             fn = OPS[name].fn
             kwargs = {k: p[k] for k in OPS[name].params}
             if p[f"p_{name}"] >= 1:
@@ -326,6 +326,31 @@ class Augmenter:
                     chosen, lambda x, y, fn=fn, kwargs=kwargs, chosen=chosen:
                     (fn(x, active=chosen, **kwargs), y), images)
         return images if labels is None else (images, labels)
+
+    def masked_spatial(self, x):
+        """One random spatial transform per sample of the whole batch `x`, every channel moved
+        alike (so extra channels, e.g. a teacher's class probabilities, stay aligned with the
+        image); samples that draw no op pass through the same resampling with identity
+        parameters. No gather and no per-sample loop: the same graph on every replica."""
+        x, _, fused, flips = self._flips(x, None, self.names)
+        if not fused:  # flips alone were exact reversals, already applied
+            return x
+        n = tf.shape(x)[0]
+        active = {name: tf.random.uniform([n]) < self.params[f"p_{name}"] for name in fused}
+        active.update({f"flip{axis}": chosen for axis, chosen in flips.items()})
+        return spatial.random_spatial(x, active=active, **self._spatial_kwargs(fused))[0]
+
+    def masked_intensity(self, images):
+        """The intensity ops that need no labels over the whole unlabelled batch, each sample
+        changed with the op's probability (the others get the op's identity parameters)."""
+        n = tf.shape(images)[0]
+        for name in self.intensity_names(self.names, None):
+            probability = float(self.params[f"p_{name}"])
+            if probability <= 0:
+                continue
+            chosen = None if probability >= 1 else tf.random.uniform([n]) < probability
+            images = OPS[name].fn(images, active=chosen, **self._kwargs(name, None))
+        return images
 
     @staticmethod
     def _when_any(chosen, fn, images, labels=None):
@@ -400,6 +425,22 @@ def augment_unlabelled(images):
     images = random_flip(images, axis=1)
     images = random_flip(images, axis=2)
     return intensity_jitter(images)
+
+
+def check_names_flag(name: str, value) -> tuple:
+    """The op names of an --*augment flag's value (a preset or comma-separated op names); the
+    ValueError names the flag and lists what is valid."""
+    try:
+        return resolve_names(value)
+    except (KeyError, ValueError):
+        raise ValueError(f"--{name}={value!r}: expected a preset ({', '.join(PRESETS)}) or "
+                         f"comma-separated names from: {', '.join(OPS)}") from None
+
+
+def check_params_flag(name: str, value) -> None:
+    """absl-style check of an --*augment_params flag: items parse, parameters exist, and the
+    probabilities and values are ones the ops accept; the ValueError names the flag."""
+    build("none", **parse_params(value, flag=name))
 
 
 def parse_params(items, flag: str = "augment_params") -> dict:

@@ -39,7 +39,6 @@ from absl import logging
 
 from uda_tf import losses
 from uda_tf.data import augment
-from uda_tf.data import augment_spatial as spatial
 from uda_tf.methods import register
 from uda_tf.methods.base import SegmentationMethod, split_batch
 from uda_tf.methods.settings import setting
@@ -47,26 +46,16 @@ from uda_tf.models import heads
 
 CONSISTENCY_LOSSES = ("mse", "ce")
 EXPORTS = ("teacher", "student")
-_RESAMPLED = ("rotation", "scaling", "elastic")  # one resampling pass (augment_spatial)
 
 
 def check_student_augment(name: str, value) -> None:
     """--mt_student_augment: a preset or op names of uda_tf.data.augment whose ops can change
     an unlabelled batch (spatial ops, and intensity ops taking `active`)."""
-    try:
-        names = augment.resolve_names(value)
-    except (KeyError, ValueError):
-        raise ValueError(f"--{name}={value!r}: expected a preset ({', '.join(augment.PRESETS)}) "
-                         f"or comma-separated names from: {', '.join(augment.OPS)}") from None
-    for op in names:
+    for op in augment.check_names_flag(name, value):
         fn = augment.OPS[op].fn
         if fn is not None and "active" not in inspect.signature(fn).parameters:
             raise ValueError(f"--{name}: augmentation {op!r} cannot be applied to a chosen "
                              "subset of the student's batch (its function takes no `active`)")
-
-
-def check_student_augment_params(name: str, value) -> None:
-    augment.build("none", **augment.parse_params(value, flag=name))  # names, probabilities
 
 
 def ema_decay_at(step, decay: float):
@@ -91,18 +80,17 @@ class StrongView:
 
     `names`: augmentation op names (augment.resolve_names); `params`: every op parameter and
     `p_<name>` probability (augment.parameter_defaults() updated with the user's). Each op
-    fires per sample with its probability, as in augment.build. Called on images
-    [N, *S, C] and the teacher's probabilities [N, *S, K], it returns (student images,
-    probabilities aligned with them, valid [N, *S] float: 1 where the pixel comes from
-    inside the field of view)."""
+    fires per sample with its probability, as in augment.build, over the whole batch with
+    masks (augment.Augmenter.masked_spatial / masked_intensity: no gather, no dynamic shape,
+    so it runs on every replica alike). Called on images [N, *S, C] and the teacher's
+    probabilities [N, *S, K], it returns (student images, probabilities aligned with them,
+    valid [N, *S] float: 1 where the pixel comes from inside the field of view)."""
 
     def __init__(self, names, params: dict):
-        self.names = augment.resolve_names(names)
-        self.params = params
+        self.augmenter = augment.Augmenter(augment.resolve_names(names), params, jit=False)
         # Ops that read labels (label_intensity) leave unlabelled images alone, as augment's
         # do: the student's view is of target images.
-        self.intensity = [n for n in self.names if augment.OPS[n].kind == "intensity"
-                          and not augment.OPS[n].needs_labels]
+        self.intensity = self.augmenter.intensity_names(self.augmenter.names, None)
 
     def __call__(self, images, probs):
         images = tf.convert_to_tensor(images)
@@ -117,50 +105,11 @@ class StrongView:
         low = tf.reduce_min(images, axis=list(range(1, rank + 2)), keepdims=True)
         joint = tf.concat([images - low, tf.cast(probs, images.dtype),
                            tf.ones_like(images[..., :1])], axis=-1)
-        joint = self.spatial(joint)
+        joint = self.augmenter.masked_spatial(joint)
         student = joint[..., :channels] + low
         aligned = joint[..., channels:-1]
         valid = tf.cast(joint[..., -1] > 0.5, tf.float32)
-        return self.intensity_ops(student), aligned, valid
-
-    def spatial(self, joint):
-        """One random spatial transform per sample (augment_spatial), applied to every channel
-        of `joint` alike."""
-        p, rank = self.params, joint.shape.rank - 2
-        n = spatial.batch_size(joint)
-        flips = {}
-        if "flip" in self.names:
-            axes = p["flip_axes"] or range(1, rank + 1)
-            flips = {int(a): tf.random.uniform([n]) < p["p_flip"] for a in axes}
-        fused = [name for name in _RESAMPLED if name in self.names]
-        if not fused:  # flips alone are exact reversals, no resampling
-            for axis, chosen in flips.items():
-                joint, _ = spatial.flip(joint, axis=axis, active=chosen)
-            return joint
-        active = {name: tf.random.uniform([n]) < p[f"p_{name}"] for name in fused}
-        active.update({f"flip{axis}": chosen for axis, chosen in flips.items()})
-        out, _ = spatial.random_spatial(
-            joint, active=active,
-            rotation_degrees=p["rotation_degrees"] if "rotation" in fused else None,
-            scale_range=p["scale_range"] if "scaling" in fused else None,
-            elastic_alpha=p["elastic_alpha"] if "elastic" in fused else None,
-            elastic_grid=p["elastic_grid"])
-        return out
-
-    def intensity_ops(self, images):
-        """The intensity ops over the whole batch, each sample changed with the op's
-        probability (the others get the op's identity parameters): no gather, no dynamic
-        shape, so it runs under XLA and on every replica alike."""
-        n = spatial.batch_size(images)
-        for name in self.intensity:
-            probability = float(self.params[f"p_{name}"])
-            if probability <= 0:
-                continue
-            op = augment.OPS[name]
-            kwargs = {k: self.params[k] for k in op.params}
-            chosen = None if probability >= 1 else tf.random.uniform([n]) < probability
-            images = op.fn(images, active=chosen, **kwargs)
-        return images
+        return self.augmenter.masked_intensity(student), aligned, valid
 
 
 def consistency(kind: str, student_logits, teacher_probs, valid, threshold: float):
@@ -220,7 +169,7 @@ class MeanTeacher(SegmentationMethod):
         mt_student_augment_params: tuple = setting(
             (), "mean_teacher: parameters and per-sample probabilities of the student's "
             "augmentation, as --augment_params (e.g. p_rotation=0.5,scale_range=0.8:1.2).",
-            kind="list", item=str, check=check_student_augment_params)
+            kind="list", item=str, check=augment.check_params_flag)
         mt_export: str = setting(
             "teacher", "mean_teacher: which network is validated, checkpointed and exported.",
             choices=EXPORTS)
@@ -235,13 +184,6 @@ class MeanTeacher(SegmentationMethod):
                  rampup_steps=1000, student_augment="full", student_augment_params=None,
                  export="teacher", **kwargs):
         super().__init__(segmentor, class_names, **kwargs)
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"--ema_decay must be in [0, 1), got {ema_decay}")
-        if consistency_loss not in CONSISTENCY_LOSSES:
-            raise ValueError(f"--consistency_loss={consistency_loss!r}: expected one of "
-                             f"{', '.join(CONSISTENCY_LOSSES)}")
-        if export not in EXPORTS:
-            raise ValueError(f"--mt_export={export!r}: expected one of {', '.join(EXPORTS)}")
         self.teacher = teacher
         self.teacher.trainable = False
         self.ema_decay, self.consistency_kind = float(ema_decay), consistency_loss
@@ -259,7 +201,7 @@ class MeanTeacher(SegmentationMethod):
 
     @classmethod
     def from_config(cls, segmentor, class_names, config, run):
-        teacher_view = getattr(run, "target_augment", "") or getattr(run, "augment", "none")
+        teacher_view = run.target_augment or run.augment
         strong = [n for n in augment.resolve_names(teacher_view) if n != "flip"]
         if strong:
             logging.warning("mean_teacher: the teacher's target images are augmented with %s "

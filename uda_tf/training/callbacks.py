@@ -9,12 +9,17 @@ import keras
 from uda_tf.files import atomic_write
 
 
-def kept_network(model) -> keras.Model:
-    """The network a run keeps and exports: a method's `kept_network()` (its segmentor, or
-    e.g. mean teacher's EMA teacher), a plain wrapper's `segmentor`, else `model` itself."""
+def networks(model) -> tuple[keras.Model, keras.Model | None]:
+    """(kept, paired): the network a run keeps and exports and the one it may be compared
+    with (a method's `kept_network()` and `paired_network()`, e.g. mean teacher's EMA teacher
+    and its student); for a plain wrapper, its `segmentor` (else `model` itself) and None."""
     if hasattr(model, "kept_network"):
-        return model.kept_network()
-    return getattr(model, "segmentor", model)
+        return model.kept_network(), model.paired_network()
+    return getattr(model, "segmentor", model), None
+
+
+def kept_network(model) -> keras.Model:
+    return networks(model)[0]
 
 
 class BestSegmentorCheckpoint(keras.callbacks.Callback):

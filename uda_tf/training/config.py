@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from uda_tf import files
+from uda_tf.data.augment import check_names_flag, check_params_flag
 from uda_tf.methods import METHODS, settings
 from uda_tf.methods.schedules import LR_SCHEDULES
 from uda_tf.methods.settings import setting
@@ -36,20 +37,8 @@ METHOD_SETTINGS_AFTER = "head"
 
 def check_augment(name: str, value) -> None:
     if name == "target_augment" and not value:
-        return
-    from uda_tf.data import augment  # (TensorFlow ops: imported when a value is checked)
-    try:
-        augment.resolve_names(value)
-    except ValueError:
-        raise ValueError(
-            f"--{name}={value!r}: expected a preset ({', '.join(augment.PRESETS)}) or "
-            f"comma-separated names from: {', '.join(augment.OPS)}") from None
-
-
-def check_augment_params(name: str, value) -> None:
-    from uda_tf.data import augment
-    params = augment.parse_params(value, flag=name)
-    augment.build("none", **params)  # checks the probabilities
+        return  # empty: as --augment
+    check_names_flag(name, value)
 
 
 def check_patch_size(name: str, value) -> None:
@@ -107,7 +96,7 @@ class RunConfig:
     augment_params: tuple = setting(
         (), "Augmentation parameters and per-sample probabilities, name=value (a range as "
         "low:high), e.g. rotation_degrees=10,p_elastic=0.3,noise_std=0:0.05.", kind="list",
-        item=str, check=check_augment_params)
+        item=str, check=check_params_flag)
     fda_beta: float = setting(
         0.0, "Fourier domain adaptation of source batches towards the paired target batch "
         "(Yang & Soatto 2020): half-width of the swapped low-frequency band as a fraction of "

@@ -39,7 +39,7 @@ import tensorflow as tf
 from uda_tf.losses import entropy_map
 from uda_tf.metrics import dice_from_counts
 from uda_tf.models.heads import class_probabilities
-from uda_tf.training.callbacks import BestSegmentorCheckpoint, kept_network
+from uda_tf.training.callbacks import BestSegmentorCheckpoint, networks
 
 SELECT_ON = ("source_dice", "target_entropy", "target_agreement", "target_teacher_agreement",
              "oracle")
@@ -60,15 +60,9 @@ def selection_monitor(select_on: str) -> tuple[str, str]:
     return _MONITORS[select_on]
 
 
-def paired_network(model):
-    """The network the kept one is compared with by `target_teacher_agreement` (a method's
-    `paired_network()`), or None."""
-    return model.paired_network() if hasattr(model, "paired_network") else None
-
-
 def check_model(select_on: str, model) -> None:
     """--select_on=target_teacher_agreement needs a model with a paired network."""
-    if select_on == "target_teacher_agreement" and paired_network(model) is None:
+    if select_on == "target_teacher_agreement" and networks(model)[1] is None:
         name = getattr(model, "name_in_registry", "") or type(model).__name__
         raise ValueError(f"--select_on=target_teacher_agreement compares a teacher's and a "
                          f"student's predictions; --method={name} has no second network "
@@ -218,7 +212,7 @@ class TargetCriteria(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        logs.update(self.compute(kept_network(self.model), paired_network(self.model)))
+        logs.update(self.compute(*networks(self.model)))
 
 
 def selection_callbacks(select_on: str, checkpoint_path: str, *, dataset_fn=None,
