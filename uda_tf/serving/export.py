@@ -187,7 +187,12 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, config,
 
 def _export_archive(segmentor, shape, normalization, raw_names):
     """(ExportArchive, signature names): `serving_default`, and with `raw_names` (a
-    manifest's) also `serving_raw`, which normalizes raw intensities as `normalization` says."""
+    manifest's) also `serving_raw`, which normalizes raw intensities as `normalization` says.
+    The segmentor's graph is built once: `serving_raw` calls `serving_default`'s function
+    (one function in the SavedModel, referenced by both signatures)."""
+    image_spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
+
+    @tf.function(input_signature=[image_spec], autograph=False)
     def serve(image):
         logits = segmentor(image, training=False)["logits"]
         probs = class_probabilities(logits)  # softmax or sigmoid head, always K channels
@@ -197,19 +202,22 @@ def _export_archive(segmentor, shape, normalization, raw_names):
 
     archive = keras.export.ExportArchive()
     archive.track(segmentor)
-    image_spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
-    archive.add_endpoint(SERVING_DEFAULT, serve, input_signature=[image_spec])
+    serve.get_concrete_function()  # traced: ExportArchive takes a tf.function as it is
+    archive.add_endpoint(SERVING_DEFAULT, serve)
     signatures = [SERVING_DEFAULT]
     if raw_names is not None:
         # Keyword inputs give the signature its input names (image, p_low, ...), which is
         # what REST "inputs"/"instances" and gRPC PredictRequest.inputs are keyed by.
+        raw_spec = {name: image_spec if name == "image"
+                    else tf.TensorSpec([None], tf.float32, name=name) for name in raw_names}
+
+        @tf.function(input_signature=[raw_spec], autograph=False)
         def serve_raw(inputs):
             stats = {k: v for k, v in inputs.items() if k != "image"}
             return serve(normalize_raw(inputs["image"], stats, normalization))
 
-        raw_spec = {name: image_spec if name == "image"
-                    else tf.TensorSpec([None], tf.float32, name=name) for name in raw_names}
-        archive.add_endpoint(SERVING_RAW, serve_raw, input_signature=[raw_spec])
+        serve_raw.get_concrete_function()
+        archive.add_endpoint(SERVING_RAW, serve_raw)
         signatures.append(SERVING_RAW)
     return archive, signatures
 

@@ -135,52 +135,51 @@ class TargetCriteria(keras.callbacks.Callback):
                 pairs.append((images * scale + shift, lambda p: p))
         return pairs
 
-    def _step_fn(self, segmentor):
-        if id(segmentor) in self._step_fns:
-            return self._step_fns[id(segmentor)]
+    def _step_fn(self, segmentor, paired, images):
+        """The per-batch criteria as one graph, traced once for any batch size: a single
+        forward pass of `segmentor` over the batch stacked with its transformed copies (our
+        networks treat samples independently at inference, so this equals one pass per copy,
+        with one graph to build instead of several), and `paired`'s on the batch."""
+        key = (id(segmentor), id(paired))
+        if key in self._step_fns:
+            return self._step_fns[key]
+        spec = tf.TensorSpec([None, *images.shape[1:]], tf.float32)
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=[spec])
         def step(images):
-            probs = _probabilities(segmentor, images)
+            n = tf.shape(images)[0]
+            pairs = self._pairs(images)
+            stacked = _probabilities(segmentor, tf.concat([images] + [t for t, _ in pairs], 0))
+            probs = stacked[:n]
             k = probs.shape[-1]
             pred = tf.one_hot(tf.argmax(probs, -1), k)
             entropy = tf.reduce_sum(entropy_map(probs))
             agreement = []
-            for transformed, back in self._pairs(images):
-                other = tf.one_hot(tf.argmax(back(_probabilities(segmentor, transformed)), -1),
-                                   k)
-                agreement.append(_overlap_counts(pred, other))
-            return entropy, tf.stack(agreement), pred
+            for i, (_, back) in enumerate(pairs):
+                other = back(stacked[(i + 1) * n:(i + 2) * n])
+                agreement.append(_overlap_counts(pred, tf.one_hot(tf.argmax(other, -1), k)))
+            pair = (tf.zeros([3, k]) if paired is None else _overlap_counts(
+                pred, tf.one_hot(tf.argmax(_probabilities(paired, images), -1), k)))
+            return entropy, tf.stack(agreement), pair, pred
 
-        self._step_fns[id(segmentor)] = step
+        self._step_fns[key] = step
         return step
-
-    def _paired_fn(self, paired):
-        """Overlap counts of a prediction (one-hot) with `paired`'s on the same images."""
-        key = ("paired", id(paired))
-        if key not in self._step_fns:
-            self._step_fns[key] = tf.function(lambda images, pred: _overlap_counts(
-                pred, tf.one_hot(tf.argmax(_probabilities(paired, images), -1),
-                                 pred.shape[-1])), reduce_retracing=True)
-        return self._step_fns[key]
 
     def compute(self, segmentor, paired=None) -> dict:
         """The criteria of `segmentor` (a Keras model returning {"logits"} or logits), and
         with `paired` (a second such model) `target_teacher_agreement` between the two."""
-        step = self._step_fn(segmentor)
         entropy_sum, pixels, agree, oracle, pair = 0.0, 0, None, None, None
         for n, batch in enumerate(self.dataset_fn()):
             if self.steps is not None and n >= self.steps:
                 break
             images, labels, has_label = _unpack(batch)
             images = tf.convert_to_tensor(images, tf.float32)
-            entropy, agreement, pred = step(images)
+            entropy, agreement, counts, pred = self._step_fn(segmentor, paired, images)(images)
             entropy_sum += float(entropy)
             pixels += int(np.prod(pred.shape[:-1]))
             agree = agreement.numpy() if agree is None else agree + agreement.numpy()
             if paired is not None:
-                counts = self._paired_fn(paired)(images, pred).numpy()
-                pair = counts if pair is None else pair + counts
+                pair = counts.numpy() if pair is None else pair + counts.numpy()
             if self.oracle and labels is not None:
                 true = tf.one_hot(tf.cast(labels, tf.int32), pred.shape[-1])
                 if has_label is not None:
