@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.cli_runner import run_cli
 from tests.methods.test_multiworker import _free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,11 +78,19 @@ def test_two_train_processes_run_grl(tiny_prepared, tmp_path, mlflow_store):
 
 
 @pytest.mark.parametrize("flag", ["--on_divergence=rollback", "--resume"])
-def test_flags_that_need_one_worker_are_refused(flag, tiny_prepared, tmp_path):
+def test_flags_that_need_one_worker_are_refused(flag, tiny_prepared, tmp_path, monkeypatch):
+    """Refused from TF_CONFIG alone, before the strategy waits for the other workers: a worker
+    started alone gets the error at once instead of hanging (here one worker of two, in this
+    process, with no second one ever started)."""
     data_dir, _ = tiny_prepared
-    procs = _start_workers([f"--data_dir={data_dir}", "--source_domain=dom_a",
-                            "--target_domain=dom_b", "--method=grl", "--cluster=tf_config",
-                            f"--output_dir={tmp_path}/runs", "--run_name=x", flag], tmp_path)
-    for proc, (_, err) in zip(procs, _wait(procs, 240)):
-        assert proc.returncode != 0
-        assert flag.split("=")[0] in err and "several workers" in err, err[-2000:]
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers},
+                                                "task": {"type": "worker", "index": 0}}))
+    proc = run_cli("uda_tf.cli.train", [
+        f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+        "--method=grl", "--cluster=tf_config", f"--output_dir={tmp_path}/runs", "--run_name=x",
+        flag])
+    assert proc.returncode != 0
+    assert flag.split("=")[0] in proc.stderr and "several workers (2" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()

@@ -66,7 +66,7 @@ def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepa
     data_dir, manifest = tiny_prepared
     assert manifest.num_records("dom_a", "val") == 10
     cfg = _cfg(data_dir, tmp_path / "runs", num_cpu_devices=3, global_batch_size=8,
-               method="grl", target_criteria=True,
+               method="source_only", target_criteria=True,
                mlflow_tracking_uri=mlflow_store(tmp_path / "runs"))
     result = train.train(cfg)
     logs = result["selection"]["epoch_logs"]

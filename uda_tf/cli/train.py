@@ -400,19 +400,23 @@ def place_run(cfg) -> Placement:
     import keras
 
     try:
+        # Flags that clash with several workers are refused before the strategy is made,
+        # which waits for every worker to connect.
+        workers = multiworker.cluster_size(devices.cluster_resolver(
+            cfg.cluster, slurm_port_base=cfg.slurm_port_base))
+        for flag, on in (("--resume", cfg.resume),
+                         ("--on_divergence=rollback", cfg.on_divergence == "rollback")):
+            # Both restore the chief's backup on the chief alone, which would leave the
+            # workers with different weights; on several workers a diverged run stops instead.
+            if on and workers > 1:
+                raise app.UsageError(f"{flag} works on one machine only; this run spans "
+                                     f"several workers ({workers}, --cluster={cfg.cluster})")
         strategy = devices.make_strategy(cfg.num_cpu_devices, cluster=cfg.cluster,
                                          slurm_port_base=cfg.slurm_port_base)
     except ValueError as err:  # a --cluster that is not there, or a flag that clashes with it
         raise app.UsageError(str(err)) from err
     workers = multiworker.num_workers(strategy)
     check_global_batch(cfg.global_batch_size, strategy.num_replicas_in_sync)
-    for flag, on in (("--resume", cfg.resume),
-                     ("--on_divergence=rollback", cfg.on_divergence == "rollback")):
-        # Both restore the chief's backup on the chief alone, which would leave the workers
-        # with different weights; on several workers a diverged run stops instead.
-        if on and workers > 1:
-            raise app.UsageError(f"{flag} works on one machine only; this run spans "
-                                 f"several workers ({workers}, --cluster={cfg.cluster})")
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy(devices.mixed_precision_policy())
     where = Placement(strategy, workers, multiworker.is_chief(strategy))

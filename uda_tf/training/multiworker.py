@@ -22,7 +22,15 @@ def num_workers(strategy) -> int:
     """Workers (input pipelines) of `strategy`; 1 on one machine."""
     if not in_multi_worker_mode(strategy):
         return 1
-    spec = strategy.cluster_resolver.cluster_spec().as_dict()
+    return cluster_size(strategy.cluster_resolver)
+
+
+def cluster_size(resolver) -> int:
+    """Workers (chief included) a cluster resolver names, read without connecting to them;
+    1 for None (one machine)."""
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
     return sum(len(spec.get(job, ())) for job in ("chief", "worker"))
 
 
