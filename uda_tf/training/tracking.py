@@ -480,15 +480,21 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
-    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+    from tensorflow.core.protobuf import saved_model_pb2
+    # The signature is read from saved_model.pb itself: loading the SavedModel would rebuild
+    # its graphs (seconds) only to look at its input and output specs.
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    serve = proto.meta_graphs[0].signature_def["serving_default"]
 
-    def spec(tensor_spec, name=None):  # MLflow writes a variable dimension as -1
-        shape = [-1 if d is None else d for d in tensor_spec.shape.as_list()]
-        return TensorSpec(np.dtype(tensor_spec.dtype.as_numpy_dtype), shape, name)
+    def spec(info, name=None):  # TensorInfo; a variable dimension is -1, as MLflow writes it
+        shape = [int(d.size) for d in info.tensor_shape.dim]
+        return TensorSpec(np.dtype(tf.dtypes.as_dtype(info.dtype).as_numpy_dtype), shape, name)
 
     signature = ModelSignature(
-        inputs=Schema([spec(serve.structured_input_signature[1]["image"])]),
-        outputs=Schema([spec(s, key) for key, s in sorted(serve.structured_outputs.items())]))
+        inputs=Schema([spec(serve.inputs["image"])]),
+        outputs=Schema([spec(info, key) for key, info in sorted(serve.outputs.items())]))
     # A models-from-code file, given to MLflow as a path (not imported: serving is a layer up).
     code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "serving", "pyfunc.py")
