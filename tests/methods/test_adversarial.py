@@ -30,8 +30,8 @@ def tiny_discriminators(seg, names=("feature", "entropy"), patch=False):
     return discs
 
 
-def tiny_adversarial(weight=1.0, names=("feature", "entropy"), patch=False, **kwargs):
-    seg = tiny_segmentor(seed=0)
+def tiny_adversarial(weight=1.0, names=("feature", "entropy"), patch=False, depth=2, **kwargs):
+    seg = tiny_segmentor(seed=0, depth=depth)
     discs = tiny_discriminators(seg, names, patch)
     model = Adversarial(seg, CLASS_NAMES, discriminators=discs,
                         adv_weights={"feature": weight, "entropy": 0.5 * weight}, **kwargs)
@@ -54,8 +54,8 @@ def test_one_step_matches_the_algorithm(names, kind, patch, both, steps):
     n = len(x_s)
     x = tf.concat([x_s, x_t], 0)
     model = tiny_adversarial(1.0, names, patch, adv_loss=kind, both_domains=both,
-                             disc_steps=steps)
-    seg0 = tiny_segmentor(seed=0)
+                             disc_steps=steps, depth=3)  # an adversarial part large enough
+    seg0 = tiny_segmentor(seed=0, depth=3)
     discs0 = {k: model._disc(k) for k in names}
     disc_start = {k: [v.numpy() for v in d.trainable_variables] for k, d in discs0.items()}
 

@@ -28,7 +28,7 @@ def exported(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir()
-    model = tiny_segmentor(seed=3)
+    model = tiny_segmentor(seed=3, depth=3)  # as --model=unet2d builds it (flags)
     model.save_weights(str(ckpt / "best.weights.h5"))
     (ckpt / "flags.cfg").write_text("# resolved flags\n--base_filters=4\n--norm=instance\n"
                                     "--model_name=tiny\n--noaugment\n")
@@ -158,7 +158,7 @@ def test_export_reads_the_runs_config_json_before_its_flags_cfg(tmp_path):
     from uda_tf.training.config import RunConfig
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
-    tiny_segmentor(seed=4).save_weights(str(ckpt / "best.weights.h5"))
+    tiny_segmentor(seed=4, depth=3).save_weights(str(ckpt / "best.weights.h5"))
     config = RunConfig.from_flags({"base_filters": 4, "norm": "instance",
                                    "model_name": "from_json"})
     config.save(str(ckpt / "config.json"))
