@@ -249,11 +249,8 @@ class Augmenter:
                 return x, y
 
             images, labels = _each_chosen(touched, one_sample, images, labels)
-        for name in self.intensity_names(names, labels):
-            if OPS[name].subset:
-                continue
-            chosen = None if p[f"p_{name}"] >= 1 else tf.random.uniform([n]) < p[f"p_{name}"]
-            images = OPS[name].fn(images, active=chosen, **self._kwargs(name, labels))
+        cheap = [name for name in self.intensity_names(names, labels) if not OPS[name].subset]
+        images = self._masked(images, labels, cheap)
         return images if labels is None else (images, labels)
 
     @staticmethod
@@ -309,7 +306,7 @@ class Augmenter:
                 images, labels)
         for name in self.intensity_names(names, labels):
             fn = OPS[name].fn
-            kwargs = {k: p[k] for k in OPS[name].params}
+            kwargs = {k: p[k] for k in OPS[name].params}  # labels go with the gathered samples
             if p[f"p_{name}"] >= 1:
                 images = fn(images, **self._kwargs(name, labels))
                 continue
@@ -341,15 +338,20 @@ class Augmenter:
         return spatial.random_spatial(x, active=active, **self._spatial_kwargs(fused))[0]
 
     def masked_intensity(self, images):
-        """The intensity ops that need no labels over the whole unlabelled batch, each sample
-        changed with the op's probability (the others get the op's identity parameters)."""
+        """The intensity ops that need no labels over the whole unlabelled batch (`_masked`)."""
+        return self._masked(images, None, self.intensity_names(self.names, None))
+
+    def _masked(self, images, labels, names):
+        """Intensity ops `names` over the whole batch, each sample changed with the op's
+        probability (the others get the op's identity parameters); an op at p = 0 is left
+        out."""
         n = tf.shape(images)[0]
-        for name in self.intensity_names(self.names, None):
+        for name in names:
             probability = float(self.params[f"p_{name}"])
             if probability <= 0:
                 continue
             chosen = None if probability >= 1 else tf.random.uniform([n]) < probability
-            images = OPS[name].fn(images, active=chosen, **self._kwargs(name, None))
+            images = OPS[name].fn(images, active=chosen, **self._kwargs(name, labels))
         return images
 
     @staticmethod
