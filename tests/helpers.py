@@ -69,3 +69,15 @@ def make_msd(root, labels_form="v2"):
             "numTraining": 6, "file_ending": ".nii.gz", "domains": domains}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
+
+
+def free_ports(n):
+    """`n` different free TCP ports on 127.0.0.1 (all bound at once, then released)."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -1,5 +1,8 @@
 """train.py as two worker processes on 127.0.0.1 (TF_CONFIG), the way a user starts a
-multi-worker run: GRL trains on both, the chief writes the run (checkpoint,
+multi-worker run. The alternating adversarial method (three optimizers, each with its own
+sub-network) trains on both workers through train.py's command line
+(tests/cli/train_worker.py records the trainable variables around fit); both end with
+bit-identical weights and the same cross-worker logs; the chief writes the run (checkpoint,
 SavedModel, evaluation, one MLflow run) and the other worker writes nothing that outlives it.
 Flags that cannot work across workers are refused, naming the flag."""
 import json
@@ -8,24 +11,27 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.cli_runner import run_cli
-from tests.methods.test_multiworker import _free_ports
+from tests.helpers import free_ports
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
 
 
 def _start_workers(args, tmp_path, n=2):
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(n)]
     procs = []
     for index in range(n):
         tmpdir = tmp_path / f"tmp{index}"
         tmpdir.mkdir()
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmpdir)}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args],
+               "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmpdir),
+               "UDA_TEST_WORKER_OUT": str(tmp_path / f"worker{index}.npz")}
+        procs.append(subprocess.Popen([sys.executable, WORKER, *args],
                                       env=env, cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
@@ -45,12 +51,12 @@ def _wait(procs, limit):
 
 
 @pytest.mark.slow
-def test_two_train_processes_run_grl(tiny_prepared, tmp_path, mlflow_store):
+def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_store):
     data_dir, _ = tiny_prepared
     uri = mlflow_store(tmp_path)
     procs = _start_workers([
         f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
-        "--method=grl", "--cluster=tf_config",
+        "--method=adversarial", "--adv_both_domains", "--cluster=tf_config",
         "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4", "--base_filters=2",
         f"--output_dir={tmp_path}/runs", "--run_name=mw", f"--mlflow_tracking_uri={uri}",
         "--model_name=mw", "--mlflow_experiment=test", "--mlflow_sample_slices=0"], tmp_path)
@@ -72,9 +78,26 @@ def test_two_train_processes_run_grl(tiny_prepared, tmp_path, mlflow_store):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1  # only the chief tracks
-    metrics = client.get_metric_history(runs[0].info.run_id, "domain_loss")
-    assert [m.step for m in metrics] == [0, 1]
+    for key in ("d_loss_feature", "d_loss_entropy"):
+        metrics = client.get_metric_history(runs[0].info.run_id, key)
+        assert [m.step for m in metrics] == [0, 1]
     assert runs[0].data.tags["workers"] == "2", runs[0].data.tags
+
+    # Both workers: the same weights before and after (each update is the all-reduced one),
+    # and the same logs (cross-worker means); training moved the weights.
+    w0, w1 = (np.load(tmp_path / f"worker{i}.npz") for i in range(2))
+    assert sorted(w0.files) == sorted(w1.files)
+    history = [json.loads(str(w["history"])) for w in (w0, w1)]
+    for key in ("seg_loss", "d_loss_feature", "d_loss_entropy", "adv_loss", "val_dice"):
+        assert len(history[0][key]) == 2 and np.isfinite(history[0][key]).all(), history[0]
+        np.testing.assert_allclose(history[0][key], history[1][key], rtol=1e-6, err_msg=key)
+    n = len([k for k in w0.files if k.startswith("after")])
+    assert n > 0
+    moved = max(float(np.abs(w0[f"after{i}"] - w0[f"before{i}"]).max()) for i in range(n))
+    assert moved > 1e-4, "training did not change the weights; the comparison would be empty"
+    for i in range(n):
+        np.testing.assert_array_equal(w0[f"before{i}"], w1[f"before{i}"])
+        np.testing.assert_array_equal(w0[f"after{i}"], w1[f"after{i}"])
 
 
 @pytest.mark.parametrize("flag", ["--on_divergence=rollback", "--resume"])
@@ -83,7 +106,7 @@ def test_flags_that_need_one_worker_are_refused(flag, tiny_prepared, tmp_path, m
     started alone gets the error at once instead of hanging (here one worker of two, in this
     process, with no second one ever started)."""
     data_dir, _ = tiny_prepared
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": workers},
                                                 "task": {"type": "worker", "index": 0}}))
     proc = run_cli("uda_tf.cli.train", [
