@@ -15,7 +15,7 @@ def test_adversarial_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
                   "--method=adversarial", "--adv_loss=wgan-gp", "--patch_discriminators",
                   "--adv_both_domains", "--disc_steps=2", "--minent_weight=0.01",
                   "--epochs=1", "--steps_per_epoch=2", "--global_batch_size=4",
-                  "--base_filters=2", f"--output_dir={tmp_path}/runs",
+                  "--base_filters=2", "--unet_depth=2", f"--output_dir={tmp_path}/runs",
                   "--run_name=adv", f"--mlflow_tracking_uri={uri}", "--model_name=adv",
                   "--mlflow_experiment=test", "--mlflow_sample_slices=0")
     assert proc.returncode == 0, proc.stderr[-3000:]

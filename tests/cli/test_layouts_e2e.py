@@ -137,7 +137,8 @@ def run_chain(name, work, mlflow_uri):
         return out
     proc = _step("train", "uda_tf.cli.train", [
         f"--data_dir={prepared}", *spec["train"], "--epochs=1",
-        "--steps_per_epoch=1", "--base_filters=2", "--global_batch_size=2", "--augment=none",
+        "--steps_per_epoch=1", "--base_filters=2", "--unet_depth=2", "--global_batch_size=2",
+        "--augment=none",
         f"--output_dir={work}/runs", "--run_name=e2e", "--model_name=e2e",
         f"--mlflow_tracking_uri={mlflow_uri}", "--mlflow_experiment=e2e",
         "--mlflow_sample_slices=0", "--backup_every_steps=0", "--notarget_criteria"], steps)

@@ -58,6 +58,7 @@ def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_sto
         f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
         "--method=adversarial", "--adv_both_domains", "--cluster=tf_config",
         "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4", "--base_filters=2",
+        "--unet_depth=2",
         f"--output_dir={tmp_path}/runs", "--run_name=mw", f"--mlflow_tracking_uri={uri}",
         "--model_name=mw", "--mlflow_experiment=test", "--mlflow_sample_slices=0"], tmp_path)
     # about 70 s on a quiet 2-core machine; the limit allows for a loaded one

@@ -19,6 +19,7 @@ def _args(data_dir, tmp_path, name):
     return [sys.executable, os.path.join(REPO, "train.py"), f"--data_dir={data_dir}",
             "--source_domain=dom_a", "--target_domain=dom_b", "--method=grl", "--epochs=2",
             f"--steps_per_epoch={STEPS}", "--global_batch_size=4", "--base_filters=2",
+            "--unet_depth=2",
             "--shuffle_buffer=16", "--deterministic", "--backup_every_steps=1",
             f"--output_dir={tmp_path}/runs", f"--run_name={name}",
             f"--mlflow_tracking_uri={_uri(tmp_path, name)}", "--mlflow_experiment=t",

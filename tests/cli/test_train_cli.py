@@ -34,7 +34,8 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
     uri = mlflow_store(tmp_path)
     proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
                   "--method=grl", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
-                  "--base_filters=2", "--num_cpu_devices=2", f"--output_dir={tmp_path}/runs",
+                  "--base_filters=2", "--unet_depth=2", "--num_cpu_devices=2",
+                  f"--output_dir={tmp_path}/runs",
                   "--run_name=tiny", f"--mlflow_tracking_uri={uri}", "--model_name=tiny",
                   "--mlflow_experiment=test", "--select_on=target_entropy", "--augment=full",
                   "--target_augment=flip,gamma",

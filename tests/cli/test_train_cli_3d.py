@@ -27,7 +27,7 @@ def test_unet3d_run_end_to_end(prepared_volumes, tmp_path, mlflow_store):
     assert manifest["output"]["records"] == "volumes"
     proc = _train_here(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
                   "--method=grl", "--grl_features=encoder", "--model=unet3d",
-                  "--patch_size=16,16,8", "--norm=batch", "--base_filters=2",
+                  "--patch_size=16,16,8", "--norm=batch", "--base_filters=2", "--unet_depth=2",
                   "--class_weights=0.5,1,1", "--lr_schedule=poly", "--warmup_steps=1",
                   "--epochs=1", "--steps_per_epoch=2", "--global_batch_size=2",
                   "--num_cpu_devices=2", "--shuffle_buffer=4", f"--output_dir={tmp_path}/runs",

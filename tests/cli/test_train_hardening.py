@@ -30,7 +30,7 @@ def _cfg(data_dir, out, **overrides):
     values = {name: flags.FLAGS[name].default for name in train._NAMES}
     values.update(data_dir=data_dir, source_domain="dom_a", target_domain="dom_b",
                   method="source_only", epochs=1, steps_per_epoch=1, global_batch_size=2,
-                  base_filters=2, output_dir=str(out), run_name="run",
+                  base_filters=2, unet_depth=2, output_dir=str(out), run_name="run",
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
                   mlflow_sample_slices=0, model_name="m", check_shards=False,
                   backup_every_steps=0, target_criteria=False)

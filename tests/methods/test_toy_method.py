@@ -16,7 +16,8 @@ def _values(data_dir, out, **overrides):
     values = {name: flags.FLAGS[name].default for name in train._NAMES}
     values.update(data_dir=data_dir, source_domain="dom_a", target_domain="dom_b",
                   method="toy", toy_l2_weight=0.5, epochs=1, steps_per_epoch=2,
-                  global_batch_size=2, base_filters=2, output_dir=str(out), run_name="toy",
+                  global_batch_size=2, base_filters=2, unet_depth=2, output_dir=str(out),
+                  run_name="toy",
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
                   mlflow_sample_slices=0, model_name="toy", check_shards=False,
                   backup_every_steps=1, target_criteria=False)

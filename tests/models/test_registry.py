@@ -133,10 +133,27 @@ def test_unet3d_step_is_the_same_on_one_device_and_two_replicas(method, norm, on
     ({"class_weights": ["1", "2"]}, 2, "--class_weights has 2 values but the dataset has "
                                        "num_classes=3"),
     ({"class_weights": "1,x,1"}, 2, "--class_weights='1,x,1'"),
+    ({"unet_depth": 5}, 2, "--unet_depth=5: --model=unet2d halves its input 5 times, so every "
+                           "size must divide by 32; the input is"),
+    ({"model": "drn2d", "unet_depth": 2}, 2, "--unet_depth=2 applies to the U-Nets"),
 ])
 def test_bad_model_flags_name_the_flag(values, data_rank, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         check_flags({"model": "unet2d", **values}, MANIFESTS[data_rank])
+
+
+@pytest.mark.parametrize("name", ["unet2d", "attention_unet2d", "unet3d"])
+def test_unet_depth_sets_the_levels(name):
+    """--unet_depth levels: the bottleneck is the input halved that many times; a run saved
+    without the flag rebuilds depth 3."""
+    manifest = MANIFESTS[MODELS[name].rank]
+    for depth, bottleneck in ((2, 4), (4, 1), (None, 2)):
+        values = {"model": name, "base_filters": 2, "norm": "instance", "unet_depth": depth}
+        check_flags(values, manifest)
+        seg = segmentor_from_flags(values, manifest)
+        features = seg.output["features"]
+        assert features.shape[1:-1] == (bottleneck,) * MODELS[name].rank, (depth, features)
+        assert features.shape[-1] == 2 * 2 ** (depth or 3)
 
 
 def test_flags_cfg_rebuilds_the_same_3d_segmentor(tmp_path):

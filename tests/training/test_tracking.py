@@ -34,7 +34,7 @@ def runs(tiny_prepared, tmp_path_factory, mlflow_store):
     flagfile.write_text("\n".join([
         f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
         "--method=source_only", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
-        "--base_filters=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
+        "--base_filters=2", "--unet_depth=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
         "--mlflow_sample_slices=3"]) + "\n")
     uri = mlflow_store(tmp)
     offline_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -13,9 +13,10 @@ from typing import Callable
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    build: Callable  # (input_shape, channels, base_filters=, norm=, sync_batchnorm=) -> Model
+    build: Callable  # (input_shape, channels, base_filters=, norm=, sync_batchnorm=[, depth=])
     rank: int        # spatial rank: 2 (slices) or 3 (patches of volumes)
     about: str
+    has_depth: bool = False  # takes --unet_depth (the U-Nets)
 
 
 def _unet(attention=False):
@@ -36,10 +37,11 @@ def _drn(input_shape, channels, **kwargs):
 
 
 MODELS: dict[str, ModelSpec] = {
-    "unet2d": ModelSpec(_unet(), 2, "residual U-Net (Shirokikh et al. 2020)"),
+    "unet2d": ModelSpec(_unet(), 2, "residual U-Net (Shirokikh et al. 2020)", True),
     "attention_unet2d": ModelSpec(_unet(attention=True), 2,
-                                  "residual U-Net with attention gates (Oktay et al. 2018)"),
-    "unet3d": ModelSpec(_unet(), 3, "residual 3D U-Net (Çiçek et al. 2016)"),
+                                  "residual U-Net with attention gates (Oktay et al. 2018)",
+                                  True),
+    "unet3d": ModelSpec(_unet(), 3, "residual 3D U-Net (Çiçek et al. 2016)", True),
     "enet3d": ModelSpec(_enet, 3, "3D ENet (Paszke et al. 2016)"),
     "drn2d": ModelSpec(_drn, 2, "dilated residual network DRN-C-26 (Yu et al. 2017)"),
 }
@@ -81,12 +83,33 @@ def input_shape_from_flags(values: dict, manifest: dict) -> tuple:
     return (*patch, shape[3])
 
 
+DEFAULT_UNET_DEPTH = 3
+
+
+def model_depth(values: dict) -> int:
+    """--unet_depth (a run saved before the flag existed built depth 3)."""
+    return int(values.get("unet_depth") or DEFAULT_UNET_DEPTH)
+
+
 def check_flags(values: dict, manifest: dict) -> None:
     """Every model/head/loss flag against the dataset, before anything is built; a ValueError
     names the flag."""
     from uda_tf.models.heads import output_channels, parse_class_weights
     num_classes = int(manifest["num_classes"])
-    input_shape_from_flags(values, manifest)
+    shape = input_shape_from_flags(values, manifest)
+    name = values.get("model") or "unet2d"
+    depth = model_depth(values)
+    if get_model(name).has_depth:
+        spatial = [n for n in shape[:-1] if n is not None]
+        if any(n % 2 ** depth for n in spatial):
+            raise ValueError(f"--unet_depth={depth}: --model={name} halves its input {depth} "
+                             f"times, so every size must divide by {2 ** depth}; the input "
+                             f"is {list(shape[:-1])} (use a smaller depth, or prepare/crop "
+                             "to a multiple)")
+    elif depth != DEFAULT_UNET_DEPTH:
+        raise ValueError(f"--unet_depth={depth} applies to the U-Nets "
+                         f"({', '.join(n for n, s in sorted(MODELS.items()) if s.has_depth)}); "
+                         f"--model={name} has a fixed depth")
     output_channels(values.get("head") or "softmax", num_classes)
     parse_class_weights(values.get("class_weights"), num_classes)
 
@@ -99,6 +122,7 @@ def segmentor_from_flags(values: dict, manifest: dict, *, sync_batchnorm: bool =
     from uda_tf.models.heads import output_channels
     spec = get_model(values.get("model") or "unet2d")
     channels = output_channels(values.get("head") or "softmax", int(manifest["num_classes"]))
+    depth = {"depth": model_depth(values)} if spec.has_depth else {}
     return spec.build(input_shape_from_flags(values, manifest), channels,
                       base_filters=int(values["base_filters"]), norm=values["norm"],
-                      sync_batchnorm=sync_batchnorm)
+                      sync_batchnorm=sync_batchnorm, **depth)

@@ -114,6 +114,10 @@ class RunConfig:
         "models on patches of volumes (prepare --output=volumes).", choices=tuple(MODELS))
     base_filters: int = setting(16, "Filters of the first block of the segmentor (U-Nets "
                                 "double them per level).", lower=1)
+    unet_depth: int = setting(
+        3, "U-Nets (unet2d, attention_unet2d, unet3d): down-sampling levels below the first "
+        "block; the input (slice or --patch_size) must divide by 2^depth. Fewer levels for "
+        "small inputs, as nnU-Net plans its pooling by the patch size.", lower=1)
     norm: str = setting("instance", "Normalisation layers (batch norm: see "
                         "--sync_batchnorm).", choices=NORMALIZATIONS)
     sync_batchnorm: bool = setting(
