@@ -1,6 +1,7 @@
 """train.py as two worker processes on 127.0.0.1 (TF_CONFIG), the way a user starts a
 multi-worker run. The alternating adversarial method (three optimizers, each with its own
-sub-network) trains on both workers through train.py's command line
+sub-network; WGAN-GP patch critics with two critic steps per segmentor step, plus MinEnt)
+trains on both workers through train.py's command line
 (tests/cli/train_worker.py records the trainable variables around fit); both end with
 bit-identical weights and the same cross-worker logs; the chief writes the run (checkpoint,
 SavedModel, evaluation, one MLflow run) and the other worker writes nothing that outlives it.
@@ -56,7 +57,8 @@ def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_sto
     uri = mlflow_store(tmp_path)
     procs = _start_workers([
         f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
-        "--method=adversarial", "--adv_both_domains", "--cluster=tf_config",
+        "--method=adversarial", "--adv_loss=wgan-gp", "--patch_discriminators",
+        "--adv_both_domains", "--disc_steps=2", "--minent_weight=0.01", "--cluster=tf_config",
         "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4", "--base_filters=2",
         "--unet_depth=2",
         f"--output_dir={tmp_path}/runs", "--run_name=mw", f"--mlflow_tracking_uri={uri}",
@@ -79,9 +81,11 @@ def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_sto
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1  # only the chief tracks
-    for key in ("d_loss_feature", "d_loss_entropy"):
+    for key in ("seg_loss", "ent_loss", "adv_loss", "d_loss_feature", "d_loss_entropy",
+                "d_acc_feature", "d_acc_entropy", "val_dice"):
         metrics = client.get_metric_history(runs[0].info.run_id, key)
-        assert [m.step for m in metrics] == [0, 1]
+        assert [m.step for m in metrics] == [0, 1], key
+    assert 0.0 <= runs[0].data.metrics["d_acc_entropy"] <= 1.0
     assert runs[0].data.tags["workers"] == "2", runs[0].data.tags
 
     # Both workers: the same weights before and after (each update is the all-reduced one),

@@ -1,5 +1,10 @@
-"""The training command as a user runs it: a tiny GRL run end to end on 2 logical CPU
-replicas, and the errors a user gets for bad flags or missing data."""
+"""The training command as a user runs it. Two tiny runs through train.py's flags and main
+(tests/cli_runner.py) share the checks of a whole run: GRL on 2 logical CPU replicas with strong
+augmentation, FDA, mixed precision and label-free checkpoint selection, tracked in MLflow
+(params, per-epoch metrics, plots, sample segmentations, a registered model), and a source-only
+run on 3 replicas with a partial last validation batch whose MLflow server is unreachable
+(training finishes, keeps what it could not send, and validates exactly the real slices).
+Then the errors a user gets for bad flags or missing data, one from a real process."""
 import json
 import os
 import subprocess
@@ -9,6 +14,8 @@ import numpy as np
 import pytest
 
 from tests.cli_runner import run_cli
+from tests.helpers import free_ports
+from uda_tf.training import tracking
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,29 +27,56 @@ def _train_here(*args):
 
 
 def _train(*args, timeout=600):
-    """train.py as a user runs it, in a new process. A tiny run takes ~60 s on an idle core; the limit allows for
-    a machine loaded several times over (`make test` runs two test processes; 300 s was hit
-    at a load average of 6-8 on 2 cores)."""
+    """train.py as a user runs it, in a new process."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-@pytest.mark.slow
-def test_grl_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, mlflow_store):
+    """A sqlite store the offline run's unsent values are replayed into."""
+    return mlflow_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_prepared, tmp_path_factory, mlflow_store):
+    """Both trainings from one flagfile, each through train.py's command line in this process:
+    "online" (GRL, 2 replicas, tracked, model registered) and "offline" (source-only on 3
+    replicas with a partial last validation batch, the MLflow server unreachable)."""
     data_dir, manifest = tiny_prepared
-    uri = mlflow_store(tmp_path)
-    proc = _train(f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
-                  "--method=grl", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
-                  "--base_filters=2", "--unet_depth=2", "--num_cpu_devices=2",
-                  f"--output_dir={tmp_path}/runs",
-                  "--run_name=tiny", f"--mlflow_tracking_uri={uri}", "--model_name=tiny",
-                  "--mlflow_experiment=test", "--select_on=target_entropy", "--augment=full",
-                  "--target_augment=flip,gamma",
-                  "--augment_params=rotation_degrees=10,noise_std=0:0.05", "--fda_beta=0.05",
-                  "--mixed_precision")  # bfloat16 on CPU; the export must still be float32
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "tiny"
+    tmp = tmp_path_factory.mktemp("tracking")
+    flagfile = tmp / "tiny_exp.cfg"
+    flagfile.write_text("\n".join([
+        f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
+        "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
+        "--base_filters=2", "--unet_depth=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
+        "--mlflow_sample_slices=3"]) + "\n")
+    uri = mlflow_store(tmp)
+    offline_uri = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    commands = {
+        "online": [f"--flagfile={flagfile}", "--run_name=online", f"--mlflow_tracking_uri={uri}",
+                   "--register_model_name=tiny_seg", "--register_alias=champion",
+                   "--method=grl", "--num_cpu_devices=2", "--select_on=target_entropy",
+                   "--augment=full", "--target_augment=flip,gamma",
+                   "--augment_params=rotation_degrees=10,noise_std=0:0.05", "--fda_beta=0.05",
+                   "--mixed_precision"],  # bfloat16 on CPU; the export must still be float32
+        # 3 replicas, batches of 8: the last of the 10 validation slices' batches has 2
+        "offline": [f"--flagfile={flagfile}", "--run_name=offline", "--method=source_only",
+                    "--num_cpu_devices=3", "--global_batch_size=8",
+                    f"--mlflow_tracking_uri={offline_uri}", "--mlflow_experiment=explicit"],
+    }
+    results = {}
+    for name, args in commands.items():
+        proc = run_cli("uda_tf.cli.train", args)
+        results[name] = (proc.returncode, proc.stdout, proc.stderr, tmp / "runs" / name)
+    return results, uri, manifest
+
+
+@pytest.mark.slow
+def test_grl_run_end_to_end(runs):
+    (code, _, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
+    assert code == 0, err[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
     assert (run_dir / "checkpoints" / "best.weights.h5").is_file()
     saved_flags = (run_dir / "checkpoints" / "flags.cfg").read_text()
@@ -92,6 +126,121 @@ def test_grl_run_end_to_end(tiny_prepared, tmp_path, mlflow_store):
     assert len(client.get_metric_history(run.info.run_id, "oracle/val_dice")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"flags.cfg", "manifest.json", "eval"} <= artifacts
+
+
+@pytest.mark.slow
+def test_run_logs_params_metrics_artifacts_and_model(runs):
+    import mlflow
+    (code, _, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
+    assert code == 0, err[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    run_id = result["mlflow"]["run_id"]
+    assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() == run_id
+    assert not (run_dir / tracking.UNSENT_FILE).exists()
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "online"
+    # one experiment per config: named after the flagfile
+    assert client.get_experiment(run.info.experiment_id).name == "tiny_exp"
+    for line in (run_dir / "flags.cfg").read_text().splitlines()[1:]:  # every resolved flag
+        name = line[2:].split("=")[0]
+        assert name in run.data.params or name[2:] in run.data.params  # --noflag
+    assert run.data.params["epochs"] == "2"
+    assert run.data.params["mlflow_experiment"] == "tiny_exp"
+    assert run.data.tags["dataset_content_hash"] == manifest["content_hash"]
+    for name in ("seg_loss", "val_dice", "val_seg_loss"):
+        history = client.get_metric_history(run_id, name)
+        assert [m.step for m in history] == [0, 1]
+        assert np.isfinite([m.value for m in history]).all()
+
+    # artifacts next to the sqlite store, not in ./mlruns of the working directory
+    assert run.info.artifact_uri.startswith(str(run_dir.parent.parent))
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    assert {"flags.cfg", "manifest.json", "eval", "plots", "samples"} <= listed
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/seg_loss.png", "plots/dice.png"} <= plots
+    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert samples == ["samples/segmentations.png"]
+    local = client.download_artifacts(run_id, "samples/segmentations.png")
+    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # the SavedModel as an MLflow model, registered under an alias, predicting as served
+    version = client.get_model_version_by_alias("tiny_seg", "champion")
+    assert version.run_id == run_id
+    assert result["mlflow"]["model"]["registered_model"] == "tiny_seg"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny_seg@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    import tensorflow as tf
+    x = np.random.default_rng(0).random((2, 16, 24, 1), dtype=np.float32)
+    got = model.predict(x)
+    serve = tf.saved_model.load(result["saved_model"]).signatures["serving_default"]
+    expected = serve(image=tf.constant(x))
+    np.testing.assert_array_equal(got["labels"], expected["labels"].numpy())
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"].numpy(),
+                               atol=1e-6)
+
+
+def test_unreachable_server_never_stops_training(runs, store):
+    import mlflow
+    code, out, err, run_dir = runs[0]["offline"]
+    assert code == 0, err[-3000:]
+    assert (run_dir / "result.json").is_file()
+    assert "could not log" in err and "mlflow_unsent.json" in err
+    assert err.count("Retrying at the next epoch") == 1  # warned once, not per epoch
+    unsent = json.loads((run_dir / tracking.UNSENT_FILE).read_text())
+    assert unsent["experiment"] == "explicit"  # an explicit flag beats the flagfile's name
+    pending = unsent["pending"]
+    assert pending["params"]["run_name"] == "offline"
+    assert {m["step"] for m in pending["metrics"] if m["key"] == "seg_loss"} == {0, 1}
+    assert pending["model"]["saved_model"].endswith(os.path.join("export", "tiny", "1"))
+
+    # Later, with a store that answers: the replay sends everything and removes the file.
+    info = tracking.replay_unsent(str(run_dir / tracking.UNSENT_FILE), store)
+    assert not (run_dir / tracking.UNSENT_FILE).exists()
+    client = mlflow.MlflowClient(store)
+    run = client.get_run((run_dir / tracking.RUN_ID_FILE).read_text().strip())
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "source_only"
+    assert len(client.get_metric_history(run.info.run_id, "seg_loss")) == 2
+    assert info["model_uri"].startswith("models:/")
+
+
+def test_three_replicas_with_a_partial_last_validation_batch(runs, tiny_prepared):
+    """The offline run: 10 validation slices in batches of 8 on 3 replicas. The last batch of 2
+    left a replica without a sample (InvalidArgumentError, a FAILED MLflow run). Now the run
+    finishes and its val_dice is the Dice of the checkpoint on the 10 slices, computed on one
+    device; the label-free criteria and oracle/val_dice (read outside the strategy) match too."""
+    from uda_tf.data import pipeline
+    from uda_tf.metrics import StreamingDice
+    from uda_tf.models import segmentor_from_flags
+    from uda_tf.training.config import read_run_config, run_config_file
+    from uda_tf.training.selection import TargetCriteria
+    code, _, err, run_dir = runs[0]["offline"]
+    assert code == 0, err[-3000:]
+    data_dir, manifest = tiny_prepared
+    assert manifest.num_records("dom_a", "val") == 10
+    result = json.loads((run_dir / "result.json").read_text())
+    cfg = read_run_config(run_config_file(os.path.dirname(result["checkpoint"])))
+    assert cfg.num_cpu_devices == 3 and cfg.global_batch_size == 8 and cfg.target_criteria
+    logs = result["selection"]["epoch_logs"]
+
+    seg = segmentor_from_flags(cfg.flag_values(), manifest)
+    seg.load_weights(result["checkpoint"])
+    dice = StreamingDice(["background", "left", "front"])
+    for images, labels in pipeline.eval_dataset(data_dir, manifest, "dom_a", "val",
+                                                batch_size=10):
+        dice.update_state(labels, seg(images, training=False)["logits"])
+    assert logs["val_dice"] == pytest.approx(float(dice.result()["dice"]), abs=1e-5)
+    criteria = TargetCriteria(lambda: pipeline.eval_dataset(
+        data_dir, manifest, "dom_b", "val", batch_size=10, with_metadata=True),
+        class_names=["background", "left", "front"]).compute(seg)
+    for name in ("target_entropy", "target_agreement", "oracle/val_dice"):
+        assert logs[name] == pytest.approx(criteria[name], abs=1e-5), name
+    assert os.path.isdir(result["saved_model"])
 
 
 def test_selection_needs_what_it_reads():

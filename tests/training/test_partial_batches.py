@@ -1,7 +1,7 @@
 """Validation on several replicas with a final batch smaller than the replica count (2 or 3
 logical CPUs, 9 or 7 slices in batches of 8 or 4): no crash, and the Dice and loss are those
-of exactly the real slices, as on one device."""
-import os
+of exactly the real slices, as on one device. (A whole train.py run on 3 replicas with a
+partial last validation batch: tests/cli/test_train_cli.py.)"""
 
 import pytest
 import tensorflow as tf
@@ -49,41 +49,6 @@ def test_pad_batch_weights_the_padding_zero():
     assert full[2].numpy().tolist() == [1, 1, 1]
     assert [pipeline.padded_batch_size(b, r) for b, r in [(8, 3), (4, 3), (8, 2), (1, 3)]] \
         == [9, 6, 8, 3]
-
-
-@pytest.mark.slow
-def test_train_on_three_replicas_with_a_partial_last_validation_batch(tiny_prepared, tmp_path,
-                                                                      mlflow_store):
-    """10 validation slices in batches of 8 on 3 replicas: the last batch of 2 left a replica
-    without a sample (InvalidArgumentError, a FAILED MLflow run). Now the run finishes and its
-    val_dice is the Dice of the checkpoint on the 10 slices, computed on one device; the
-    label-free criteria and oracle/val_dice (read outside the strategy) match too."""
-    from tests.cli.test_train_hardening import _cfg
-    from uda_tf.cli import train
-    from uda_tf.metrics import StreamingDice
-    from uda_tf.models import segmentor_from_flags
-    from uda_tf.training.selection import TargetCriteria
-    data_dir, manifest = tiny_prepared
-    assert manifest.num_records("dom_a", "val") == 10
-    cfg = _cfg(data_dir, tmp_path / "runs", num_cpu_devices=3, global_batch_size=8,
-               method="source_only", target_criteria=True,
-               mlflow_tracking_uri=mlflow_store(tmp_path / "runs"))
-    result = train.train(cfg)
-    logs = result["selection"]["epoch_logs"]
-
-    seg = segmentor_from_flags(cfg.flag_values(), manifest)
-    seg.load_weights(result["checkpoint"])
-    dice = StreamingDice(["background", "left", "front"])
-    for images, labels in pipeline.eval_dataset(data_dir, manifest, "dom_a", "val",
-                                                batch_size=10):
-        dice.update_state(labels, seg(images, training=False)["logits"])
-    assert logs["val_dice"] == pytest.approx(float(dice.result()["dice"]), abs=1e-5)
-    criteria = TargetCriteria(lambda: pipeline.eval_dataset(
-        data_dir, manifest, "dom_b", "val", batch_size=10, with_metadata=True),
-        class_names=["background", "left", "front"]).compute(seg)
-    for name in ("target_entropy", "target_agreement", "oracle/val_dice"):
-        assert logs[name] == pytest.approx(criteria[name], abs=1e-5), name
-    assert os.path.isdir(result["saved_model"])
 
 
 def test_training_batch_that_leaves_a_replica_empty_is_refused(tiny_prepared, tmp_path):

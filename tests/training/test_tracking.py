@@ -1,15 +1,13 @@
-"""MLflow tracking as a user meets it: a tiny training logs params, per-epoch metrics, plots,
-sample segmentations and a registered model; with the server unreachable, training still
-finishes and keeps what it could not send."""
-import json
+"""MLflow tracking: the run tracker's buffering, resume and replay when the server is away, and
+the experiment name. What a training run logs (params, per-epoch metrics, plots, sample
+segmentations, a registered model; an unreachable server) is checked on the runs of
+tests/cli/test_train_cli.py."""
 import logging
 import os
 import socket
 
-import numpy as np
 import pytest
 
-from tests.cli_runner import run_cli
 from uda_tf.training import tracking
 
 
@@ -23,113 +21,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_prepared, tmp_path_factory, mlflow_store):
-    """Both trainings, each through train.py's command line (tests/cli_runner.py)."""
-    data_dir, manifest = tiny_prepared
-    tmp = tmp_path_factory.mktemp("tracking")
-    flagfile = tmp / "tiny_exp.cfg"
-    flagfile.write_text("\n".join([
-        f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
-        "--method=source_only", "--epochs=2", "--steps_per_epoch=2", "--global_batch_size=4",
-        "--base_filters=2", "--unet_depth=2", f"--output_dir={tmp}/runs", "--model_name=tiny",
-        "--mlflow_sample_slices=3"]) + "\n")
-    uri = mlflow_store(tmp)
-    offline_uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    commands = {
-        "online": [f"--flagfile={flagfile}", "--run_name=online", f"--mlflow_tracking_uri={uri}",
-                   "--register_model_name=tiny_seg", "--register_alias=champion"],
-        "offline": [f"--flagfile={flagfile}", "--run_name=offline",
-                    f"--mlflow_tracking_uri={offline_uri}", "--mlflow_experiment=explicit"],
-    }
-    results = {}
-    for name, args in commands.items():  # train.py's flags and main, in this process
-        proc = run_cli("uda_tf.cli.train", args)
-        results[name] = (proc.returncode, proc.stdout, proc.stderr, tmp / "runs" / name)
-    return results, uri, manifest
-
-
-@pytest.mark.slow
-def test_run_logs_params_metrics_artifacts_and_model(runs):
-    import mlflow
-    (code, _, err, run_dir), uri, manifest = runs[0]["online"], runs[1], runs[2]
-    assert code == 0, err[-3000:]
-    result = json.loads((run_dir / "result.json").read_text())
-    run_id = result["mlflow"]["run_id"]
-    assert (run_dir / tracking.RUN_ID_FILE).read_text().strip() == run_id
-    assert not (run_dir / tracking.UNSENT_FILE).exists()
-
-    client = mlflow.MlflowClient(uri)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "online"
-    # one experiment per config: named after the flagfile
-    assert client.get_experiment(run.info.experiment_id).name == "tiny_exp"
-    for line in (run_dir / "flags.cfg").read_text().splitlines()[1:]:  # every resolved flag
-        name = line[2:].split("=")[0]
-        assert name in run.data.params or name[2:] in run.data.params  # --noflag
-    assert run.data.params["epochs"] == "2"
-    assert run.data.params["mlflow_experiment"] == "tiny_exp"
-    assert run.data.tags["dataset_content_hash"] == manifest["content_hash"]
-    for name in ("seg_loss", "val_dice", "val_seg_loss"):
-        history = client.get_metric_history(run_id, name)
-        assert [m.step for m in history] == [0, 1]
-        assert np.isfinite([m.value for m in history]).all()
-
-    # artifacts next to the sqlite store, not in ./mlruns of the working directory
-    assert run.info.artifact_uri.startswith(str(run_dir.parent.parent))
-    listed = {a.path for a in client.list_artifacts(run_id)}
-    assert {"flags.cfg", "manifest.json", "eval", "plots", "samples"} <= listed
-    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"plots/seg_loss.png", "plots/dice.png"} <= plots
-    samples = [a.path for a in client.list_artifacts(run_id, "samples")]
-    assert samples == ["samples/segmentations.png"]
-    local = client.download_artifacts(run_id, "samples/segmentations.png")
-    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-    # the SavedModel as an MLflow model, registered under an alias, predicting as served
-    version = client.get_model_version_by_alias("tiny_seg", "champion")
-    assert version.run_id == run_id
-    assert result["mlflow"]["model"]["registered_model"] == "tiny_seg"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        model = mlflow.pyfunc.load_model("models:/tiny_seg@champion")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    import tensorflow as tf
-    x = np.random.default_rng(0).random((2, 16, 24, 1), dtype=np.float32)
-    got = model.predict(x)
-    serve = tf.saved_model.load(result["saved_model"]).signatures["serving_default"]
-    expected = serve(image=tf.constant(x))
-    np.testing.assert_array_equal(got["labels"], expected["labels"].numpy())
-    np.testing.assert_allclose(got["probabilities"], expected["probabilities"].numpy(),
-                               atol=1e-6)
-
-
-def test_unreachable_server_never_stops_training(runs, store):
-    import mlflow
-    code, out, err, run_dir = runs[0]["offline"]
-    assert code == 0, err[-3000:]
-    assert (run_dir / "result.json").is_file()
-    assert "could not log" in err and "mlflow_unsent.json" in err
-    assert err.count("Retrying at the next epoch") == 1  # warned once, not per epoch
-    unsent = json.loads((run_dir / tracking.UNSENT_FILE).read_text())
-    assert unsent["experiment"] == "explicit"  # an explicit flag beats the flagfile's name
-    pending = unsent["pending"]
-    assert pending["params"]["run_name"] == "offline"
-    assert {m["step"] for m in pending["metrics"] if m["key"] == "seg_loss"} == {0, 1}
-    assert pending["model"]["saved_model"].endswith(os.path.join("export", "tiny", "1"))
-
-    # Later, with a store that answers: the replay sends everything and removes the file.
-    info = tracking.replay_unsent(str(run_dir / tracking.UNSENT_FILE), store)
-    assert not (run_dir / tracking.UNSENT_FILE).exists()
-    client = mlflow.MlflowClient(store)
-    run = client.get_run((run_dir / tracking.RUN_ID_FILE).read_text().strip())
-    assert run.info.status == "FINISHED" and run.data.params["method"] == "source_only"
-    assert len(client.get_metric_history(run.info.run_id, "seg_loss")) == 2
-    assert info["model_uri"].startswith("models:/")
 
 
 def test_buffered_values_are_sent_when_the_server_comes_back(tmp_path, caplog, store):
