@@ -9,11 +9,14 @@ DEMO_OUT ?= demo_out
 
 install: $(STAMP)
 
-# Re-install when the packaging changes; `pip install -e` keeps code edits live.
+# Re-install when the packaging changes; `pip install -e` keeps code edits live. pip would
+# byte-compile the packages on one core; compileall does it on all of them. (They must be
+# compiled here: where PYTHONDONTWRITEBYTECODE is set, every process would compile its imports.)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null
 	touch $(STAMP)
 
 demo: $(STAMP)

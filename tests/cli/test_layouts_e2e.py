@@ -141,7 +141,8 @@ def run_chain(name, work, mlflow_uri):
         "--augment=none",
         f"--output_dir={work}/runs", "--run_name=e2e", "--model_name=e2e",
         f"--mlflow_tracking_uri={mlflow_uri}", "--mlflow_experiment=e2e",
-        "--mlflow_sample_slices=0", "--backup_every_steps=0", "--notarget_criteria"], steps)
+        "--mlflow_sample_slices=0", "--backup_every_steps=0", "--notarget_criteria",
+        "--nofigures"], steps)
     if proc.returncode:
         return out
     with open(os.path.join(work, "runs", "e2e", "result.json")) as f:
@@ -170,7 +171,8 @@ def run_chain(name, work, mlflow_uri):
         labels = _link_dir(os.path.join(linked, "labels"),
                            {c: os.path.join(out["raw"], p) for c, p in spec["labels"].items()})
         args = [f"--predictions={preds}", f"--labels={labels}", f"--manifest={prepared}"]
-    _step("evaluate", "uda_tf.cli.evaluate", [*args, f"--output_dir={evaluation}"], steps)
+    _step("evaluate", "uda_tf.cli.evaluate", [*args, f"--output_dir={evaluation}", "--nofigures"],
+          steps)
     return out
 
 
@@ -277,6 +279,8 @@ def test_layout_end_to_end(layout, chains):
         else:
             _check_nifti_prediction(prediction, source, manifest["num_classes"])
     _check_evaluation(chain, spec, manifest)
+    # --nofigures (train and evaluate): numbers only, not one PNG
+    assert not glob.glob(os.path.join(chain["work"], "**", "*.png"), recursive=True)
 
 
 def test_release_headers_are_as_described(tmp_path):

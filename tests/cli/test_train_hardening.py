@@ -32,7 +32,7 @@ def _cfg(data_dir, out, **overrides):
                   method="source_only", epochs=1, steps_per_epoch=1, global_batch_size=2,
                   base_filters=2, unet_depth=2, output_dir=str(out), run_name="run",
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
-                  mlflow_sample_slices=0, model_name="m", check_shards=False,
+                  mlflow_sample_slices=0, figures=False, model_name="m", check_shards=False,
                   backup_every_steps=0, target_criteria=False)
     values.update(overrides)
     return RunConfig.from_flags(values)

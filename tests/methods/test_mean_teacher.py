@@ -277,7 +277,7 @@ def _train_values(data_dir, out, **overrides):
                   method="mean_teacher", target_augment="flip", epochs=1, steps_per_epoch=2,
                   global_batch_size=2, base_filters=2, unet_depth=2, output_dir=str(out),
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
-                  mlflow_sample_slices=0, model_name="mt", check_shards=False,
+                  mlflow_sample_slices=0, figures=False, model_name="mt", check_shards=False,
                   backup_every_steps=1, consistency_rampup_steps=0)
     values.update(overrides)
     return values

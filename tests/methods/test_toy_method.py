@@ -19,7 +19,7 @@ def _values(data_dir, out, **overrides):
                   global_batch_size=2, base_filters=2, unet_depth=2, output_dir=str(out),
                   run_name="toy",
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
-                  mlflow_sample_slices=0, model_name="toy", check_shards=False,
+                  mlflow_sample_slices=0, figures=False, model_name="toy", check_shards=False,
                   backup_every_steps=1, target_criteria=False)
     values.update(overrides)
     return values

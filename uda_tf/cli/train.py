@@ -527,7 +527,8 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
         export_path, exported_weights = export_best(cfg, checked, checkpoint.path,
                                                     where.run_dir, tracker)
         serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker)
-        log_figures(cfg, checked, serve, where.run_dir, tracker, epoch_logger)
+        if cfg.figures:
+            log_figures(cfg, checked, serve, where.run_dir, tracker, epoch_logger)
         tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
                                 alias=cfg.register_alias)
         result = report(cfg, values, where.run_dir, tracker, epoch_logger, checkpoint,
@@ -606,7 +607,7 @@ def evaluate_export(cfg, checked: Checked, export_path, run_dir, tracker):
         oracle = role == "target"
         out = os.path.join(run_dir, "eval", f"{role}_test")
         summary = evaluate_model(predict, cfg.data_dir, checked.manifest, domain, "test", out,
-                                 oracle=oracle)
+                                 oracle=oracle, figures=cfg.figures)
         tracker.log_metrics(summary_metrics(summary, f"{'oracle/' if oracle else ''}"
                                                      f"{role}_test"), flush=False)
         tracker.log_artifact(out, artifact_path=f"eval/{role}_test")

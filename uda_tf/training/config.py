@@ -213,6 +213,11 @@ class RunConfig:
         "split.")
     mlflow_sample_slices: int = setting(4, "Target validation slices in the logged "
                                         "sample-segmentation figure (0: none).", lower=0)
+    figures: bool = setting(
+        True, "PNG figures of the run (learning curves, sample segmentations, the test "
+        "evaluations' box plots and overlays), in the run directory and MLflow; --nofigures "
+        "for runs where only the numbers matter (sweeps, smoke tests): matplotlib takes "
+        "about as long as exporting the model.")
     # reliability (uda_tf/training/resume.py, guards.py)
     deterministic: bool = setting(
         False, "Op determinism and seeded data: a run resumed from a backup ends with the "
