@@ -125,6 +125,7 @@ def test_xla_chain_mixes_samples_too():
 
 
 @pytest.mark.parametrize("jit,ranks", [(True, (2,)), (False, (2, 3))], ids=["xla", "plain"])
+@pytest.mark.slow
 def test_full_preset_in_tf_data(jit, ranks):
     # (3D under XLA runs in test_pipeline's 3D patch stream; each compilation costs seconds)
     aug = augment.build("full", rotation_degrees=10, p_elastic=0.5, jit=jit)

@@ -40,6 +40,7 @@ SMALL = {"gin": dict(gin_layers=2)}
 @pytest.mark.parametrize("rank,jit", [(2, True), (2, False), (3, True), (3, False)],
                          ids=["2d-xla", "2d-plain", "3d-xla", "3d-plain"])
 @pytest.mark.parametrize("name", ["label_intensity", "gin"])
+@pytest.mark.slow
 def test_ops_eagerly_and_in_tf_data(name, rank, jit):
     tf.random.set_seed(1)
     images, labels = _batch(rank, size=12 if rank == 2 else 6, channels=2)
@@ -156,6 +157,7 @@ def test_gin_is_not_a_linear_rescaling():
     assert max(residual) > 1e-2
 
 
+@pytest.mark.slow
 def test_presets_and_names():
     full = augment.PRESETS["full"]
     assert set(augment.resolve_names("randomized")) == set(full) | {"label_intensity"}

@@ -129,6 +129,7 @@ def test_float16_gzip_context_slices(prepared_25d):
                                   image[0])
 
 
+@pytest.mark.slow
 def test_3d_patches_with_foreground_oversampling(prepared_3d):
     data_dir, manifest = prepared_3d
     assert manifest["image_shape"] == [16, 24, None, 1]

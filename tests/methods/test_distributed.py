@@ -72,6 +72,7 @@ def _weights_after_steps(method, strategy, norm, steps=2):
 @pytest.mark.parametrize("method,norm", [("grl", "batch"), ("adversarial", "batch"),
                                          ("adversarial_wgan", "instance"),
                                          ("grl_output_minent", "instance")])
+@pytest.mark.slow
 def test_two_replicas_match_one_device(method, norm, one_device, two_replicas):
     b1, w1, logs1 = _weights_after_steps(method, one_device, norm)
     b2, w2, logs2 = _weights_after_steps(method, two_replicas, norm)

@@ -66,6 +66,7 @@ SEGMENTORS = {  # name: (input shape, classes, logit channels)
     (m, o, s) for m, o, segmentors in CASES for s in segmentors],
     ids=[f"{m}-{'-'.join(f'{v}' for v in o.values()) or 'default'}-{s}"
          for m, o, segmentors in CASES for s in segmentors])
+@pytest.mark.slow
 def test_method_trains_on_3d_and_sigmoid_segmentors(method, overrides, segmentor):
     shape, num_classes, channels = SEGMENTORS[segmentor]
     keras.utils.set_random_seed(0)

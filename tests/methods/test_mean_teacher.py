@@ -165,6 +165,7 @@ def test_consistency_losses():
         consistency("kl", logits, teacher, valid, 0.9)
 
 
+@pytest.mark.slow
 def test_two_replicas_match_one_device(one_device, two_replicas):
     """Same global batch, same deterministic strong view (out-of-view border included): the
     student, the teacher (its weights and its BatchNorm statistics, synchronised across

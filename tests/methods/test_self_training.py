@@ -95,6 +95,7 @@ def test_warmup_round_ignores_pseudo_labels_then_rounds_refresh_the_teacher(one_
     assert any(not np.array_equal(a, b) for a, b in zip(seen[1], seen[2]))
 
 
+@pytest.mark.slow
 def test_two_replicas_match_one_device(one_device, two_replicas):
     results = []
     for strategy in (one_device, two_replicas):

@@ -100,6 +100,7 @@ def _one_step(model, method, rank):
 # with one device below (unet3d) and in tests/methods/test_distributed.py.
 @pytest.mark.parametrize("method", ["grl"])
 @pytest.mark.parametrize("name", sorted(set(MODELS) - {"unet2d", "unet3d"}))
+@pytest.mark.slow
 def test_one_step_on_two_replicas(name, method, two_replicas):
     model = _method(name, method, two_replicas)
     before, after, logs = _one_step(model, method, MODELS[name].rank)
@@ -113,6 +114,7 @@ def test_one_step_on_two_replicas(name, method, two_replicas):
 # update between 1 device and 2 replicas (measured, not yet explained; Keras computes the synced
 # variance as E[x^2] - E[x]^2): only its source-only step is checked here.
 @pytest.mark.parametrize("method,norm", [("grl", "instance"), ("source_only", "batch")])
+@pytest.mark.slow
 def test_unet3d_step_is_the_same_on_one_device_and_two_replicas(method, norm, one_device,
                                                                  two_replicas):
     b1, w1, logs1 = _one_step(_method("unet3d", method, one_device, norm), method, 3)
