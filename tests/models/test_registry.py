@@ -135,8 +135,8 @@ def test_unet3d_step_is_the_same_on_one_device_and_two_replicas(method, norm, on
     ({"class_weights": ["1", "2"]}, 2, "--class_weights has 2 values but the dataset has "
                                        "num_classes=3"),
     ({"class_weights": "1,x,1"}, 2, "--class_weights='1,x,1'"),
-    ({"unet_depth": 5}, 2, "--unet_depth=5: --model=unet2d halves its input 5 times, so every "
-                           "size must divide by 32; the input is"),
+    ({"unet_depth": 5}, 2, "--unet_depth=5 with --model=unet2d: input size 16x16 must be "
+                           "divisible by 32 for 5 halvings"),
     ({"model": "drn2d", "unet_depth": 2}, 2, "--unet_depth=2 applies to the U-Nets"),
 ])
 def test_bad_model_flags_name_the_flag(values, data_rank, message):

@@ -100,12 +100,12 @@ def check_flags(values: dict, manifest: dict) -> None:
     name = values.get("model") or "unet2d"
     depth = model_depth(values)
     if get_model(name).has_depth:
-        spatial = [n for n in shape[:-1] if n is not None]
-        if any(n % 2 ** depth for n in spatial):
-            raise ValueError(f"--unet_depth={depth}: --model={name} halves its input {depth} "
-                             f"times, so every size must divide by {2 ** depth}; the input "
-                             f"is {list(shape[:-1])} (use a smaller depth, or prepare/crop "
-                             "to a multiple)")
+        from uda_tf.models.blocks import check_divisible  # what the U-Net checks when built
+        try:
+            check_divisible(shape, 2 ** depth, f"{depth} halvings")
+        except ValueError as e:
+            raise ValueError(f"--unet_depth={depth} with --model={name}: {e} (use a smaller "
+                             "depth, or prepare/crop to a multiple)") from None
     elif depth != DEFAULT_UNET_DEPTH:
         raise ValueError(f"--unet_depth={depth} applies to the U-Nets "
                          f"({', '.join(n for n, s in sorted(MODELS.items()) if s.has_depth)}); "

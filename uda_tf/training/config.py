@@ -20,7 +20,7 @@ from uda_tf.data.augment import check_names_flag, check_params_flag
 from uda_tf.methods import METHODS, settings
 from uda_tf.methods.schedules import LR_SCHEDULES
 from uda_tf.methods.settings import setting
-from uda_tf.models import MODELS
+from uda_tf.models import DEFAULT_UNET_DEPTH, MODELS
 from uda_tf.models.heads import HEADS
 from uda_tf.models.layers import NORMALIZATIONS
 from uda_tf.training.devices import CLUSTERS
@@ -115,9 +115,10 @@ class RunConfig:
     base_filters: int = setting(16, "Filters of the first block of the segmentor (U-Nets "
                                 "double them per level).", lower=1)
     unet_depth: int = setting(
-        3, "U-Nets (unet2d, attention_unet2d, unet3d): down-sampling levels below the first "
-        "block; the input (slice or --patch_size) must divide by 2^depth. Fewer levels for "
-        "small inputs, as nnU-Net plans its pooling by the patch size.", lower=1)
+        DEFAULT_UNET_DEPTH, "U-Nets (" + ", ".join(n for n, s in MODELS.items() if s.has_depth)
+        + "): down-sampling levels below the first block; the input (slice or --patch_size) "
+        "must divide by 2^depth. Fewer levels for small inputs, as nnU-Net plans its pooling "
+        "by the patch size.", lower=1)
     norm: str = setting("instance", "Normalisation layers (batch norm: see "
                         "--sync_batchnorm).", choices=NORMALIZATIONS)
     sync_batchnorm: bool = setting(
