@@ -2,10 +2,11 @@
 
 A CLI subprocess spends ~9 CPU-seconds importing TensorFlow, Keras and MLflow before it does
 anything; the test process has them imported already. `run_cli("uda_tf.cli.prepare", [...])`
-gives the CLI a clean set of absl flags (its own only, every one at its default), parses the
-arguments with `absl.app.run` exactly as the console script does (flagfiles, validators, usage
-errors, `sys.exit` codes; `sys.argv` is the command line) and returns what `subprocess.run(..., capture_output=True, text=True)`
-would: `returncode`, `stdout`, `stderr`.
+gives the CLI a clean set of absl flags (its own only, every one at its default), calls its
+`run()` (what the console script calls), which answers `--help` or parses the arguments with
+`absl.app.run` exactly as the console script does (flagfiles, validators, usage errors,
+`sys.exit` codes; `sys.argv` is the command line) and returns what
+`subprocess.run(..., capture_output=True, text=True)` would: `returncode`, `stdout`, `stderr`.
 
 What this does not cover is the process boundary itself (the interpreter start, `__main__`,
 console-script wrappers, signals): tests that are about it still start a real process
@@ -24,7 +25,7 @@ import sys
 import traceback
 from unittest import mock
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +69,7 @@ def run_cli(module: str, args, cwd=REPO) -> Completed:
         with (contextlib.chdir(cwd), contextlib.redirect_stdout(out),
               contextlib.redirect_stderr(err), mock.patch.object(sys, "argv", [module, *args])):
             try:
-                cli.define_flags()
-                app.run(cli.main, argv=[module, *args])
+                cli.run()  # defines the flags, answers --help, app.run(main) on sys.argv
             except SystemExit as e:
                 code = e.code
             except Exception:  # what the interpreter would print and exit 1 on

@@ -18,6 +18,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from uda_tf.cli import entry
 
 
 def define_flags():
@@ -118,9 +119,13 @@ def main(argv):
                    for m, r in results.items()}, f, indent=2)
 
 
+ABOUT = """The end-to-end demo on built-in data (what `make demo` runs): simulated scans of
+two scanners -> prepare -> train source_only and grl -> export -> evaluate -> a table of
+target-domain Dice. Steps whose outputs exist are skipped."""
+
+
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT)
 
 
 if __name__ == "__main__":

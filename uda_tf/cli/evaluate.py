@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from uda_tf.cli import entry
 from uda_tf import metrics
 from uda_tf.cli.errors import reported_as
 from uda_tf.evaluation.evaluate import (evaluate_model, evaluate_niftis, log_to_mlflow,
@@ -110,10 +111,23 @@ def define_flags():
     flags.mark_flag_as_required("output_dir")
 
 
+# --help's groups (title, first flag); the flags are defined in this order.
+HELP_SECTIONS = (("a model on a prepared test split", "data_dir"),
+                 ("NIfTI predictions against NIfTI labels", "predictions"),
+                 ("output and metrics", "output_dir"), ("tracking", "mlflow_run_id"))
+
+
+ABOUT = """Score segmentations against labels per case and per foreground class (Dice,
+surface distances, volumes): either an exported model on a prepared test split
+(--data_dir, --domain, --model) or NIfTI predictions against NIfTI labels
+(--predictions, --labels). Writes metrics.csv and summary.json under --output_dir.
+
+example: python -m uda_tf.cli.evaluate --data_dir=prepared --domain=siteB \\
+           --model=runs/grl/export/uda_segmentor/1 --output_dir=eval_grl"""
+
+
 def run():
-    from absl import app
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT, sections=HELP_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 
 import tensorflow as tf
 
+from uda_tf.cli import entry
 from uda_tf.serving.export import export_checkpoint
 
 
@@ -45,10 +46,15 @@ def main(argv):
     print(f"signatures: {', '.join(sorted(loaded.signatures))}")
 
 
+ABOUT = """Export a run's kept checkpoint as a versioned SavedModel for TF Serving
+(<export_dir>/<model_name>/<version>).
+
+example: python -m uda_tf.cli.export --checkpoint=runs/grl/checkpoints \\
+           --export_dir=export/models --model_name=uda_demo"""
+
+
 def run():
-    from absl import app
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT)
 
 
 if __name__ == "__main__":

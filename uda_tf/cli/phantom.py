@@ -7,6 +7,7 @@ import time
 
 from absl import app, flags
 
+from uda_tf.cli import entry
 from uda_tf.data.phantom import DOMAINS, generate
 
 
@@ -47,9 +48,14 @@ def main(argv):
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
 
 
+ABOUT = """Write the built-in demo dataset: simulated brain scans (NIfTI, with tissue labels)
+for each of several simulated scanners, generated from anatomy shipped in the package.
+
+example: python -m uda_tf.cli.phantom --output_dir=demo_out/raw"""
+
+
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from uda_tf.cli import entry
 from uda_tf.cli.errors import reported_as
 from uda_tf.evaluation.predict import (check_outputs, load_predictor, output_targets,
                                        predict_cases, protected_paths, resolve_inputs)
@@ -87,10 +88,21 @@ def main(argv):
     print(f"wrote {len(cases)} prediction(s) to {FLAGS.output_dir}")
 
 
+# --help's groups (title, first flag); the flags are defined in this order.
+HELP_SECTIONS = (("model", "model"), ("input", "input"),
+                 ("layout options (only where the layout takes them)", "image_glob"),
+                 ("output", "output_dir"), ("inference", "tta"))
+
+
+ABOUT = """Segment NIfTI scans with an exported model (or a run's checkpoints): one label map
+per input, with the input's shape, affine and orientation, written under --output_dir.
+
+example: python -m uda_tf.cli.predict --model=runs/grl/export/uda_segmentor/1 \\
+           --input=scan.nii.gz --output_dir=predictions"""
+
+
 def run():
-    from absl import app
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT, sections=HELP_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 
 from absl import app
 
+from uda_tf.cli import entry
 from uda_tf.data.prepare import prepare
 
 
@@ -29,9 +30,23 @@ def define_flags() -> None:
     prepare_flags.define_flags()
 
 
-def run() -> None:
-    define_flags()
-    app.run(main)
+# --help's groups (title, first flag); the flags are defined in this order.
+HELP_SECTIONS = (("input", "layout"), ("layout options (only where the layout takes them)",
+                 "image_glob"), ("preprocessing", "spacing"), ("output", "output"),
+                 ("privacy and limits", "keep_identifiers"))
+
+
+ABOUT = """Convert a raw dataset into what train.py reads: reorient, resample, normalise and
+write TFRecord shards with a manifest.json. --layout names how the files are laid out
+(cc359, crossmoda, msd for MSD and nnU-Net v1/v2, drive, stare, or glob for your own
+files); nothing under --input_dir is changed.
+
+example: python -m uda_tf.cli.prepare --layout=msd --input_dir=/data/Task04_Hippocampus \\
+           --output_dir=/data/prepared"""
+
+
+def run():
+    entry.run(main, define_flags, ABOUT, sections=HELP_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from uda_tf.cli import entry
 from uda_tf.training.tracking import UnsentFileError, replay_unsent, set_http_defaults
 
 
@@ -25,11 +26,20 @@ def main(argv):
     print(f"sent {FLAGS.replay} to MLflow and removed it")
 
 
-def run():
-    from absl import app, flags
+def define_flags():
+    from absl import flags
     flags.DEFINE_string("replay", None, "mlflow_unsent.json to send.")
     flags.DEFINE_string("tracking_uri", "", "Send to this tracking URI instead of the saved one.")
-    app.run(main)
+
+
+ABOUT = """Send to MLflow what a run could not send (the run kept it in
+<run_dir>/mlflow_unsent.json), then remove that file.
+
+example: python -m uda_tf.cli.replay_mlflow --replay=runs/grl/mlflow_unsent.json"""
+
+
+def run():
+    entry.run(main, define_flags, ABOUT)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from uda_tf.cli import entry
 from uda_tf.serving.client import PROTOCOLS, ServingClient, predict_slices, segment_nifti
 
 
@@ -79,10 +80,20 @@ def main(argv):
     print(f"wrote {FLAGS.output}: labels {labels.shape}")
 
 
+# --help's groups (title, first flag); the flags are defined in this order.
+HELP_SECTIONS = (("server", "model_name"), ("input and output", "nifti"),
+                 ("request", "batch_size"))
+
+
+ABOUT = """Send a NIfTI scan (or a .npy array) to a TF Serving model over REST or gRPC and
+write the returned segmentation.
+
+example: python -m uda_tf.cli.serve_client --model_name=uda_demo --nifti=scan.nii.gz \\
+           --output=segmentation.nii.gz"""
+
+
 def run():
-    from absl import app
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT, sections=HELP_SECTIONS)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 
 from absl import app, flags, logging
 
+from uda_tf.cli import entry
 from uda_tf import files, methods
 from uda_tf.methods import METHODS, settings
 from uda_tf.training import adapt, config, devices, guards, multiworker
@@ -756,9 +757,27 @@ def main(argv):
     print(f"MLflow: {result['mlflow']['ui']}")
 
 
+def train_sections() -> list[tuple[str, str]]:
+    """`--help`'s groups: RunConfig's sections, and the methods' settings after --head."""
+    sections = list(config.FLAG_SECTIONS)
+    after = _NAMES.index(config.METHOD_SETTINGS_AFTER) + 1
+    run_fields = {f.name for f in settings.fields(RunConfig)}
+    if after < len(_NAMES) and _NAMES[after] not in run_fields:
+        sections.append(("method settings (read by the --method their text names, else by every method)",
+                         _NAMES[after]))
+    return sections
+
+
+ABOUT = """Train a segmentor with a domain adaptation method on a prepared dataset (labelled
+source scans, unlabelled target scans), keep the checkpoint a label-free criterion chooses,
+export it as a SavedModel, evaluate it on the test splits and track the run in MLflow.
+Writes <output_dir>/<run_name>/ (checkpoints, export, evaluation, result.json).
+
+example: python train.py --flagfile=configs/demo.cfg --method=grl"""
+
+
 def run():
-    define_flags()
-    app.run(main)
+    entry.run(main, define_flags, ABOUT, sections=train_sections)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ CONFIG_FILE = "config.json"
 CONFIG_VERSION = 1
 #: the run flag after which the method's settings come, in flags.cfg and in the flag list
 METHOD_SETTINGS_AFTER = "head"
+# The groups train.py's --help lists the flags in: (title, the field the group starts at);
+# the fields below are declared in this order.
+FLAG_SECTIONS = (
+    ("data", "data_dir"), ("method and model", "method"),
+    ("initialisation and AdaBN", "init_checkpoint"), ("optimisation", "epochs"),
+    ("devices and precision", "num_cpu_devices"), ("outputs and tracking", "output_dir"),
+    ("model selection", "select_on"), ("reliability and resume", "deterministic"))
 
 
 # -- checks of single values the bounds cannot describe (also train.py's absl validators) --
