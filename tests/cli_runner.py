@@ -25,7 +25,10 @@ import sys
 import traceback
 from unittest import mock
 
-from absl import flags
+# absl.app and absl.logging define absl's own flags (--only_check_args, --verbosity, ...):
+# imported before the base flags are taken.
+from absl import app, flags  # noqa: F401
+from absl import logging as absl_logging  # noqa: F401
 
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,6 +21,14 @@ from uda_tf.training import devices  # noqa: E402
 
 devices.split_cpu(3)
 
+# Grappler, TensorFlow's graph optimiser, spends more time optimising the tests' tiny graphs
+# than it saves running them (about a fifth of an in-process training chain). It is off in
+# the test processes only: the tests that start train.py as a user does (test_train_cli,
+# test_resume_cli, test_multiworker_cli, ...) and the demo run with it, as users do.
+import tensorflow as tf  # noqa: E402
+
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
 
 def pytest_collection_modifyitems(config, items):
     """Files with a test marked `slow` move to the front, whole and otherwise in order: xdist

@@ -61,7 +61,9 @@ def test_nan_batch_stops_naming_step_and_terms(tmp_path):
     for term in ("seg_loss=nan", "grad_norm/seg_optimizer=nan",
                  "grad_norm/disc_optimizer=nan"):
         assert term in message, message
-    assert "domain_loss" not in message and "lambda" not in message  # only the bad terms
+    # only the bad terms: lambda stays finite. (domain_loss is NaN or not depending on how
+    # TensorFlow fuses the ReLU after a convolution: max(0, NaN) may be 0.)
+    assert "lambda" not in message
     assert "--on_divergence=rollback" in message
 
 
