@@ -184,6 +184,23 @@ def test_run_logs_params_metrics_artifacts_and_model(runs):
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"].numpy(),
                                atol=1e-6)
 
+    # the run's description, its dataset input (the manifest's hash as digest), and the
+    # logged model: named after the run, carrying the kept epoch's metrics
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**grl**") and "`dom_a` (labelled)" in note and "target_entropy" in note
+    inputs = [(d.dataset.name, d.dataset.digest, [t.value for t in d.tags])
+              for d in run.inputs.dataset_inputs]
+    assert inputs == [(manifest["dataset_name"], manifest["content_hash"][:32], ["training"])]
+    logged = client.get_logged_model(result["mlflow"]["model"]["model_uri"].split("/")[-1])
+    assert logged.name == "online"
+    kept = {m.key: m for m in logged.metrics}
+    best = result["selection"]["best_epoch"]
+    assert {m.step for m in kept.values()} == {best}
+    assert kept["val_dice"].value == pytest.approx(result["best_val_dice"])
+    assert kept["target_entropy"].value == pytest.approx(result["selection"]["best"])
+    assert kept["best_epoch"].value == best
+    assert any(k.startswith("source_test/") for k in kept)
+
 
 def test_unreachable_server_never_stops_training(runs, store):
     import mlflow
@@ -198,6 +215,7 @@ def test_unreachable_server_never_stops_training(runs, store):
     assert pending["params"]["run_name"] == "offline"
     assert {m["step"] for m in pending["metrics"] if m["key"] == "seg_loss"} == {0, 1}
     assert pending["model"]["saved_model"].endswith(os.path.join("export", "tiny", "1"))
+    assert pending["model"]["name"] == "offline" and pending["inputs"][0]["context"] == "training"
 
     # Later, with a store that answers: the replay sends everything and removes the file.
     info = tracking.replay_unsent(str(run_dir / tracking.UNSENT_FILE), store)
@@ -207,6 +225,9 @@ def test_unreachable_server_never_stops_training(runs, store):
     assert run.info.status == "FINISHED" and run.data.params["method"] == "source_only"
     assert len(client.get_metric_history(run.info.run_id, "seg_loss")) == 2
     assert info["model_uri"].startswith("models:/")
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [
+        pending["inputs"][0]["digest"]]
+    assert client.get_logged_model(info["model_uri"].split("/")[-1]).name == "offline"
 
 
 def test_three_replicas_with_a_partial_last_validation_batch(runs, tiny_prepared):

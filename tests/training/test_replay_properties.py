@@ -21,8 +21,10 @@ text = st.text(string.printable, max_size=12)
 metric = st.fixed_dictionaries({"key": text, "value": st.floats(allow_nan=False) | st.integers(),
                                 "timestamp": st.integers(0, 2**41), "step": st.integers(0, 99)})
 artifact = st.fixed_dictionaries({"path": text, "artifact_path": st.none() | text})
-model = st.none() | st.fixed_dictionaries({"saved_model": text, "register_name": text,
-                                           "alias": text})
+model = st.none() | st.fixed_dictionaries(
+    {"saved_model": text, "register_name": text, "alias": text, "name": text,
+     "step": st.integers(0, 99)})
+dataset_input = st.fixed_dictionaries({k: text for k in ("name", "digest", "source", "context")})
 queue = st.fixed_dictionaries({
     "tracking_uri": text, "experiment": text, "run_name": st.none() | text,
     "run_id": st.none() | text, "status": st.sampled_from(["FINISHED", "FAILED"]),
@@ -31,7 +33,7 @@ queue = st.fixed_dictionaries({
         "params": st.dictionaries(text, text, max_size=3),
         "tags": st.dictionaries(text, text, max_size=3),
         "metrics": st.lists(metric, max_size=3), "artifacts": st.lists(artifact, max_size=2),
-        "model": model})})
+        "inputs": st.lists(dataset_input, max_size=2), "model": model})})
 
 
 def _read(path):

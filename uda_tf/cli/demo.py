@@ -100,6 +100,10 @@ def main(argv):
                f"--data_dir={prepared}", f"--output_dir={runs}", f"--run_name={method}",
                f"--source_domain={source}", f"--target_domain={target}",
                f"--mlflow_tracking_uri={tracking_uri}", f"--seed={FLAGS.seed}", "--overwrite",
+               # one SavedModel name per method, and one registered model with a version
+               # per method, each under its method's alias: models:/uda_demo@grl
+               f"--model_name=uda_demo_{method}", "--register_model_name=uda_demo",
+               f"--register_alias={method}",
                *FLAGS.train_flag])
         with open(os.path.join(runs, method, "result.json")) as f:
             results[method] = json.load(f)

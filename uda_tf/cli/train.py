@@ -527,11 +527,15 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
                                                       epoch_logger=epoch_logger)
         export_path, exported_weights = export_best(cfg, checked, checkpoint.path,
                                                     where.run_dir, tracker)
-        serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker)
+        serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker,
+                                             step=checkpoint.best_epoch)
         if cfg.figures:
             log_figures(cfg, checked, serve, where.run_dir, tracker, epoch_logger)
+        # Named after the run; MLflow links the metrics logged at the kept epoch's step (its
+        # epoch logs, the test metrics and best_*) to the logged model.
         tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
-                                alias=cfg.register_alias)
+                                alias=cfg.register_alias, name=cfg.run_name,
+                                step=checkpoint.best_epoch)
         result = report(cfg, values, where.run_dir, tracker, epoch_logger, checkpoint,
                         train_seconds, exported_weights, export_path, evaluations)
         status = "FINISHED"
@@ -551,13 +555,35 @@ def start_tracking(cfg, checked: Checked, where: Placement, values):
             **tracking.environment_tags(where.strategy)}
     tracking.set_http_defaults()
     tracker = tracking.RunTracker(uri, where.run_dir, cfg.mlflow_experiment, cfg.run_name,
-                                  resume=cfg.resume)
+                                  resume=cfg.resume, system_metrics=cfg.mlflow_system_metrics)
     tracker.log_params(values)
-    tracker.set_tags(tags)
+    tracker.set_tags({**tags, "mlflow.note.content": run_description(cfg, checked)})
+    # The prepared dataset as the run's input, identified by its manifest's hash (MLflow
+    # keeps 36 characters of a digest; the whole hash is the dataset_content_hash tag).
+    tracker.log_input(checked.manifest.dataset_name or os.path.basename(cfg.data_dir),
+                      (checked.manifest.content_hash or "unhashed")[:32],
+                      os.path.abspath(cfg.data_dir), "training")
     tracker.log_artifact(os.path.join(where.run_dir, "flags.cfg"))
     tracker.log_artifact(os.path.join(cfg.data_dir, "manifest.json"))
     tracker.flush()  # a failure is kept and retried at the next epoch; training goes on
     return tracker, tracking.MlflowEpochLogger(tracker)
+
+
+def run_description(cfg, checked: Checked) -> str:
+    """The MLflow run's description (markdown): method, shift, data and how the exported
+    checkpoint was chosen."""
+    method_cls = METHODS[cfg.method]  # its module's docstring opens with what it does
+    method_doc = " ".join((sys.modules[method_cls.__module__].__doc__ or "").strip()
+                          .split("\n\n")[0].split())
+    shift = (f"`{cfg.source_domain}` (labelled) → `{cfg.target_domain}` (unlabelled"
+             + (f", {len(cfg.target_labelled_cases)} labelled cases" if cfg.target_labelled_cases
+                else "") + ")") if cfg.target_domain else f"`{cfg.source_domain}` only"
+    source = cfg.dataset_source or os.path.abspath(cfg.data_dir)
+    return (f"**{cfg.method}**: {method_doc}\n\n"
+            f"Shift: {shift}; {'3D volumes' if checked.volumes else '2D slices'} of "
+            f"{checked.manifest.dataset_name} from {source}.\n\n"
+            f"Kept checkpoint: the epoch with the best `{cfg.select_on}`; the model is "
+            f"exported to `{cfg.model_name}` and logged as `{cfg.run_name}`.")
 
 
 def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
@@ -588,7 +614,7 @@ def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
     return export_path, exported_weights
 
 
-def evaluate_export(cfg, checked: Checked, export_path, run_dir, tracker):
+def evaluate_export(cfg, checked: Checked, export_path, run_dir, tracker, step=0):
     """The exported SavedModel scored on the labelled test cases of the source and, as an
     oracle never used to choose anything, the target. Returns (serving function,
     {role: evaluation})."""
@@ -610,7 +636,7 @@ def evaluate_export(cfg, checked: Checked, export_path, run_dir, tracker):
         summary = evaluate_model(predict, cfg.data_dir, checked.manifest, domain, "test", out,
                                  oracle=oracle, figures=cfg.figures)
         tracker.log_metrics(summary_metrics(summary, f"{'oracle/' if oracle else ''}"
-                                                     f"{role}_test"), flush=False)
+                                                     f"{role}_test"), step=step, flush=False)
         tracker.log_artifact(out, artifact_path=f"eval/{role}_test")
         evaluations[role] = {"domain": domain, "dir": out, "summary": summary}
     return serve, evaluations
@@ -637,7 +663,8 @@ def report(cfg, values, run_dir, tracker, epoch_logger, checkpoint, train_second
     at_best = {name: dict(history).get(checkpoint.best_epoch)
                for name, history in epoch_logger.history.items()}
     tracker.log_metrics({f"best_{monitor}": checkpoint.best, "best_epoch": checkpoint.best_epoch,
-                         "train_seconds": train_seconds})  # sends everything logged before
+                         "train_seconds": train_seconds},  # sends everything logged before
+                        step=checkpoint.best_epoch)
     uri = tracker.tracking_uri
     result = {"run_dir": run_dir, "run_name": cfg.run_name, "method": cfg.method,
               "mlflow": {"tracking_uri": uri, "run_id": tracker.run_id,

@@ -195,6 +195,9 @@ class RunConfig:
     mlflow_experiment: str = setting(
         "", "MLflow experiment name (default: the --flagfile's basename without .cfg, one "
         "experiment per config; else uda_tf).")
+    mlflow_system_metrics: bool = setting(
+        True, "Log the machine's CPU, memory, disk, network (and GPU with pynvml) use to the "
+        "MLflow run every 10 s (MLflow system metrics, system/*).")
     resume: bool = setting(
         False, "Continue in the existing run directory --run_name (not wiped) from its "
         "newest backup, and its MLflow run (<run_dir>/mlflow_run_id) with what "

@@ -176,6 +176,10 @@ def _read_json_object(path: str) -> dict:
     return saved
 
 
+# A dataset input of the run (MLflow's dataset lineage): what `RunTracker.log_input` queues.
+_INPUT_KEYS = ("name", "digest", "source", "context")
+
+
 def _checked_pending(pending, path: str) -> dict:
     """The queue of an unsent file, every entry checked, with only the keys replay reads."""
     _expect(isinstance(pending, dict), path, "'pending'", "a JSON object")
@@ -200,16 +204,25 @@ def _checked_pending(pending, path: str) -> dict:
     model = pending.get("model")
     _expect(model is None or (isinstance(model, dict) and _is_text(model.get("saved_model"))
                               and all(_is_text(model.get(k, ""))
-                                      for k in ("register_name", "alias"))),
-            path, "pending 'model'", "null or {saved_model, register_name, alias: strings}")
+                                      for k in ("register_name", "alias", "name"))
+                              and isinstance(model.get("step", 0), int)
+                              and not isinstance(model.get("step", 0), bool)),
+            path, "pending 'model'", "null or {saved_model, register_name, alias, name: "
+            "strings, step: integer}")
+    inputs = pending.get("inputs", [])
+    _expect(isinstance(inputs, list) and all(
+        isinstance(d, dict) and all(_is_text(d.get(k)) for k in _INPUT_KEYS) for d in inputs),
+        path, "pending 'inputs'", "a list of {" + ", ".join(_INPUT_KEYS) + ": strings}")
     return {"params": dict(pending.get("params", {})), "tags": dict(pending.get("tags", {})),
             "metrics": [{k: m[k] for k in ("key", "value", "timestamp", "step")}
                         for m in metrics],
             "artifacts": [{"path": a["path"], "artifact_path": a.get("artifact_path")}
                           for a in artifacts],
+            "inputs": [{k: d[k] for k in _INPUT_KEYS} for d in inputs],
             "model": None if model is None else {
                 "saved_model": model["saved_model"],
-                "register_name": model.get("register_name", ""), "alias": model.get("alias", "")}}
+                "register_name": model.get("register_name", ""), "alias": model.get("alias", ""),
+                "name": model.get("name", "model"), "step": model.get("step", 0)}}
 
 
 def _set_aside(path: str) -> str:
@@ -233,15 +246,17 @@ class RunTracker:
     """
 
     def __init__(self, tracking_uri: str, run_dir: str, experiment: str, run_name: str, *,
-                 resume: bool = False):
+                 resume: bool = False, system_metrics: bool = False):
         self.tracking_uri, self.run_dir = tracking_uri, run_dir
+        self.system_metrics = system_metrics
         self.experiment, self.run_name = experiment, run_name
         self.run_id = None
         self.resume_id = None
         id_file = os.path.join(run_dir, RUN_ID_FILE)
         if resume and os.path.isfile(id_file):
             self.resume_id = open(id_file).read().strip() or None
-        self.pending = {"params": {}, "tags": {}, "metrics": [], "artifacts": [], "model": None}
+        self.pending = {"params": {}, "tags": {}, "metrics": [], "artifacts": [], "inputs": [],
+                        "model": None}
         self.model_info = None
         self.last_error = None
         self._client = None
@@ -290,23 +305,34 @@ class RunTracker:
         self.pending["artifacts"].append({"path": os.path.abspath(path),
                                           "artifact_path": artifact_path})
 
-    def log_saved_model(self, saved_model: str, *, register_name: str = "",
-                        alias: str = "") -> None:
-        """Log the SavedModel as an MLflow pyfunc model, optionally registered with an alias."""
+    def log_input(self, name: str, digest: str, source: str, context: str) -> None:
+        """A dataset the run read (MLflow dataset lineage: the run's Inputs), identified by
+        `digest`; `context` says how it was used (e.g. training)."""
+        self.pending["inputs"].append({"name": name, "digest": digest, "source": source,
+                                       "context": context})
+
+    def log_saved_model(self, saved_model: str, *, register_name: str = "", alias: str = "",
+                        name: str = "model", step: int = 0) -> None:
+        """Log the SavedModel as an MLflow pyfunc model named `name`, optionally registered
+        with an alias. MLflow links the run's metrics logged at `step` (the kept epoch) to it."""
         self.pending["model"] = {"saved_model": os.path.abspath(saved_model),
-                                 "register_name": register_name, "alias": alias}
+                                 "register_name": register_name, "alias": alias, "name": name,
+                                 "step": int(step)}
 
     def summary(self) -> str:
         p = self.pending
         parts = [f"{len(p['params'])} params", f"{len(p['tags'])} tags",
                  f"{len(p['metrics'])} metric values", f"{len(p['artifacts'])} artifacts"]
+        if p.get("inputs"):
+            parts.append(f"{len(p['inputs'])} dataset inputs")
         if p["model"]:
             parts.append(f"the model {p['model']['saved_model']}")
         return ", ".join(parts)
 
     def _empty(self) -> bool:
         p = self.pending
-        return not (p["params"] or p["tags"] or p["metrics"] or p["artifacts"] or p["model"])
+        return not (p["params"] or p["tags"] or p["metrics"] or p["artifacts"]
+                    or p.get("inputs") or p["model"])
 
     # -- sending ----------------------------------------------------------------------
     def _start(self) -> None:
@@ -314,7 +340,8 @@ class RunTracker:
         run = None
         if self.resume_id:
             try:
-                run = mlflow.start_run(run_id=self.resume_id)
+                run = mlflow.start_run(run_id=self.resume_id,
+                                       log_system_metrics=self.system_metrics)
             except mlflow.exceptions.MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
@@ -330,7 +357,8 @@ class RunTracker:
                 experiment_id = client.create_experiment(self.experiment, location)
             else:
                 experiment_id = experiment.experiment_id
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name,
+                                   log_system_metrics=self.system_metrics)
         self.run_id = run.info.run_id
         self._client = mlflow.MlflowClient(self.tracking_uri)
         _write_atomic(os.path.join(self.run_dir, RUN_ID_FILE), self.run_id + "\n")
@@ -352,6 +380,7 @@ class RunTracker:
             if self.run_id is None:
                 self._start()
             self._send_batches()
+            self._send_inputs()
             while self.pending["artifacts"]:
                 item = self.pending["artifacts"][0]
                 if os.path.isdir(item["path"]):
@@ -401,6 +430,16 @@ class RunTracker:
                 del p["params"][k]
             for k, _ in tags:
                 del p["tags"][k]
+
+    def _send_inputs(self) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        inputs = self.pending.setdefault("inputs", [])
+        if inputs:
+            self._client.log_inputs(self.run_id, datasets=[
+                DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps(
+                    {"uri": d["source"]})), tags=[InputTag("mlflow.data.context", d["context"])])
+                for d in inputs])
+            inputs.clear()
 
     def finish(self, status: str = "FINISHED") -> str | None:
         """Flush, end the run; returns the path of mlflow_unsent.json if anything is left
@@ -471,7 +510,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 
 def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
-                    name: str = "model") -> dict:
+                    name: str = "model", step: int = 0) -> dict:
     """Log a SavedModel as an MLflow pyfunc model in the active run and register it with an
     alias when asked. uda_tf/serving/pyfunc.py wraps the exported directory itself, so the
     MLflow model is byte for byte what TF Serving serves; mlflow.tensorflow.log_model does take
@@ -501,8 +540,8 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     with warnings.catch_warnings():  # "add type hints", "no input example": not for tensors
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=code, artifacts={"saved_model": saved_model},
-            signature=signature,
+            name=name or "model", python_model=code, artifacts={"saved_model": saved_model},
+            signature=signature, step=step,
             # Explicit requirements: inferring them would load the model in a subprocess.
             pip_requirements=[f"tensorflow~={tf.__version__}", f"mlflow=={mlflow.__version__}",
                               f"numpy=={np.__version__}"])
@@ -533,7 +572,7 @@ def still_sendable(pending: dict, path: str) -> dict:
                         path, len(missing), ", ".join(missing[:5]))
     return {"params": pending["params"], "tags": pending["tags"], "metrics": pending["metrics"],
             "artifacts": [a for a in pending["artifacts"] if a["path"] not in missing],
-            "model": model}
+            "inputs": pending.get("inputs", []), "model": model}
 
 
 def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
