@@ -24,6 +24,7 @@ EXPECTED = {
     "uda_tf.cli.prepare": ["--layout", "--image_glob", "--spacing", "--[no]overwrite",
                            "preprocessing:"],
     "uda_tf.cli.phantom": ["--output_dir", "--domains"],
+    "uda_tf.cli.plan": ["--layout", "--image_glob", "--dims", "what to plan:"],
     "uda_tf.cli.evaluate": ["--predictions", "--tolerance_mm", "tracking:"],
     "uda_tf.cli.predict": ["--model", "--image_glob", "--[no]tta", "inference:"],
     "uda_tf.cli.demo": ["--output_root", "--methods"],
