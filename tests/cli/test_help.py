@@ -31,6 +31,7 @@ EXPECTED = {
     "uda_tf.cli.export": ["--checkpoint", "--export_dir"],
     "uda_tf.cli.serve_client": ["--model_name", "--protocol", "server:"],
     "uda_tf.cli.replay_mlflow": ["--replay", "--tracking_uri"],
+    "uda_tf.cli.tune": ["--search", "--trials", "--data_dir", "study:", "optimisation:"],
 }
 
 

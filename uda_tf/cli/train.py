@@ -325,8 +325,10 @@ class Placement:
     run_name: str | None = None
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, *, callbacks=(), tags=None) -> dict:
     """Everything after flag parsing; `cfg` is the run's checked config. Returns result.json.
+    `callbacks` (Keras callbacks, after the run's own, before the backup) and MLflow `tags`
+    are for programs that run trainings, such as the tuner (uda_tf/cli/tune.py).
 
     Every check that can fail on the user's input (names, data, domains and splits, flags,
     the init checkpoint loaded into the model, the output directory) runs before the run
@@ -352,7 +354,7 @@ def train(cfg: RunConfig) -> dict:
         cfg.save(os.path.join(where.run_dir, CONFIG_FILE))
         fit_args = dict(streams, run_dir=where.run_dir, values=values,
                         grad_norms=model.gradient_norms,
-                        class_names=checked.manifest.class_names)
+                        class_names=checked.manifest.class_names, callbacks=callbacks)
         if not where.chief:
             # Every worker runs the same fit with the same callbacks in the same order: reading
             # a distributed metric variable, as a backup does, is an all-reduce every worker
@@ -362,7 +364,7 @@ def train(cfg: RunConfig) -> dict:
             finally:
                 multiworker.cleanup_worker_dir(where.run_dir, where.strategy)
             return {"run_dir": None, "worker": True, "evaluations": {}}
-        return fit_export_evaluate(cfg, checked, where, model, values, fit_args)
+        return fit_export_evaluate(cfg, checked, where, model, values, fit_args, tags or {})
 
 
 def check_run(cfg) -> Checked:
@@ -517,10 +519,10 @@ def build_model(cfg, checked: Checked, where: Placement):
 
 
 def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
-                        fit_args) -> dict:
+                        fit_args, tags=None) -> dict:
     """The chief's run, tracked in MLflow from start to end: fit, export the kept segmentor,
     evaluate the export, report. The MLflow run ends FINISHED only if all of it did."""
-    tracker, epoch_logger = start_tracking(cfg, checked, where, values)
+    tracker, epoch_logger = start_tracking(cfg, checked, where, values, tags or {})
     status = "FAILED"
     try:
         checkpoint, train_seconds = fit_and_keep_best(cfg, model, **fit_args,
@@ -544,7 +546,7 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
         tracker.finish(status)  # flushes; if MLflow is unreachable: <run_dir>/mlflow_unsent.json
 
 
-def start_tracking(cfg, checked: Checked, where: Placement, values):
+def start_tracking(cfg, checked: Checked, where: Placement, values, extra_tags=None):
     """The MLflow run (resumed with --resume) with the run's flags, tags, flags.cfg and the
     dataset's manifest; returns the tracker and the epoch logger fit reports to."""
     from uda_tf.training import tracking
@@ -557,7 +559,8 @@ def start_tracking(cfg, checked: Checked, where: Placement, values):
     tracker = tracking.RunTracker(uri, where.run_dir, cfg.mlflow_experiment, cfg.run_name,
                                   resume=cfg.resume, system_metrics=cfg.mlflow_system_metrics)
     tracker.log_params(values)
-    tracker.set_tags({**tags, "mlflow.note.content": run_description(cfg, checked)})
+    tracker.set_tags({**tags, "mlflow.note.content": run_description(cfg, checked),
+                      **(extra_tags or {})})
     # The prepared dataset as the run's input, identified by its manifest's hash (MLflow
     # keeps 36 characters of a digest; the whole hash is the dataset_content_hash tag).
     tracker.log_input(checked.manifest.dataset_name or os.path.basename(cfg.data_dir),
@@ -703,7 +706,8 @@ def target_val_dataset_fn(cfg, manifest, volumes, patch_size):
 
 
 def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir, values,
-                      grad_norms, class_names, target_val_fn, epoch_logger=None):
+                      grad_norms, class_names, target_val_fn, epoch_logger=None,
+                      callbacks=()):
     """Train with the run's callbacks: divergence guard, the method's own, checkpoint
     selection (with the label-free target criteria on `target_val_fn`), the MLflow epoch
     logger (chief only) and full-state backups. Every worker of a multi-worker run calls this
@@ -737,7 +741,7 @@ def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir,
         steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
         validation_steps=val_steps, shuffle=False, verbose=2 if epoch_logger else 0,
         callbacks=[guard, *model.training_callbacks(), *selection,
-                   *([epoch_logger] if epoch_logger is not None else []), backup])
+                   *([epoch_logger] if epoch_logger is not None else []), *callbacks, backup])
     return checkpoint, time.time() - start
 
 

@@ -111,6 +111,16 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return os.path.join(db_dir, "mlartifacts", safe)
 
 
+def experiment_id_for(tracking_uri: str, experiment: str) -> str:
+    """The id of the MLflow experiment `experiment` in `tracking_uri`, created (artifacts as
+    `_artifact_location` says) when missing."""
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, _artifact_location(tracking_uri, experiment))
+
+
 def _write_atomic(path: str, text: str) -> None:
     """Written in full under a temporary name, synced, then renamed: a reader finds the old
     file or the new one, never a torn one."""
@@ -350,13 +360,7 @@ class RunTracker:
             else:
                 self._keep_new_params(run.data.params)
         if run is None:
-            client = mlflow.MlflowClient(self.tracking_uri)
-            experiment = client.get_experiment_by_name(self.experiment)
-            if experiment is None:
-                location = _artifact_location(self.tracking_uri, self.experiment)
-                experiment_id = client.create_experiment(self.experiment, location)
-            else:
-                experiment_id = experiment.experiment_id
+            experiment_id = experiment_id_for(self.tracking_uri, self.experiment)
             run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name,
                                    log_system_metrics=self.system_metrics)
         self.run_id = run.info.run_id
