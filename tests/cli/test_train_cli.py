@@ -159,7 +159,15 @@ def test_run_logs_params_metrics_artifacts_and_model(runs):
     listed = {a.path for a in client.list_artifacts(run_id)}
     assert {"flags.cfg", "manifest.json", "eval", "plots", "samples"} <= listed
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"plots/seg_loss.png", "plots/dice.png"} <= plots
+    assert {"plots/seg_loss.png", "plots/dice.png", "plots/domain_gap.png"} <= plots
+    # the test metrics as one table: domain x class x metric, the target as oracle
+    assert {"test_metrics.csv", "test_metrics.json"} <= listed
+    with open(client.download_artifacts(run_id, "test_metrics.json")) as f:
+        table = json.load(f)
+    rows = {(r[0], r[1], r[2], r[3]) for r in table["data"]}
+    assert ("source", "dom_a", "mean", "dice") in rows
+    assert ("oracle/target", "dom_b", "mean", "hd95") in rows
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"])[0]["type"] == "table"
     samples = [a.path for a in client.list_artifacts(run_id, "samples")]
     assert samples == ["samples/segmentations.png"]
     local = client.download_artifacts(run_id, "samples/segmentations.png")

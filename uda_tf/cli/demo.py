@@ -69,6 +69,16 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_figure(results: dict, prepared: str, domain: str, path: str) -> str | None:
+    """One picture of every method's exported model on the same target test slices, with
+    its errors (uda_tf/evaluation/figures.py; the labels are drawn, never used)."""
+    from uda_tf.data.manifest import load_manifest
+    from uda_tf.evaluation import figures
+    manifest = load_manifest(prepared)
+    return figures.compare_methods({m: r["saved_model"] for m, r in results.items()},
+                                   prepared, manifest, domain, path)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -116,6 +126,9 @@ def main(argv):
     for method, res in results.items():
         print(f"  {method:<12} {res['saved_model']}")
     print(f"MLflow runs:  {tracking_uri}\n  view them:  .venv/bin/{res['mlflow']['ui']}")
+    picture = comparison_figure(results, prepared, target, os.path.join(root, "comparison.png"))
+    if picture:
+        print(f"The methods side by side on {target} test slices, with their errors: {picture}")
     print(f"Demo wall time: {time.time() - start:.0f} s (outputs in {root})")
     with open(os.path.join(root, "demo_summary.json"), "w") as f:
         json.dump({m: {"saved_model": r["saved_model"], "run_dir": r["run_dir"],

@@ -11,6 +11,7 @@ choose anything); log everything to MLflow and write <run_dir>/result.json.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import functools
 import json
@@ -531,8 +532,10 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
                                                     where.run_dir, tracker)
         serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker,
                                              step=checkpoint.best_epoch)
+        log_test_table(evaluations, where.run_dir, tracker)
         if cfg.figures:
-            log_figures(cfg, checked, serve, where.run_dir, tracker, epoch_logger)
+            log_figures(cfg, checked, serve, where.run_dir, tracker, epoch_logger,
+                        checkpoint.best_epoch)
         # Named after the run; MLflow links the metrics logged at the kept epoch's step (its
         # epoch logs, the test metrics and best_*) to the logged model.
         tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
@@ -645,11 +648,50 @@ def evaluate_export(cfg, checked: Checked, export_path, run_dir, tracker, step=0
     return serve, evaluations
 
 
-def log_figures(cfg, checked: Checked, serve, run_dir, tracker, epoch_logger) -> None:
-    """Learning curves, and sample target slices with entropy (no target label read)."""
+def log_test_table(evaluations, run_dir, tracker) -> None:
+    """Every test metric of the export in one table, a row per domain x class x metric
+    (mean, std and cases): eval/test_metrics.csv, and test_metrics.json in the table format
+    MLflow's UI shows (columns + data, as mlflow.log_table writes)."""
+    from uda_tf.evaluation.evaluate import METRIC_NAMES
+    columns = ["role", "domain", "class", "metric", "mean", "std", "cases"]
+    rows = []
+    for role, ev in evaluations.items():
+        summary = ev["summary"]
+        for name, stats in [*summary["classes"].items(), ("mean", summary["foreground"])]:
+            for metric in METRIC_NAMES:
+                if metric in stats:
+                    s = stats[metric]
+                    rows.append([("oracle/" if role == "target" else "") + role, ev["domain"],
+                                 name, metric, s["mean"], s["std"], s["n"]])
+    if not rows:
+        return
+    out = os.path.join(run_dir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with files.atomic_write(os.path.join(out, "test_metrics.csv"), newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    files.write_json(os.path.join(out, "test_metrics.json"), {"columns": columns, "data": rows})
+    for name in ("test_metrics.csv", "test_metrics.json"):
+        tracker.log_artifact(os.path.join(out, name))
+    # what mlflow.log_table records: the UI lists the file as a table
+    tracker.set_tags({"mlflow.loggedArtifacts": json.dumps(
+        [{"path": "test_metrics.json", "type": "table"}])})
+
+
+def log_figures(cfg, checked: Checked, serve, run_dir, tracker, epoch_logger,
+                best_epoch=None) -> None:
+    """Learning curves, the source/target picture with the kept epoch, and sample target
+    slices with entropy (no target label read)."""
     from uda_tf.evaluation import figures
-    for path in figures.learning_curves(epoch_logger.history, os.path.join(run_dir, "plots")):
+    from uda_tf.training.selection import selection_monitor
+    plots = os.path.join(run_dir, "plots")
+    for path in figures.learning_curves(epoch_logger.history, plots):
         tracker.log_artifact(path, artifact_path="plots")
+    gap = figures.domain_gap(epoch_logger.history, os.path.join(plots, "domain_gap.png"),
+                             best_epoch=best_epoch, monitor=selection_monitor(cfg.select_on)[0])
+    if gap:
+        tracker.log_artifact(gap, artifact_path="plots")
     sample = figures.sample_segmentations(
         serve, cfg.data_dir, checked.manifest, cfg.target_domain or cfg.source_domain,
         os.path.join(run_dir, "samples", "segmentations.png"), count=cfg.mlflow_sample_slices)

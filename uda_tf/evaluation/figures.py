@@ -16,6 +16,18 @@ from uda_tf.files import atomic_write
 
 BOX_METRICS = (("dice", "Dice"), ("surface_dice", "surface Dice"), ("assd", "ASSD (mm)"),
                ("hd95", "HD95 (mm)"))
+# One colour per foreground class in every figure (class k > 0 gets CLASS_COLORS[(k-1) % n]).
+CLASS_COLORS = ((0.90, 0.10, 0.10), (0.10, 0.80, 0.20), (0.20, 0.40, 1.00), (1.00, 0.80, 0.00),
+                (0.80, 0.20, 0.90), (0.00, 0.90, 0.90), (1.00, 0.50, 0.00), (0.60, 0.40, 0.20))
+
+
+def class_colors(num_classes: int) -> np.ndarray:
+    """RGBA per class value 0..num_classes-1: background transparent, then CLASS_COLORS."""
+    colors = np.zeros((max(num_classes, 2), 4))
+    for k in range(1, len(colors)):
+        colors[k, :3] = CLASS_COLORS[(k - 1) % len(CLASS_COLORS)]
+        colors[k, 3] = 1.0
+    return colors
 
 
 def _save(fig, path: str, dpi: int = 90) -> str:
@@ -40,9 +52,11 @@ def box_plot(rows, class_names, path: str) -> str:
         if positions:
             ax.boxplot([d for d in data if d], positions=positions, widths=0.6,
                        showfliers=False)
+        colors = class_colors(len(class_names) + 1)
         for j, values in enumerate(data, start=1):
             jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else [0.0]
-            ax.scatter(np.add(j, jitter), values, s=10, alpha=0.7, zorder=3)
+            ax.scatter(np.add(j, jitter), values, s=10, alpha=0.8, zorder=3,
+                       color=colors[j, :3])
         ax.set_xticks(range(1, len(class_names) + 1))
         ax.set_xticklabels(class_names, rotation=30, ha="right")
         ax.set_title(title)
@@ -71,9 +85,7 @@ def overlay(case: str, item: dict, num_classes: int, path: str) -> str:
     k = pick_slice(pred, ref)
     image = item.get("image")
     image = None if image is None else np.asarray(image)[..., k].T
-    colors = ListedColormap([(0, 0, 0, 0)] + [tuple(c) for c in (
-        np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.4, 1.0], [1.0, 0.8, 0.0],
-                  [0.8, 0.2, 0.9], [0.0, 0.9, 0.9]])[(np.arange(max(num_classes - 1, 1)) % 6)])])
+    colors = ListedColormap(class_colors(num_classes))
     fig = Figure(figsize=(12, 3.4))
     panels = (("image", None), ("prediction", pred), ("label", ref),
               ("entropy", item.get("entropy")))
@@ -102,13 +114,64 @@ def overlay(case: str, item: dict, num_classes: int, path: str) -> str:
 
 
 def metric_families(names) -> dict[str, list[str]]:
-    """Training and validation values of a metric share a plot: `dice` and `val_dice` form
-    the family `dice`."""
+    """Training and validation values of a metric share a plot: `dice`, `val_dice` and
+    `oracle/val_dice` form the family `dice`."""
     families: dict[str, list[str]] = {}
     for name in sorted(names):
-        family = name[4:] if name.startswith("val_") else name
+        family = name.removeprefix("oracle/").removeprefix("val_")
         families.setdefault(family, []).append(name)
     return families
+
+
+def curve_label(name: str) -> str:
+    """What an epoch log is measured on, for a legend."""
+    if name.startswith("oracle/"):
+        return "target validation (oracle: target labels, not used)"
+    if name.startswith("val_"):
+        return "source validation"
+    if name.startswith("target_"):
+        return "target validation (no labels)"
+    return "training"
+
+
+def domain_gap(history: dict, path: str, *, best_epoch: int | None = None,
+               monitor: str = "val_dice") -> str | None:
+    """The picture of a UDA run: per epoch the source validation Dice, the label-free target
+    criteria and (when the target has validation labels) the oracle target Dice, on one
+    axis, with the kept epoch marked. None when the history has none of them."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    shown = [n for n in ("val_dice", "target_agreement", "target_teacher_agreement",
+                         "target_entropy", "oracle/val_dice") if history.get(n)]
+    if not shown:
+        return None
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot()
+    styles = {"val_dice": dict(color="tab:blue", marker="o"),
+              "oracle/val_dice": dict(color="tab:red", marker="s", linestyle="--"),
+              "target_entropy": dict(color="tab:purple", marker="v", linestyle=":"),
+              "target_agreement": dict(color="tab:green", marker="^", linestyle="-."),
+              "target_teacher_agreement": dict(color="tab:olive", marker="^", linestyle="-.")}
+    names = {"val_dice": "source validation Dice", "oracle/val_dice":
+             "target validation Dice (oracle, not used)", "target_entropy":
+             "target mean entropy (lower: more confident)", "target_agreement":
+             "target flip agreement (Dice)", "target_teacher_agreement":
+             "target teacher-student agreement (Dice)"}
+    for name in shown:
+        epochs, values = zip(*history[name])
+        ax.plot(epochs, values, markersize=4, label=names[name], **styles[name])
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="0.3", linewidth=1)
+        ax.annotate(f"kept epoch {best_epoch}\n(best {monitor})", (best_epoch, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(4, -4),
+                    textcoords="offset points", va="top", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("source vs target during training")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path, dpi=100)
 
 
 def learning_curves(history: dict, out_dir: str) -> list[str]:
@@ -122,8 +185,7 @@ def learning_curves(history: dict, out_dir: str) -> list[str]:
         ax = fig.add_subplot()
         for name in names:
             epochs, values = zip(*history[name])
-            ax.plot(epochs, values, marker="o", markersize=3,
-                    label="validation" if name.startswith("val_") else "training")
+            ax.plot(epochs, values, marker="o", markersize=3, label=curve_label(name))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(family)
@@ -149,13 +211,12 @@ def pick_slices(images: np.ndarray, count: int) -> np.ndarray:
 
 def segmentation_grid(images, labels, entropy, path: str, class_names, title: str = "") -> str:
     """Rows = slices; columns = image, predicted labels, entropy (0..1)."""
-    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     rows = len(images)
     num_classes = len(class_names)
-    colors = colormaps["tab10"](np.arange(num_classes) % 10)
+    colors = class_colors(num_classes)
     colors[0] = (0, 0, 0, 1)  # background black
     label_cmap = ListedColormap(colors)
     label_norm = BoundaryNorm(np.arange(num_classes + 1) - 0.5, num_classes)
@@ -197,3 +258,80 @@ def sample_segmentations(serve, data_dir: str, manifest: Manifest, domain: str, 
     return segmentation_grid(images, out["labels"].numpy(), out["entropy"].numpy(), path,
                              manifest.class_names,
                              title=f"{domain} {split}: prediction and entropy")
+
+
+def method_comparison(images, reference, predictions: dict, path: str, class_names,
+                      title: str = "") -> str:
+    """Rows = slices; columns = image, reference labels, then per method its prediction and
+    its errors (red where the prediction differs from the reference) on the same slices."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    num_classes = len(class_names)
+    cmap = ListedColormap(class_colors(num_classes))
+    norm = BoundaryNorm(np.arange(num_classes + 1) - 0.5, num_classes)
+    errors = ListedColormap([(0, 0, 0, 0), (1.0, 0.0, 0.0, 1.0)])
+    columns = [("image", None), ("reference", None)]
+    for method in predictions:
+        columns += [(method, "labels"), (f"{method}: errors", "errors")]
+    rows = len(images)
+    fig = Figure(figsize=(2.1 * len(columns), 2.2 * rows + 0.8))
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    for r in range(rows):
+        image = images[r, ..., 0].T
+        for c, (name, kind) in enumerate(columns):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if name == "reference":
+                ax.imshow(np.ma.masked_equal(reference[r], 0).T, cmap=cmap, norm=norm,
+                          origin="lower", alpha=0.7, interpolation="nearest")
+            elif kind == "labels":
+                ax.imshow(np.ma.masked_equal(predictions[name][r], 0).T, cmap=cmap, norm=norm,
+                          origin="lower", alpha=0.7, interpolation="nearest")
+            elif kind == "errors":
+                method = name.split(":")[0]
+                wrong = (predictions[method][r] != reference[r]).astype(int)
+                ax.imshow(wrong.T, cmap=errors, vmin=0, vmax=1, origin="lower",
+                          interpolation="nearest")
+                ax.set_xlabel(f"{wrong.mean():.1%} of pixels wrong", fontsize=7)
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    fig.legend(handles=[Patch(color=class_colors(num_classes)[i], label=n)
+                        for i, n in enumerate(class_names) if i > 0],
+               loc="lower center", ncol=min(num_classes, 6), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def compare_methods(models: dict, data_dir: str, manifest: Manifest, domain: str, path: str,
+                    *, split: str = "test", count: int = 4, max_slices: int = 1024) -> str | None:
+    """`method_comparison` of the SavedModels `models` {name: directory} on `count` slices of
+    `domain`'s labelled `split`, those with the most reference foreground spread over the
+    volume. Reads that split's labels: an evaluation picture (target labels here are an
+    oracle), never an input of training or model choice. None without labelled 2D slices."""
+    import tensorflow as tf
+
+    from uda_tf.data.pipeline import eval_dataset
+    if manifest.record_kind != "slices" or not manifest.num_records(domain, split):
+        return None
+    ds = eval_dataset(data_dir, manifest, domain, split, batch_size=64)
+    batches = [(x.numpy(), y.numpy()) for x, y in ds.take(-(-max_slices // 64))]
+    images = np.concatenate([b[0] for b in batches])
+    reference = np.concatenate([b[1] for b in batches])
+    reference = reference[..., 0] if reference.ndim == 4 else reference
+    area = (reference > 0).reshape(len(reference), -1).sum(axis=1)
+    candidates = np.flatnonzero(area >= 0.5 * area.max()) if area.max() > 0 else \
+        np.arange(len(images))
+    picks = candidates[np.unique(np.round(np.linspace(0, len(candidates) - 1,
+                                                      min(count, len(candidates)))).astype(int))]
+    images, reference = images[picks], reference[picks]
+    predictions = {}
+    for name, directory in models.items():
+        serve = tf.saved_model.load(directory).signatures["serving_default"]
+        predictions[name] = serve(image=tf.constant(images))["labels"].numpy()
+    return method_comparison(images, reference, predictions, path, manifest.class_names,
+                             title=f"{domain} {split} slices (labels shown for evaluation only)")
+
