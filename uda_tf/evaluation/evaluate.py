@@ -12,7 +12,7 @@ Two sources of volumes:
 Writes `metrics.csv` (one row per case and foreground class: dice, surface_dice, assd, hd95,
 precision, recall, fscore, both_empty, one_empty), `summary.json` (per class and averaged over
 foreground classes: {"mean", "std", "n"} per metric, NaN rows left out of n; the surface Dice
-tolerance, distance convention and cap; README, "Evaluation rules"), `boxplot.png` and
+tolerance, distance convention and cap; docs/methods.md, "Evaluation rules"), `boxplot.png` and
 `overlays/<case>.png`; with `--mlflow_run_id` all of it is logged as artifacts of that run.
 
     python -m uda_tf.cli.evaluate --data_dir=demo_out/prepared --domain=scanner_b \
