@@ -74,6 +74,15 @@ LAYOUTS = {
         images={**{f"liver_{i}": f"imagesTr/liver_{i}_0000.nii.gz" for i in (0, 1, 2)},
                 **{f"liver_{i}": f"imagesTs/liver_{i}_0000.nii.gz" for i in (130, 131)}},
         labels={f"liver_{i}": f"labelsTr/liver_{i}.nii.gz" for i in (0, 1, 2)}),
+    # four input channels per case (<case>_0000 .. _0003), stacked as the model's channels;
+    # predict reads every channel's file of each case through the layout
+    "nnunet_4ch": dict(
+        make=raw.release_nnunet_multichannel, layout="msd", prepare=["--spacing=1,1,1"],
+        train=["--source_domain=Dataset001_BrainTumour"], classes=["edema", "tumour"],
+        channels=4,
+        images={**{f"BRATS_00{i}": f"imagesTr/BRATS_00{i}_0000.nii.gz" for i in (1, 2, 3)},
+                "BRATS_485": "imagesTs/BRATS_485_0000.nii.gz"},
+        labels={f"BRATS_00{i}": f"labelsTr/BRATS_00{i}.nii.gz" for i in (1, 2, 3)}),
     "drive": dict(
         make=raw.release_drive, prepare=["--spacing=1,1,1"], train=["--source_domain=drive"],
         classes=["vessel"], domain="drive",
@@ -268,6 +277,8 @@ def test_layout_end_to_end(layout, chains):
     assert [manifest["label_names"][str(i)]
             for i in range(1, manifest["num_classes"])] == spec["classes"]
     assert manifest["inputs"]["num_cases"] == len(spec["images"])
+    if "channels" in spec:  # every channel file of a case is one input channel of the model
+        assert manifest["image_shape"][-1] == spec["channels"]
     # one prediction per input case, nothing else (no temporary file left behind)
     written = sorted(os.listdir(chain["predictions"]))
     assert written == sorted(f"{c}.nii.gz" for c in spec["images"])

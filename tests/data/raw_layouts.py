@@ -299,6 +299,27 @@ def release_msd_v2(root):
         json.dump(meta, f, indent=4)
 
 
+def release_nnunet_multichannel(root):
+    """nnU-Net v2 raw dataset with four input channels (Dataset001_BrainTumour as
+    nnUNetv2_convert_MSD_dataset writes it): imagesTr/<case>_0000 .. _0003.nii.gz (FLAIR, T1w,
+    T1gd, T2w, each its own contrast of the same anatomy, on one grid), labelsTr/<case>.nii.gz,
+    imagesTs/, channel_names in dataset.json. 1 mm, LPS, int16."""
+    names = {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"}
+    meta = {"channel_names": names, "labels": {"background": 0, "edema": 1, "tumour": 2},
+            "numTraining": 3, "file_ending": ".nii.gz", "name": "Dataset001_BrainTumour"}
+    for i, case in enumerate(["BRATS_001", "BRATS_002", "BRATS_003", "BRATS_485"]):
+        image, label = volume(20 + i, shape=(12, 14, 8))
+        affine = oriented_affine("LPS", (1.0, 1.0, 1.0), (120.0, 120.0, -70.0 + i))
+        folder = "imagesTs" if i >= 3 else "imagesTr"
+        for k in range(len(names)):  # another contrast per channel: other tissue brightness
+            contrast = image * (1.0 + 0.5 * k) + 30.0 * k * (label == 1)
+            save_scan(os.path.join(root, folder, f"{case}_{k:04d}.nii.gz"), contrast, affine)
+        if folder == "imagesTr":
+            save_label(os.path.join(root, "labelsTr", f"{case}.nii.gz"), label, affine)
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=4)
+
+
 def release_drive(root):
     """DRIVE as released: 8-bit RGB .tif pictures, .gif manual annotations and FOV masks
     (0/255); test/ without 1st_manual."""

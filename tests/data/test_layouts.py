@@ -174,3 +174,35 @@ def test_directory_not_matching_the_layout_says_what_was_expected(tmp_path, layo
                 "msd": "is not an MSD/nnU-Net dataset.*dataset.json"}[layout]
     with pytest.raises(layouts.LayoutError, match=expected):
         layouts.read_layout(layout, str(tmp_path))
+
+
+def test_nnunet_channels_are_one_case_and_must_be_complete(tmp_path):
+    """nnU-Net v2 with several channel_names: <case>_0000 .. _000N are one case (channel 0
+    first); a missing channel or an undeclared one is named; channels stack on the last axis."""
+    raw.release_nnunet_multichannel(tmp_path / "bt")
+    listing = layouts.read_layout("msd", str(tmp_path / "bt"))
+    case = next(c for c in listing.cases if c.case_id == "BRATS_001")
+    assert [os.path.basename(p) for p in case.image_paths] == [
+        f"BRATS_001_000{k}.nii.gz" for k in range(4)]
+    assert next(c for c in listing.cases if c.case_id == "BRATS_485").label_path is None
+    volume = io.read_channels(case.image_paths)
+    assert volume.array.shape == (12, 14, 8, 4)
+    np.testing.assert_array_equal(volume.array[..., 0], io.read_volume(case.image_path).array)
+    os.remove(tmp_path / "bt" / "imagesTr" / "BRATS_002_0002.nii.gz")
+    with pytest.raises(layouts.LayoutError, match="'BRATS_002'.*no channel 0002"):
+        layouts.read_layout("msd", str(tmp_path / "bt"))
+    raw.release_nnunet_multichannel(tmp_path / "bt2")
+    os.rename(tmp_path / "bt2" / "imagesTs" / "BRATS_485_0003.nii.gz",
+              tmp_path / "bt2" / "imagesTs" / "BRATS_485_0004.nii.gz")
+    with pytest.raises(layouts.LayoutError, match="channel 0004, but dataset.json declares 4"):
+        layouts.read_layout("msd", str(tmp_path / "bt2"))
+
+
+def test_a_channel_on_another_grid_is_named(tmp_path):
+    raw.release_nnunet_multichannel(tmp_path / "bt")
+    path = tmp_path / "bt" / "imagesTr" / "BRATS_001_0001.nii.gz"
+    raw.save_scan(str(path), np.ones((12, 14, 7)), np.eye(4))
+    case = next(c for c in layouts.read_layout("msd", str(tmp_path / "bt")).cases
+                if c.case_id == "BRATS_001")
+    with pytest.raises(io.NiftiError, match="BRATS_001_0001.nii.gz has shape"):
+        io.read_channels(case.image_paths)

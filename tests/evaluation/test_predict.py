@@ -225,3 +225,16 @@ def test_predict_checkpoint_on_a_raw_layout(tmp_path, tiny_prepared):
         assert result.shape == source.shape
         np.testing.assert_allclose(result.affine, source.affine, atol=1e-6)
         assert np.asarray(result.dataobj).max() < 3
+
+
+def test_input_files_of_one_multichannel_scan_are_one_case(tmp_path):
+    from uda_tf.evaluation.predict import resolve_inputs
+    for k in (1, 0, 2):
+        (tmp_path / f"p7_000{k}.nii.gz").write_bytes(b"")
+    (tmp_path / "q1_0000.nii.gz").write_bytes(b"")
+    cases = dict(resolve_inputs([str(tmp_path / "*.nii.gz")]))
+    assert cases["p7"] == tuple(str(tmp_path / f"p7_000{k}.nii.gz") for k in range(3))
+    assert cases["q1"] == str(tmp_path / "q1_0000.nii.gz")
+    (tmp_path / "q1_0002.nii.gz").write_bytes(b"")  # channel 1 missing: not one scan
+    with pytest.raises(ValueError, match="both give case id 'q1'"):
+        resolve_inputs([str(tmp_path / "*.nii.gz")])

@@ -285,6 +285,29 @@ def read_volume(path: str, is_label: bool = False, *, color: str = "green",
     )
 
 
+def read_channels(paths, *, color: str = "green", max_voxels: int | None = None) -> Volume:
+    """An image of one or more channel files (nnU-Net's <case>_0000, _0001, ...): channel 0
+    as `read_volume` reads it, with the others stacked on a last axis, [X, Y, Z, C]. Every
+    channel must lie on channel 0's grid (shape and affine); a NiftiError names both files."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    first = read_volume(paths[0], color=color, max_voxels=max_voxels)
+    if len(paths) == 1:
+        return first
+    arrays = [first.array]
+    for path in paths[1:]:
+        other = read_volume(path, max_voxels=max_voxels)
+        if other.array.shape != first.array.shape[:3]:
+            raise NiftiError(f"channel {path} has shape {tuple(other.original_shape)} but "
+                             f"channel 0 {paths[0]} has {tuple(first.original_shape)}")
+        difference = float(np.abs(other.affine - first.affine).max())
+        if difference > 1e-3:
+            raise NiftiError(f"channel {path} has a different affine from channel 0 "
+                             f"{paths[0]} (largest difference {difference:.4g} mm): they are "
+                             "not on the same grid")
+        arrays.append(other.array)
+    return dataclasses.replace(first, array=np.stack(arrays, axis=-1))
+
+
 def _check_finite(array: np.ndarray, path: str) -> None:
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:

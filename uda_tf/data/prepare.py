@@ -77,7 +77,8 @@ def input_fingerprint(listing: layouts.Listing, cases, workers: int, problems=()
     File contents rather than paths or mtimes: a copied or moved dataset is still the same
     input, and no path reaches the manifest.
     """
-    paths = sorted({p for c in cases for p in (c.image_path, c.label_path, c.mask_path) if p})
+    paths = sorted({p for c in cases
+                    for p in (*c.image_paths, c.label_path, c.mask_path) if p})
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         digests = dict(zip(paths, pool.map(sharding.file_sha256, paths)))
     items = [
@@ -85,6 +86,7 @@ def input_fingerprint(listing: layouts.Listing, cases, workers: int, problems=()
         # A binarized label without a mask (CC-359, STARE) has no mask digest: None stands in.
         + ([c.mask_path and digests[c.mask_path], c.binarize_label]
            if c.mask_path or c.binarize_label else [])
+        + ([[digests[p] for p in c.channel_paths]] if c.channel_paths else [])
         for c in cases
     ]
     items += [[p.case_id, p.domain, "problem", p.reason] for p in problems]
@@ -442,7 +444,8 @@ def _select_cases(request: PrepareRequest) -> _Selection:
         privacy.check_map_path(request.identifier_map, request.output_dir)
         cases, problems, assigned, mapping = privacy.pseudonymize(cases, problems, assigned)
     channels = (3 if request.config.color == "rgb"
-                and any(io.is_picture(c.image_path) for c in cases) else 1)
+                and any(io.is_picture(c.image_path) for c in cases)
+                else max((len(c.image_paths) for c in cases), default=1))
     return _Selection(listing, selected, cases, problems, assigned, channels, mapping)
 
 

@@ -340,7 +340,7 @@ def prepare_case(case: CaseRecord, config: PreprocessConfig, label_values: int, 
     """Reads, checks and preprocesses one case; picklable, so it runs in worker processes.
     Every problem is an io.NiftiError (or FileNotFoundError) naming the file. `max_voxels`
     bounds every file's declared size (io.read_volume)."""
-    image = io.read_volume(case.image_path, color=config.color, max_voxels=max_voxels)
+    image = io.read_channels(case.image_paths, color=config.color, max_voxels=max_voxels)
     _check_image(image, case.image_path)
     label = roi = None
     if case.label_path is not None:

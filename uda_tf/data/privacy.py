@@ -38,9 +38,11 @@ def derived_ids(case_ids_by_domain: dict[str, list[str]]) -> dict[str, str]:
 
 def scrub(text: str, case, original_id: str, derived_id: str) -> str:
     """`text` (an error reason) with the case's file paths and original id replaced."""
+    channels = [(f"<image channel {k}>", p)
+                for k, p in enumerate(getattr(case, "channel_paths", ()), start=1)]
     for name, path in (("<image>", getattr(case, "image_path", None)),
                        ("<label>", getattr(case, "label_path", None)),
-                       ("<mask>", getattr(case, "mask_path", None))):
+                       ("<mask>", getattr(case, "mask_path", None)), *channels):
         if path:
             text = text.replace(path, name).replace(os.path.basename(path), name)
     return text.replace(original_id, derived_id)
@@ -54,7 +56,9 @@ def pseudonymize(cases, problems, assigned):
         by_domain[item.domain].append(item.case_id)
     rename = derived_ids(by_domain)
     mapping = {rename[c.case_id]: {"case_id": c.case_id, "image": c.image_path,
-                                   "label": c.label_path} for c in cases}
+                                   "label": c.label_path,
+                                   **({"channels": list(c.channel_paths)}
+                                      if c.channel_paths else {})} for c in cases}
     mapping.update({rename[p.case_id]: {"case_id": p.case_id, "image": None, "label": None}
                     for p in problems})
     new_cases = [dataclasses.replace(c, case_id=rename[c.case_id]) for c in cases]

@@ -168,12 +168,24 @@ def predict_volume(predictor: Predictor, volume: io.Volume) -> tuple[np.ndarray,
     return probs, record
 
 
-def predict_file(predictor: Predictor, path: str, *, probabilities: bool = False,
+def first_path(path) -> str:
+    """The file of channel 0 of an input (a path, or a multi-channel scan's tuple of paths)."""
+    return path if isinstance(path, str) else path[0]
+
+
+def predict_file(predictor: Predictor, path, *, probabilities: bool = False,
                  entropy: bool = False) -> dict:
     """{"labels": uint8, ["probabilities": float32 [.., K]], ["entropy": float32]} on the
-    on-disk grid of `path`, plus "affine" (the file's)."""
+    on-disk grid of `path` (a file, or the files of a multi-channel scan, channel 0 first),
+    plus "affine" (the file's)."""
     from uda_tf.data.preprocess import restore_to_original
-    volume = io.read_volume(path)
+    volume = io.read_channels(path)
+    channels = volume.array.shape[3] if volume.array.ndim == 4 else 1
+    expected = predictor.manifest.image_shape[-1] // (2 * predictor.context + 1)
+    if channels != expected:
+        raise ValueError(f"{first_path(path)}: the scan has {channels} channel(s), the model "
+                         f"was trained on {expected} (a multi-channel dataset's case is "
+                         "<case>_0000, <case>_0001, ...: pass all of its files, or --layout)")
     probs, record = predict_volume(predictor, volume)
     preprocessing = predictor.manifest.preprocessing
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
@@ -240,7 +252,8 @@ def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None
     if layout and input_dir:
         from uda_tf.data.layouts import read_layout
         listing = read_layout(layout, input_dir, **(layout_options or {}))
-        return [(c.case_id, c.image_path) for c in listing.cases]
+        return [(c.case_id, c.image_paths if c.channel_paths else c.image_path)
+                for c in listing.cases]
     found = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -253,12 +266,40 @@ def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None
                 raise ValueError(f"--input: {path} is not a NIfTI file (.nii or .nii.gz)")
             found.append((case_id_of(path), path))
     seen = {}
-    for case_id, path in found:
-        add_unique(seen, case_id, path, lambda first, again: ValueError(
-            f"--input: {first} and {again} both give case id {case_id!r}"))
+    for case_id, paths in _group_channels(found).items():
+        if len(paths) > 1 and isinstance(paths, list):
+            raise ValueError(f"--input: {paths[0]} and {paths[1]} both give case id {case_id!r}")
+        seen[case_id] = paths if isinstance(paths, tuple) else paths[0]
     if not seen:
         raise ValueError("no input: pass --input=<files or globs> or --layout with --input_dir")
     return sorted(seen.items())
+
+
+def _group_channels(found) -> dict:
+    """{case id: [path]} of (case id, path) pairs, where the files of one multi-channel scan
+    (<case>_0000, <case>_0001, ... with every channel from 0) become one tuple, channel 0
+    first; other files sharing a case id stay a list (an error for the caller)."""
+    groups: dict[str, list[str]] = {}
+    for case_id, path in found:
+        groups.setdefault(case_id, []).append(path)
+    out = {}
+    for case_id, paths in groups.items():
+        numbers = [_channel_number(p) for p in paths]
+        if len(paths) > 1 and None not in numbers and sorted(numbers) == list(range(len(paths))):
+            out[case_id] = tuple(p for _, p in sorted(zip(numbers, paths)))
+        else:
+            out[case_id] = paths
+    return out
+
+
+def _channel_number(path: str) -> int | None:
+    name = os.path.basename(path)
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+            break
+    tail = name[-5:]
+    return int(tail[1:]) if len(name) > 5 and tail[0] == "_" and tail[1:].isdigit() else None
 
 
 # Folders of an MSD/nnU-Net dataset root that hold its scans and ground truth.
@@ -293,8 +334,10 @@ def protected_paths(cases, layout: str | None = None, input_dir: str | None = No
         if os.path.isdir(path):
             folders[os.path.realpath(path)] = (why, True)
 
-    for _, path in cases:
-        add_file(path, "input scan", False)
+    for _, paths in cases:
+        for path in (paths,) if isinstance(paths, str) else paths:
+            add_file(path, "input scan", False)
+        path = first_path(paths)
         parent = os.path.dirname(os.path.abspath(path))
         if os.path.basename(parent) in DATASET_FOLDERS:
             for name in DATASET_FOLDERS:
@@ -322,7 +365,7 @@ def output_targets(cases, output_dir: str, *, save_probabilities=False, save_ent
     keys += [("entropy", MAP_SUFFIXES[1])] if save_entropy else []
     targets, seen = [], {}
     for case_id, path in cases:
-        check_name(case_id, f"case id of {path}", what="case id")
+        check_name(case_id, f"case id of {first_path(path)}", what="case id")
         for key, suffix in keys:
             target = os.path.join(output_dir, f"{case_id}{suffix}.nii.gz")
             inside(output_dir, target, "--output_dir")
@@ -387,9 +430,10 @@ def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabil
             for _, _, key, target in (t for t in targets if t[0] == case_id):
                 # A picture (DRIVE, STARE) has no NIfTI header to copy: its prediction is a
                 # NIfTI [rows, cols, 1] on the picture's pixel grid (identity affine).
+                first = first_path(path)
                 write_nifti(target, result[key], result["affine"],
-                            like=None if io.is_picture(path) else path)
+                            like=None if io.is_picture(first) else first)
                 written.append(target)
-            say(f"[{n}/{len(cases)}] {case_id}: {path} -> {output_dir} "
+            say(f"[{n}/{len(cases)}] {case_id}: {first_path(path)} -> {output_dir} "
                 f"({time.time() - start:.1f} s)")
     return written

@@ -117,6 +117,11 @@ def segment_nifti(client: ServingClient, nifti_path: str, manifest: Manifest, ou
     from uda_tf.data import io, preprocess
     manifest = Manifest.of(manifest)  # as read from an export's assets, or a Manifest
     config = preprocess.PreprocessConfig.from_manifest(manifest.preprocessing)
+    channels = manifest.image_shape[-1] // (2 * manifest.context_slices + 1)
+    if channels > 1 and not io.is_picture(nifti_path):
+        raise ValueError(f"{nifti_path}: the model takes {channels} channels (a multi-channel "
+                         "dataset); this client sends one NIfTI file: use python -m "
+                         "uda_tf.cli.predict, which reads every channel's file")
     volume = io.read_volume(nifti_path, color=config.color)
     # The same function `prepare` runs; its record holds this scan's geometry and statistics.
     prepared, _, record = preprocess.preprocess_volumes(volume, None, config)

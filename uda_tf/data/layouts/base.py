@@ -34,7 +34,9 @@ class LayoutError(ValueError):
 class CaseRecord:
     """One scan to prepare. `label_path` None = unlabelled. `mask_path`: an optional region
     of interest (DRIVE's field-of-view mask). `binarize_label`: the label file is a binary mask
-    however it is stored (0/1, 0/255); see `io.read_volume(binarize=...)`."""
+    however it is stored (0/1, 0/255); see `io.read_volume(binarize=...)`.
+    `channel_paths`: the files of input channels 1, 2, ... of a multi-channel scan (nnU-Net's
+    <case>_0001, _0002, ...), on the grid of `image_path` (channel 0)."""
 
     case_id: str
     domain: str
@@ -42,6 +44,12 @@ class CaseRecord:
     label_path: str | None
     mask_path: str | None = None
     binarize_label: bool = False
+    channel_paths: tuple[str, ...] = ()
+
+    @property
+    def image_paths(self) -> tuple[str, ...]:
+        """Every input channel's file, channel 0 first."""
+        return (self.image_path, *self.channel_paths)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,10 +37,13 @@ def _msd_v1_case_id(path: str, ending: str) -> str:
     return case_id[:-5] if case_id.endswith("_0000") else case_id
 
 
-def _msd_images(directory: str, ending: str, allow_plain: bool) -> dict[str, str]:
-    """case_id -> image path for `<case>_0000<ending>` files (or `<case><ending>` when
-    `allow_plain`, as MSD v1 names its imagesTs)."""
-    images = {}
+def _msd_images(directory: str, ending: str, allow_plain: bool,
+                channels: int = 1) -> dict[str, tuple[str, ...]]:
+    """case_id -> its image paths, channel 0 first, for `<case>_<channel><ending>` files with
+    channels 0000 .. `channels`-1 (or `<case><ending>` when `allow_plain`, as MSD v1 names
+    its imagesTs). A case missing a channel, or a channel the dataset does not declare, is a
+    LayoutError naming the file."""
+    found: dict[str, dict[int, str]] = {}
     pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
     for name in sorted(os.listdir(directory)):
         if name.startswith(".") or not name.endswith(ending):  # macOS AppleDouble files ship
@@ -48,16 +51,27 @@ def _msd_images(directory: str, ending: str, allow_plain: bool) -> dict[str, str
         path = os.path.join(directory, name)
         match = pattern.match(name)
         if not match:
-            if allow_plain:
-                images[name[: -len(ending)]] = path
+            if allow_plain and channels == 1:
+                found.setdefault(name[: -len(ending)], {})[0] = path
                 continue
             raise LayoutError(
                 f"unexpected image name {path}: expected <case_id>_0000{ending} (or list "
                 "MSD v1 pairs under 'training' in dataset.json)"
             )
-        if match["channel"] != "0000":
-            raise LayoutError(f"{path}: only single-channel datasets (_0000) are supported")
-        images[match["case"]] = path
+        channel = int(match["channel"])
+        if channel >= channels:
+            raise LayoutError(f"{path}: channel {match['channel']}, but dataset.json declares "
+                              f"{channels} channel(s) (channel_names)")
+        found.setdefault(match["case"], {})[channel] = path
+    images = {}
+    for case_id, paths in found.items():
+        missing = [k for k in range(channels) if k not in paths]
+        if missing:
+            raise LayoutError(
+                f"case {case_id!r} in {directory} has no channel {missing[0]:04d}: expected "
+                f"{os.path.join(directory, f'{case_id}_{missing[0]:04d}{ending}')} (dataset.json "
+                f"declares {channels} channels)")
+        images[case_id] = tuple(paths[k] for k in range(channels))
     return images
 
 
@@ -82,8 +96,9 @@ def _unique_case(found: dict, case_id: str, path: str, entry: str, where: str) -
         "rename one so every case has its own file name"))
 
 
-def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]:
-    """case_id -> (image path, expected label path) of the training (labelled) cases."""
+def _msd_pairs(root: str, meta: dict, ending: str,
+               channels: int = 1) -> dict[str, tuple[tuple[str, ...], str]]:
+    """case_id -> (image paths, expected label path) of the training (labelled) cases."""
     images_dir = os.path.join(root, "imagesTr")
     labels_dir = os.path.join(root, "labelsTr")
     where = f"{root}/dataset.json"
@@ -104,16 +119,17 @@ def _msd_pairs(root: str, meta: dict, ending: str) -> dict[str, tuple[str, str]]
             _unique_case(found, _msd_v1_case_id(image, ending), image,
                          f"'training'[{index}] {entry['image']!r}", where)
             labels[image] = label
-        return {case_id: (image, labels[image]) for case_id, (image, _) in found.items()}
+        return {case_id: ((image,), labels[image]) for case_id, (image, _) in found.items()}
     if not os.path.isdir(images_dir):
         raise LayoutError(f"{root} is not an MSD/nnU-Net dataset: expected directory {images_dir}")
     return {
-        case_id: (image, os.path.join(labels_dir, case_id + ending))
-        for case_id, image in _msd_images(images_dir, ending, allow_plain=False).items()
+        case_id: (images, os.path.join(labels_dir, case_id + ending))
+        for case_id, images in _msd_images(images_dir, ending, False, channels).items()
     }
 
 
-def _msd_test_images(root: str, meta: dict, ending: str) -> dict[str, str]:
+def _msd_test_images(root: str, meta: dict, ending: str,
+                     channels: int = 1) -> dict[str, tuple[str, ...]]:
     """case_id -> image path of the unlabelled imagesTs/ cases (MSD v1 'test' list, or the
     directory listing)."""
     where = f"{root}/dataset.json"
@@ -127,11 +143,11 @@ def _msd_test_images(root: str, meta: dict, ending: str) -> dict[str, str]:
             path = _relative_path(value, root, f"{where} 'test'[{index}]")
             _unique_case(found, _msd_v1_case_id(path, ending), path,
                          f"'test'[{index}] {value!r}", where)
-        return {case_id: path for case_id, (path, _) in found.items()}
+        return {case_id: (path,) for case_id, (path, _) in found.items()}
     directory = os.path.join(root, "imagesTs")
     if not os.path.isdir(directory):
         return {}
-    return _msd_images(directory, ending, allow_plain=True)
+    return _msd_images(directory, ending, True, channels)
 
 
 def _check_domains(meta: dict, where: str) -> None:
@@ -188,25 +204,29 @@ def read_msd(root: str, default_domain: str | None = None) -> Listing:
     if "labels" not in meta:
         raise LayoutError(f"{where}: missing key 'labels'")
     label_names = parse_label_names(meta["labels"], where)
-    channels = meta.get("channel_names", meta.get("modality", {"0": ""}))
-    if isinstance(channels, dict) and len(channels) > 1:
+    declared = meta.get("channel_names", meta.get("modality", {"0": ""}))
+    if not isinstance(declared, dict) or not declared:
+        raise LayoutError(f"{where}: 'channel_names' must map channel numbers to names, got "
+                          f"{declared!r}")
+    channels = len(declared)
+    if channels > 1 and isinstance(meta.get("training"), list):
         raise LayoutError(
-            f"{where}: {len(channels)} channels {sorted(map(str, channels.values()))}; "
-            "only single-channel datasets are supported"
-        )
+            f"{where}: {channels} channels in MSD v1 form (one 4D image per case); convert it "
+            "to the nnU-Net v2 layout (one file per channel, <case>_0000, <case>_0001, ...; "
+            "nnU-Net's nnUNetv2_convert_MSD_dataset does this)")
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in (".nii.gz", ".nii"):
         raise LayoutError(f"{where}: file_ending {ending!r} is not NIfTI (.nii.gz or .nii)")
     name = str(meta.get("name") or os.path.basename(os.path.normpath(root)))
     _check_domains(meta, where)
-    pairs = _msd_pairs(root, meta, ending)
-    tests = _msd_test_images(root, meta, ending)
-    for case_id, (image, _) in sorted(pairs.items()):
-        if not os.path.isfile(image):
-            raise LayoutError(f"image of case {case_id!r} not found: expected {image}")
-    for case_id, image in sorted(tests.items()):
-        if not os.path.isfile(image):
-            raise LayoutError(f"test image of case {case_id!r} not found: expected {image}")
+    pairs = _msd_pairs(root, meta, ending, channels)
+    tests = _msd_test_images(root, meta, ending, channels)
+    for case_id, (images, _) in sorted(pairs.items()):
+        if not os.path.isfile(images[0]):
+            raise LayoutError(f"image of case {case_id!r} not found: expected {images[0]}")
+    for case_id, images in sorted(tests.items()):
+        if not os.path.isfile(images[0]):
+            raise LayoutError(f"test image of case {case_id!r} not found: expected {images[0]}")
     expected = meta.get("numTraining")
     if isinstance(expected, int) and expected != len(pairs):
         logging.warning(
@@ -224,12 +244,14 @@ def read_msd(root: str, default_domain: str | None = None) -> Listing:
             tests = {c: p for c, p in tests.items() if c in listed}
     domain_of = _domains_of(meta, sorted(set(pairs) | set(tests)), root, default)
     cases, problems = [], []
-    for case_id, (image, label) in sorted(pairs.items()):
+    for case_id, (images, label) in sorted(pairs.items()):
         if os.path.isfile(label):
-            cases.append(CaseRecord(case_id, domain_of[case_id], image, label))
+            cases.append(CaseRecord(case_id, domain_of[case_id], images[0], label,
+                                    channel_paths=images[1:]))
         else:
             problems.append(CaseProblem(
                 case_id, domain_of[case_id],
-                f"image {image} has no label: expected {label} (labelsTr/<case_id>{ending})"))
-    cases += [CaseRecord(c, domain_of[c], p, None) for c, p in sorted(tests.items())]
+                f"image {images[0]} has no label: expected {label} (labelsTr/<case_id>{ending})"))
+    cases += [CaseRecord(c, domain_of[c], p[0], None, channel_paths=p[1:])
+              for c, p in sorted(tests.items())]
     return Listing(name=name, label_names=label_names, cases=cases, problems=problems)
