@@ -185,6 +185,7 @@ def test_flips_folded_into_resampling_are_exact(jit, p_rotation):
 
 
 def test_noise_bank_gives_independent_unit_gaussian_fields():
+    tf.random.set_seed(3)  # the windows drawn: fixed, so the test does not depend on the order
     zeros = tf.zeros([16, 32, 32, 1])
     aug = augment.build(["noise"], p_noise=1.0, noise_std=(1.0, 1.0))
     for out in (aug(zeros), next(iter(tf.data.Dataset.from_tensors(zeros).map(aug)))):
@@ -193,7 +194,9 @@ def test_noise_bank_gives_independent_unit_gaussian_fields():
         # neighbouring voxels uncorrelated; samples not copies of each other
         assert abs(np.corrcoef(out.numpy()[:, :, :-1].ravel(),
                                out.numpy()[:, :, 1:].ravel())[0, 1]) < 0.05
-        assert len({np.round(row[:8], 5).tobytes() for row in x}) == 16
+        # two of 16 samples may draw the same window of the bank (480 starts x 2 signs; the
+        # noise op's docstring allows it), not most of them
+        assert len({np.round(row[:8], 5).tobytes() for row in x}) >= 14
 
 
 def test_parse_params_types_values_and_names_the_flag():
