@@ -277,8 +277,10 @@ def train_args(recipe: Recipe, *, name, source, target, seed, prepared, runs, tr
 
 
 def flagfile_digest(path: str, _seen=None) -> str:
-    """sha256 of a flagfile's text and of the flagfiles it includes (--flagfile=, relative to
-    the repository as train.py is run from there): an edited config is a different run."""
+    """sha256 of a flagfile's text and of the flagfiles it includes (--flagfile=uda:NAME or
+    a path relative to the including file, as train.py reads them; the top one relative to
+    the repository, where train.py is run): an edited config is a different run."""
+    from uda_tf.cli.entry import resolve_flagfile
     seen = _seen if _seen is not None else set()
     path = os.path.join(REPO, path)
     if path in seen:
@@ -290,7 +292,8 @@ def flagfile_digest(path: str, _seen=None) -> str:
               if line.strip().startswith(b"--flagfile=")]
     digest = hashlib.sha256(text)
     for name in nested:
-        digest.update(flagfile_digest(name, seen).encode())
+        digest.update(flagfile_digest(resolve_flagfile(name, os.path.dirname(path)),
+                                      seen).encode())
     return digest.hexdigest()
 
 

@@ -280,9 +280,16 @@ def test_run_key_leaves_out_the_checkout_and_follows_config_edits(tmp_path, monk
     # An included flagfile is part of the digest: editing demo.cfg changes adabn's key.
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "demo.cfg").write_text("--epochs=6\n")
-    (tmp_path / "configs" / "adabn.cfg").write_text("--flagfile=configs/demo.cfg\n--adabn\n")
+    (tmp_path / "configs" / "adabn.cfg").write_text("--flagfile=demo.cfg\n--adabn\n")
     monkeypatch.setattr(acc, "REPO", str(tmp_path))
     before = acc.flagfile_digest("configs/adabn.cfg")
     assert before == acc.flagfile_digest("configs/adabn.cfg")
     (tmp_path / "configs" / "demo.cfg").write_text("--epochs=7\n")
     assert acc.flagfile_digest("configs/adabn.cfg") != before
+    # a shipped config included by name (uda:NAME) is followed too: the same text including
+    # another config is another run
+    (tmp_path / "a.cfg").write_text("--flagfile=uda:demo\n")
+    (tmp_path / "b.cfg").write_text("--flagfile=uda:demo\n")
+    (tmp_path / "c.cfg").write_text("--flagfile=uda:minent_demo\n")
+    assert acc.flagfile_digest("a.cfg") == acc.flagfile_digest("b.cfg")
+    assert acc.flagfile_digest("a.cfg") != acc.flagfile_digest("c.cfg")

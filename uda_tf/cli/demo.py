@@ -16,15 +16,16 @@ import time
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from uda_tf import files
 from uda_tf.cli import entry
+
+FLAGS = flags.FLAGS
 
 
 def define_flags():
     flags.DEFINE_string("output_root", "demo_out", "Everything the demo writes goes here.")
-    flags.DEFINE_string("config", os.path.join(REPO, "configs", "demo.cfg"),
-                        "Training flagfile shared by the demo's runs.")
+    flags.DEFINE_string("config", "uda:demo", "Training flagfile shared by the demo's runs: "
+                        "uda:NAME (a config shipped with uda_tf) or a path.")
     flags.DEFINE_list("methods", ["source_only", "grl"], "Methods to train and compare.")
     flags.DEFINE_list("domains", ["scanner_a", "scanner_b"], "Phantom domains: source, target.")
     flags.DEFINE_integer("subjects_per_domain", 10, "Phantom subjects per domain.", lower_bound=3)
@@ -82,8 +83,13 @@ def comparison_figure(results: dict, prepared: str, domain: str, path: str) -> s
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not os.path.isfile(FLAGS.config):
+    try:
+        config = entry.resolve_flagfile(FLAGS.config)
+    except entry.FlagfileError as e:
+        raise app.UsageError(str(e).replace("--flagfile=", "--config=")) from None
+    if not os.path.isfile(config):
         raise app.UsageError(f"--config={FLAGS.config}: no such flagfile")
+    config = FLAGS.config if FLAGS.config.startswith(entry.PACKAGED) else os.path.abspath(config)
     if len(FLAGS.domains) != 2:
         raise app.UsageError(f"--domains needs two names (source,target), got {FLAGS.domains}")
     start = time.time()
@@ -103,13 +109,20 @@ def main(argv):
           ["-m", "uda_tf.cli.prepare", "--layout=msd", f"--input_dir={raw}",
            f"--output_dir={prepared}", f"--split={FLAGS.split}", "--spacing=2,2,2",
            "--size=96,112"])
+    # The runs' flagfile: the shared config plus where this demo's data, runs and MLflow store
+    # are (paths relative to this file); `python train.py --flagfile=<it> --method=...` reruns.
+    train_cfg = os.path.join(root, "train.cfg")
+    with files.atomic_write(train_cfg) as f:
+        f.write(f"# python train.py --flagfile={train_cfg} --method=grl --run_name=<name>   "
+                "(written by the demo)\n"
+                f"--flagfile={config}\n--data_dir=prepared\n--output_dir=runs\n"
+                f"--source_domain={source}\n--target_domain={target}\n"
+                f"--mlflow_tracking_uri={tracking_uri}\n")
     results = {}
     for i, method in enumerate(FLAGS.methods, start=3):
         _step(f"{i}. train {method}: {source} (labelled) -> {target} (unlabelled)",
-              ["-m", "uda_tf.cli.train", f"--flagfile={FLAGS.config}", f"--method={method}",
-               f"--data_dir={prepared}", f"--output_dir={runs}", f"--run_name={method}",
-               f"--source_domain={source}", f"--target_domain={target}",
-               f"--mlflow_tracking_uri={tracking_uri}", f"--seed={FLAGS.seed}", "--overwrite",
+              ["-m", "uda_tf.cli.train", f"--flagfile={train_cfg}", f"--method={method}",
+               f"--run_name={method}", f"--seed={FLAGS.seed}", "--overwrite",
                # one SavedModel name per method, and one registered model with a version
                # per method, each under its method's alias: models:/uda_demo@grl
                f"--model_name=uda_demo_{method}", "--register_model_name=uda_demo",

@@ -1,6 +1,6 @@
 """Train a segmentor with a domain adaptation method, track it in MLflow, export and evaluate.
 
-    python train.py --flagfile=configs/demo.cfg [--method=grl ...]
+    python train.py --flagfile=uda:demo --data_dir=demo_out/prepared [--method=grl ...]
 
 Steps: read the prepared dataset's manifest; stream source (image, label) and target (image)
 batches; fit the method's keras.Model under a tf.distribute strategy, keeping the segmentor
@@ -846,7 +846,8 @@ source scans, unlabelled target scans), keep the checkpoint a label-free criteri
 export it as a SavedModel, evaluate it on the test splits and track the run in MLflow.
 Writes <output_dir>/<run_name>/ (checkpoints, export, evaluation, result.json).
 
-example: python train.py --flagfile=configs/demo.cfg --method=grl"""
+example: python train.py --flagfile=uda:demo --data_dir=demo_out/prepared --method=grl
+         python train.py --flagfile=demo_out/train.cfg --method=grl   (after make demo)"""
 
 
 def run():

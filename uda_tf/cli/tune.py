@@ -186,7 +186,7 @@ criterion at the kept epoch (source validation Dice by default: no target label)
 pruner stops poor trials after an epoch. Run the same command again to resume the study. All
 of train.py's flags apply to every trial (--flagfile included).
 
-example: python -m uda_tf.cli.tune --flagfile=configs/demo.cfg --method=grl \\
+example: python -m uda_tf.cli.tune --flagfile=demo_out/train.cfg --method=grl \\
            --search=learning_rate=logfloat:1e-4:1e-2 --search=grl_lambda=float:0.01:1 \\
            --trials=20"""
 

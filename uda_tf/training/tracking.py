@@ -65,7 +65,7 @@ def experiment_name(explicit: str, argv) -> str:
         elif arg == "--flagfile" and i + 1 < len(argv):
             path = argv[i + 1]
         if path:
-            name = os.path.basename(path)
+            name = os.path.basename(path.removeprefix("uda:"))  # uda:NAME: a shipped config
             return name[:-4] if name.endswith(".cfg") else name
     return DEFAULT_EXPERIMENT
 
