@@ -70,6 +70,21 @@ def test_rules():
                      target="t")
 
 
+def test_prepared_rules():
+    fp = {"dataset": "x", "label_names": {}, "record_kind": "slices", "image_shape": [24, 40, 1],
+          "spacing": [1, 1, 1], "domains": {
+              "s": {"cases": 10, "cases_per_split": {"train": 6, "val": 2, "test": 2},
+                    "labelled": 10, "labelled_train": 6, "train_records": 600},
+              "t": {"cases": 10, "cases_per_split": {"train": 6}, "labelled": 0,
+                    "labelled_train": 0, "train_records": 600}}}
+    s = plan.suggest_for_prepared(fp, source="s", target="t", unet_depth=4)
+    # 24 x 40 divides by 2^3, not 2^4: the depth comes down and the plan says so
+    assert s["train"]["unet_depth"] == 3 and "unet_depth=3" in s["warnings"][0]
+    assert s["train"]["global_batch_size"] == 64 and s["train"]["steps_per_epoch"] == 50
+    with pytest.raises(ValueError, match="no labelled training case"):
+        plan.suggest_for_prepared(fp, source="t", target="s")
+
+
 def test_plan_prepare_train_end_to_end(raw, tmp_path, mlflow_store):
     out = tmp_path / "plan"
     proc = run_cli("uda_tf.cli.plan", ["--layout=msd", f"--input_dir={raw}",
@@ -95,6 +110,17 @@ def test_plan_prepare_train_end_to_end(raw, tmp_path, mlflow_store):
         f"--mlflow_tracking_uri={mlflow_store(tmp_path)}", "--nomlflow_system_metrics"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "runs" / "planned" / "result.json").is_file()
+
+    # the prepared dataset planned again (--data_dir): train.cfg only, same data
+    proc = run_cli("uda_tf.cli.plan", [f"--data_dir={out / 'prepared'}",
+                                       f"--output_dir={tmp_path / 'plan2'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = (tmp_path / "plan2" / "train.cfg").read_text()
+    assert f"--data_dir={out / 'prepared'}" in again and "--source_domain=dom_a" in again
+    assert not (tmp_path / "plan2" / "prepare.cfg").exists()
+    proc = run_cli("uda_tf.cli.plan", [f"--data_dir={out / 'prepared'}", "--layout=msd",
+                                       f"--output_dir={tmp_path / 'plan3'}"])
+    assert proc.returncode != 0 and "one of the two" in proc.stderr
 
     # a second plan into the same folder keeps the first unless --overwrite
     before = (out / "train.cfg").read_text()

@@ -19,6 +19,8 @@ OUTPUTS = ("plan.json", "prepare.cfg", "train.cfg")
 def define_flags():
     from uda_tf.cli.prepare_flags import define_layout_option_flags
     from uda_tf.data.layouts import LAYOUTS
+    flags.DEFINE_string("data_dir", None, "A prepared dataset (manifest.json) to plan the "
+                        "training of, instead of a raw one (--layout, --input_dir).")
     flags.DEFINE_enum("layout", None, sorted(LAYOUTS), "Raw dataset layout (as prepare's).")
     flags.DEFINE_string("input_dir", None, "Raw dataset directory (read only).")
     flags.DEFINE_string("default_domain", None, "Domain of every case when the layout names "
@@ -41,7 +43,7 @@ def define_flags():
                         "<output_dir>/runs).")
     flags.DEFINE_bool("overwrite", False, "Replace plan.json, prepare.cfg and train.cfg "
                       "when --output_dir has them.")
-    flags.mark_flags_as_required(["layout", "input_dir", "output_dir"])
+    flags.mark_flags_as_required(["output_dir"])
 
 
 def _default_domains(fp: dict) -> tuple[str, str | None]:
@@ -88,6 +90,11 @@ def report(fp: dict, plan: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if bool(FLAGS.data_dir) == bool(FLAGS.layout or FLAGS.input_dir):
+        raise app.UsageError("plan a raw dataset (--layout and --input_dir) or a prepared one "
+                             "(--data_dir), one of the two")
+    if not FLAGS.data_dir and not (FLAGS.layout and FLAGS.input_dir):
+        raise app.UsageError("a raw dataset needs both --layout and --input_dir")
     from uda_tf.cli.prepare_flags import layout_options_from_flags
     from uda_tf.data import layouts, plan
     out = os.path.abspath(FLAGS.output_dir)
@@ -95,6 +102,8 @@ def main(argv):
     if existing and not FLAGS.overwrite:
         raise SystemExit(f"plan: error: {out} already has {', '.join(existing)}; choose "
                          "another --output_dir or pass --overwrite")
+    if FLAGS.data_dir:
+        return plan_prepared(out)
     options = layout_options_from_flags()
     try:
         listing = layouts.read_layout(FLAGS.layout, FLAGS.input_dir, FLAGS.default_domain,
@@ -134,13 +143,54 @@ def main(argv):
           "(then e.g. --method=grl)")
 
 
+def plan_prepared(out: str) -> None:
+    """--data_dir: the training settings of a prepared dataset, as train.cfg (and plan.json)."""
+    from uda_tf.data import plan
+    from uda_tf.data.manifest import load_manifest
+    try:
+        manifest = load_manifest(FLAGS.data_dir)
+        fp = plan.prepared_fingerprint(manifest)
+        source, target = _default_domains({"domains": {
+            d: {"labelled": v["labelled_train"]} for d, v in fp["domains"].items()}})
+        gpus = _gpus()
+        suggestion = plan.suggest_for_prepared(fp, source=source, target=target,
+                                               unet_depth=FLAGS.unet_depth, gpus=gpus)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"plan: error: {e}") from None
+    prepared = os.path.abspath(FLAGS.data_dir)
+    runs = os.path.abspath(FLAGS.runs_dir or os.path.join(out, "runs"))
+    train_cfg = {"data_dir": prepared, **suggestion["train"], "output_dir": runs,
+                 "mlflow_experiment": re.sub(r"[^\w.-]+", "_", fp["dataset"]) or "uda_tf"}
+    os.makedirs(out, exist_ok=True)
+    files.write_json(os.path.join(out, "plan.json"), {
+        "fingerprint": fp, "machine": {"gpus": gpus}, "plan": suggestion,
+        "source_domain": source, "target_domain": target}, indent=1)
+    with files.atomic_write(os.path.join(out, "train.cfg")) as f:
+        f.write(_flagfile("python train.py --flagfile=" + os.path.join(out, "train.cfg")
+                          + " --method=<method>   (written by python -m uda_tf.cli.plan)",
+                          train_cfg))
+    lines = [f"prepared dataset {fp['dataset']}: {fp['record_kind']} of {fp['image_shape']}, "
+             f"spacing {fp['spacing']}", "",
+             f"{'domain':<16}{'cases':>6}{'labelled':>9}{'train records':>15}"]
+    for name, d in fp["domains"].items():
+        lines.append(f"{name:<16}{d['cases']:>6}{d['labelled']:>9}{d['train_records']:>15}")
+    lines += ["", "suggested settings:"]
+    for name, value in suggestion["train"].items():
+        why = suggestion["reasons"].get(name)
+        lines.append(f"  train    --{name}={value}" + (f"  ({why})" if why else ""))
+    lines += [f"  warning: {w}" for w in suggestion["warnings"]]
+    print("\n".join(lines))
+    print(f"\nwrote {out}/plan.json and train.cfg; next:\n"
+          f"  python train.py --flagfile={out}/train.cfg --method=source_only")
+
+
 def _gpus() -> int:
     import tensorflow as tf
     return len(tf.config.list_physical_devices("GPU"))
 
 
 # --help's groups (title, first flag); the flags are defined in this order.
-HELP_SECTIONS = (("input (as prepare's)", "layout"),
+HELP_SECTIONS = (("input: a prepared dataset, or a raw one as prepare reads it", "data_dir"),
                  ("layout options (only where the layout takes them)", "image_glob"),
                  ("what to plan", "source_domain"), ("output", "output_dir"))
 
@@ -148,7 +198,8 @@ ABOUT = """Look at a raw dataset before preparing it (voxel spacing, image sizes
 statistics per domain, from the headers and a few cases) and write the prepare and training
 flagfiles that suit it and this machine: median spacing, a size that fits every case, the
 slice axis, intensity normalisation, batch size and training length, each with its reason.
-Target labels are never read.
+Target labels are never read. With --data_dir, plans the training of an already prepared
+dataset (train.cfg only).
 
 example: python -m uda_tf.cli.plan --layout=msd --input_dir=/data/MyDataset \\
            --output_dir=/data/my_plan"""

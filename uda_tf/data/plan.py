@@ -157,15 +157,10 @@ def suggest(fp: dict, *, source: str, target: str | None, dims: int = 2,
         prepare["slice_axis"] = SLICE_AXES[axis]
         reasons["slice_axis"] = (f"slices across the coarsest axis ({SLICE_AXES[axis]}, "
                                  f"{spacing[axis]:.3g} mm)")
-        voxels_per_item = size[0] * size[1]
         train_items = sum(c["shape"][axis] * c["spacing"][axis] / spacing[axis]
                           for c in cases if c["domain"] == source and c["labelled"])
     else:
         size = [_round_up(v, step, MAX_VOLUME_SIZE) for v in voxels]
-        # the training patch: the volume, shrunk evenly until it holds at most 2^21 voxels
-        shrink = min(1.0, (2 * VOXELS_PER_REPLICA / np.prod(size)) ** (1 / 3))
-        patch = [min(s, _round_up(s * shrink, step, MAX_VOLUME_SIZE)) for s in size]
-        voxels_per_item = int(np.prod(patch))
         train_items = sum(c["labelled"] for c in cases if c["domain"] == source)
     if any(math.ceil(v) > s for v, s in zip(voxels[[a for a in range(3) if dims == 3 or
                                                     a != axis]], size)):
@@ -183,28 +178,9 @@ def suggest(fp: dict, *, source: str, target: str | None, dims: int = 2,
         prepare.update(normalization="zscore", clip_percentiles="0.5,99.5")
         reasons["normalization"] = ("intensities without a fixed scale (MRI, pictures): clip "
                                     "to the 0.5-99.5th percentiles, then z-score per case")
-    replicas = max(1, gpus)
-    per_replica = int(min(64, max(2, 2 ** math.floor(math.log2(
-        max(1, VOXELS_PER_REPLICA // voxels_per_item))))))
-    batch = per_replica * replicas
-    item = "slices" if dims == 2 else "patches"
-    reasons["global_batch_size"] = (f"{per_replica} per replica ({item} of {voxels_per_item} "
-                                    f"voxels, about 2^20 voxels) x {replicas} replica(s)")
-    steps = int(min(250, max(50, math.ceil(train_items * train_fraction / batch))))
-    epochs = 100 if gpus else 10
-    reasons["steps_per_epoch"] = (f"one pass over about {train_items * train_fraction:.0f} "
-                                  f"source training {'slices' if dims == 2 else 'volumes'} "
-                                  "(50 to 250 steps)")
-    reasons["epochs"] = "100 with a GPU, 10 on CPU only"
-    train = {"source_domain": source, **({"target_domain": target} if target else {}),
-             "model": "unet2d" if dims == 2 else "unet3d", "unet_depth": unet_depth,
-             "global_batch_size": batch, "steps_per_epoch": steps, "epochs": epochs,
-             "select_on": "source_dice"}
-    if dims == 3:
-        train["patch_size"] = ",".join(map(str, patch))
-        reasons["patch_size"] = ("the prepared volume shrunk evenly to at most 2^21 voxels "
-                                 "(whole volumes are evaluated by sliding window)")
-    reasons["select_on"] = "source validation Dice: no target label chooses the checkpoint"
+    training = suggest_training(source=source, target=target, size=size, unet_depth=unet_depth,
+                                gpus=gpus, train_items=train_items * train_fraction)
+    reasons.update(training["reasons"])
     for domain in used:
         info = fp["domains"][domain]
         if info["cases"] < 5:
@@ -216,4 +192,87 @@ def suggest(fp: dict, *, source: str, target: str | None, dims: int = 2,
     if dims == 3 and ratio > 3:
         warnings.append(f"anisotropic spacing (ratio {ratio:.1f}): a 2D plan (--dims=2) "
                         "slices across the thick axis instead")
-    return {"prepare": prepare, "train": train, "reasons": reasons, "warnings": warnings}
+    return {"prepare": prepare, "train": training["train"], "reasons": reasons,
+            "warnings": warnings}
+
+
+def suggest_training(*, source: str, target: str | None, size, unet_depth: int, gpus: int,
+                     train_items: float) -> dict:
+    """train.py settings for items (slices [H, W], or volumes [H, W, D]) of `size`, with
+    `train_items` labelled source items to train on (module docstring: patch, batch, length).
+    {"train": {flag: value}, "reasons": {flag: text}}."""
+    dims = len(size)
+    step = 2 ** unet_depth
+    reasons = {}
+    if dims == 3:
+        # the training patch: the volume, shrunk evenly until it holds at most 2^21 voxels
+        shrink = min(1.0, (2 * VOXELS_PER_REPLICA / np.prod(size)) ** (1 / 3))
+        patch = [min(int(n), _round_up(n * shrink, step, MAX_VOLUME_SIZE)) for n in size]
+        voxels_per_item = int(np.prod(patch))
+    else:
+        voxels_per_item = int(size[0]) * int(size[1])
+    replicas = max(1, gpus)
+    per_replica = int(min(64, max(2, 2 ** math.floor(math.log2(
+        max(1, VOXELS_PER_REPLICA // voxels_per_item))))))
+    batch = per_replica * replicas
+    item = "slices" if dims == 2 else "patches"
+    reasons["global_batch_size"] = (f"{per_replica} per replica ({item} of {voxels_per_item} "
+                                    f"voxels, about 2^20 voxels) x {replicas} replica(s)")
+    steps = int(min(250, max(50, math.ceil(train_items / batch))))
+    epochs = 100 if gpus else 10
+    reasons["steps_per_epoch"] = (f"one pass over about {train_items:.0f} source training "
+                                  f"{'slices' if dims == 2 else 'volumes'} (50 to 250 steps)")
+    reasons["epochs"] = "100 with a GPU, 10 on CPU only"
+    train = {"source_domain": source, **({"target_domain": target} if target else {}),
+             "model": "unet2d" if dims == 2 else "unet3d", "unet_depth": unet_depth,
+             "global_batch_size": batch, "steps_per_epoch": steps, "epochs": epochs,
+             "select_on": "source_dice"}
+    if dims == 3:
+        train["patch_size"] = ",".join(map(str, patch))
+        reasons["patch_size"] = ("the prepared volume shrunk evenly to at most 2^21 voxels "
+                                 "(whole volumes are evaluated by sliding window)")
+    reasons["select_on"] = "source validation Dice: no target label chooses the checkpoint"
+    return {"train": train, "reasons": reasons}
+
+
+def prepared_fingerprint(manifest) -> dict:
+    """The fingerprint of a prepared dataset, from its manifest: per domain the cases per
+    split, labelled cases and training records, the record size and spacing."""
+    domains = {}
+    for domain in manifest.domains:
+        cases = {split: len(manifest.cases(domain, split)) for split in manifest.splits(domain)}
+        domains[domain] = {
+            "cases": sum(cases.values()), "cases_per_split": cases,
+            "labelled": sum(len(manifest.labelled_cases(domain, s))
+                            for s in manifest.splits(domain)),
+            "labelled_train": len(manifest.labelled_cases(domain, "train")),
+            "train_records": manifest.num_records(domain, "train")}
+    return {"dataset": manifest.dataset_name, "label_names": dict(manifest.label_names),
+            "record_kind": manifest.record_kind, "image_shape": manifest.image_shape,
+            "spacing": manifest.preprocessing.get("spacing"), "domains": domains}
+
+
+def suggest_for_prepared(fp: dict, *, source: str, target: str | None, unet_depth: int = 3,
+                         gpus: int = 0) -> dict:
+    """train.py settings for a prepared dataset's fingerprint (`prepared_fingerprint`)."""
+    for role, name in (("source", source), ("target", target)):
+        if name is not None and name not in fp["domains"]:
+            raise ValueError(f"{role} domain {name!r} is not in the data; domains: "
+                             f"{', '.join(fp['domains'])}")
+    info = fp["domains"][source]
+    if not info["labelled_train"]:
+        raise ValueError(f"source domain {source!r} has no labelled training case")
+    size = fp["image_shape"][:3 if fp["record_kind"] == "volumes" else 2]
+    warnings = []
+    depth = unet_depth
+    while depth > 1 and any(int(n) % 2 ** depth for n in size if n is not None):
+        depth -= 1
+    if depth != unet_depth:
+        warnings.append(f"the prepared size {size} does not divide by 2^{unet_depth}: "
+                        f"--unet_depth={depth}")
+    items = info["train_records"] * info["labelled_train"] / max(
+        1, info["cases_per_split"].get("train", 0))
+    out = suggest_training(source=source, target=target, size=size, unet_depth=depth,
+                           gpus=gpus, train_items=items)
+    return {"prepare": {}, "train": out["train"], "reasons": out["reasons"],
+            "warnings": warnings}
