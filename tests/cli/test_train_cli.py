@@ -183,6 +183,8 @@ def test_run_logs_params_metrics_artifacts_and_model(runs):
         model = mlflow.pyfunc.load_model("models:/tiny_seg@champion")
     finally:
         mlflow.set_tracking_uri(previous)
+    # with an input example (one blank slice), which MLflow served through the model
+    assert model.metadata.saved_input_example_info["type"] == "ndarray"
     import tensorflow as tf
     x = np.random.default_rng(0).random((2, 16, 24, 1), dtype=np.float32)
     got = model.predict(x)

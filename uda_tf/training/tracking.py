@@ -14,6 +14,7 @@ a call costs tens of milliseconds on the embedded sqlite store (docs/DESIGN.md, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -513,6 +514,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self.history = {k: [tuple(p) for p in v] for k, v in state["history"].items()}
 
 
+INPUT_EXAMPLE_VALUES = 1 << 18  # the largest input example stored with a logged model
+
+
 def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
                     name: str = "model", step: int = 0) -> dict:
     """Log a SavedModel as an MLflow pyfunc model in the active run and register it with an
@@ -538,6 +542,13 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     signature = ModelSignature(
         inputs=Schema([spec(serve.inputs["image"])]),
         outputs=Schema([spec(info, key) for key, info in sorted(serve.outputs.items())]))
+    # An input example of one blank image (no patient data), when the input size is fixed and
+    # small enough to store as JSON (2D slices; a 3D patch is left without one). MLflow stores
+    # it with the model and checks, by loading the logged model and predicting it, that the
+    # model serves it.
+    size = [int(d.size) for d in serve.inputs["image"].tensor_shape.dim][1:]
+    example = (np.zeros([1, *size], np.float32)
+               if size and min(size) > 0 and math.prod(size) <= INPUT_EXAMPLE_VALUES else None)
     # A models-from-code file, given to MLflow as a path (not imported: serving is a layer up).
     code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "serving", "pyfunc.py")
@@ -545,7 +556,7 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name=name or "model", python_model=code, artifacts={"saved_model": saved_model},
-            signature=signature, step=step,
+            signature=signature, step=step, input_example=example,
             # Explicit requirements: inferring them would load the model in a subprocess.
             pip_requirements=[f"tensorflow~={tf.__version__}", f"mlflow=={mlflow.__version__}",
                               f"numpy=={np.__version__}"])
