@@ -51,7 +51,7 @@ def _default_domains(fp: dict) -> tuple[str, str | None]:
     # the most labelled cases; on a tie the first in name order
     source = FLAGS.source_domain or max(domains, key=lambda d: domains[d]["labelled"])
     target = FLAGS.target_domain
-    if target is None and FLAGS.source_domain is None and len(domains) == 2:
+    if target is None and len(domains) == 2:
         target = next(d for d in domains if d != source)
     return source, target
 
