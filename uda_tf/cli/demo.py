@@ -42,6 +42,26 @@ _STARTUP_NOISE = re.compile(r"^(WARNING: All log messages before absl::Initializ
                             r"[IWE]0000 00:00:|To enable the following instructions)")
 
 
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and lets it find its devices in this process with its C++ start-up
+    lines dropped, as they are from the children's stderr (written to file descriptor 2)."""
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow
+            tensorflow.config.list_physical_devices()  # the CUDA probe, on a CPU machine
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        for line in captured:
+            if not _STARTUP_NOISE.match(line):
+                sys.stderr.write(line)
+
+
 def _step(title, args):
     print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
     start = time.time()
@@ -73,6 +93,7 @@ def format_table(results: dict) -> str:
 def comparison_figure(results: dict, prepared: str, domain: str, path: str) -> str | None:
     """One picture of every method's exported model on the same target test slices, with
     its errors (uda_tf/evaluation/figures.py; the labels are drawn, never used)."""
+    _import_tensorflow_quietly()
     from uda_tf.data.manifest import load_manifest
     from uda_tf.evaluation import figures
     manifest = load_manifest(prepared)

@@ -170,7 +170,7 @@ def domain_gap(history: dict, path: str, *, best_epoch: int | None = None,
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title("source vs target during training")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     return _save(fig, path, dpi=100)
 
 
