@@ -151,7 +151,7 @@ def run_chain(name, work, mlflow_uri):
         f"--output_dir={work}/runs", "--run_name=e2e", "--model_name=e2e",
         f"--mlflow_tracking_uri={mlflow_uri}", "--mlflow_experiment=e2e",
         "--mlflow_sample_slices=0", "--backup_every_steps=0", "--notarget_criteria",
-        "--nofigures"], steps)
+        "--nofigures", "--nomlflow_input_example"], steps)
     if proc.returncode:
         return out
     with open(os.path.join(work, "runs", "e2e", "result.json")) as f:

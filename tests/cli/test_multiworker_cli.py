@@ -63,7 +63,7 @@ def test_two_train_processes_run_adversarial(tiny_prepared, tmp_path, mlflow_sto
         "--unet_depth=2",
         f"--output_dir={tmp_path}/runs", "--run_name=mw", f"--mlflow_tracking_uri={uri}",
         "--model_name=mw", "--mlflow_experiment=test", "--mlflow_sample_slices=0",
-        "--nofigures"], tmp_path)
+        "--nofigures", "--nomlflow_input_example"], tmp_path)
     # about 70 s on a quiet 2-core machine; the limit allows for a loaded one
     outputs = _wait(procs, 480)
     for proc, (out, err) in zip(procs, outputs):

@@ -23,7 +23,8 @@ def _args(data_dir, tmp_path, name):
             "--shuffle_buffer=16", "--deterministic", "--backup_every_steps=1",
             f"--output_dir={tmp_path}/runs", f"--run_name={name}",
             f"--mlflow_tracking_uri={_uri(tmp_path, name)}", "--mlflow_experiment=t",
-            "--mlflow_sample_slices=0", "--model_name=m", "--nofigures"]
+            "--mlflow_sample_slices=0", "--model_name=m", "--nofigures",
+            "--nomlflow_input_example"]
 
 
 def _uri(tmp_path, name):

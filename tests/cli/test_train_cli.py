@@ -64,7 +64,8 @@ def runs(tiny_prepared, tmp_path_factory, mlflow_store):
         # 3 replicas, batches of 8: the last of the 10 validation slices' batches has 2
         "offline": [f"--flagfile={flagfile}", "--run_name=offline", "--method=source_only",
                     "--num_cpu_devices=3", "--global_batch_size=8",
-                    f"--mlflow_tracking_uri={offline_uri}", "--mlflow_experiment=explicit"],
+                    f"--mlflow_tracking_uri={offline_uri}", "--mlflow_experiment=explicit",
+                    "--nomlflow_input_example"],
     }
     results = {}
     for name, args in commands.items():

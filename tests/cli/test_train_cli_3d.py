@@ -33,7 +33,7 @@ def test_unet3d_run_end_to_end(prepared_volumes, tmp_path, mlflow_store):
                   "--num_cpu_devices=2", "--shuffle_buffer=4", f"--output_dir={tmp_path}/runs",
                   "--run_name=tiny3d", f"--mlflow_tracking_uri={mlflow_store(tmp_path)}",
                   "--model_name=tiny3d", "--mlflow_experiment=test3d", "--mlflow_sample_slices=0",
-                  "--nofigures")
+                  "--nofigures", "--nomlflow_input_example")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny3d"
     result = json.loads((run_dir / "result.json").read_text())

@@ -33,7 +33,8 @@ def _cfg(data_dir, out, **overrides):
                   base_filters=2, unet_depth=2, output_dir=str(out), run_name="run",
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
                   mlflow_sample_slices=0, figures=False, model_name="m", check_shards=False,
-                  backup_every_steps=0, target_criteria=False)
+                  backup_every_steps=0, target_criteria=False, mlflow_input_example=False,
+                  mlflow_system_metrics=False)
     values.update(overrides)
     return RunConfig.from_flags(values)
 

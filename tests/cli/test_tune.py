@@ -72,6 +72,7 @@ def test_study_runs_resumes_tracks_children_and_writes_the_best_flags(tiny_prepa
     args = [f"--data_dir={data_dir}", "--source_domain=dom_a", "--target_domain=dom_b",
             "--method=grl", "--epochs=1", "--steps_per_epoch=1", "--global_batch_size=2",
             "--base_filters=2", "--unet_depth=2", "--nofigures", "--notarget_criteria",
+            "--nomlflow_input_example",
             "--nomlflow_system_metrics", "--backup_every_steps=0", f"--output_dir={tmp_path}",
             f"--mlflow_tracking_uri={uri}", "--mlflow_experiment=tune_test",
             "--search=learning_rate=logfloat:1e-4:1e-2", "--search=grl_lambda=float:0.01:1",

@@ -107,6 +107,7 @@ def test_plan_prepare_train_end_to_end(raw, tmp_path, mlflow_store):
     proc = run_cli("uda_tf.cli.train", [
         f"--flagfile={out / 'train.cfg'}", "--epochs=1", "--steps_per_epoch=1",
         "--base_filters=2", "--global_batch_size=2", "--nofigures", "--run_name=planned",
+        "--nomlflow_input_example",
         f"--mlflow_tracking_uri={mlflow_store(tmp_path)}", "--nomlflow_system_metrics"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "runs" / "planned" / "result.json").is_file()

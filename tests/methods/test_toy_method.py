@@ -20,7 +20,8 @@ def _values(data_dir, out, **overrides):
                   run_name="toy",
                   mlflow_tracking_uri=f"sqlite:///{out}/mlflow.db", mlflow_experiment="t",
                   mlflow_sample_slices=0, figures=False, model_name="toy", check_shards=False,
-                  backup_every_steps=1, target_criteria=False)
+                  backup_every_steps=1, target_criteria=False, mlflow_input_example=False,
+                  mlflow_system_metrics=False)
     values.update(overrides)
     return values
 

@@ -23,7 +23,7 @@ metric = st.fixed_dictionaries({"key": text, "value": st.floats(allow_nan=False)
 artifact = st.fixed_dictionaries({"path": text, "artifact_path": st.none() | text})
 model = st.none() | st.fixed_dictionaries(
     {"saved_model": text, "register_name": text, "alias": text, "name": text,
-     "step": st.integers(0, 99)})
+     "step": st.integers(0, 99), "input_example": st.booleans()})
 dataset_input = st.fixed_dictionaries({k: text for k in ("name", "digest", "source", "context")})
 queue = st.fixed_dictionaries({
     "tracking_uri": text, "experiment": text, "run_name": st.none() | text,

@@ -540,7 +540,8 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
         # epoch logs, the test metrics and best_*) to the logged model.
         tracker.log_saved_model(export_path, register_name=cfg.register_model_name,
                                 alias=cfg.register_alias, name=cfg.run_name,
-                                step=checkpoint.best_epoch)
+                                step=checkpoint.best_epoch,
+                                input_example=cfg.mlflow_input_example)
         result = report(cfg, values, where.run_dir, tracker, epoch_logger, checkpoint,
                         train_seconds, exported_weights, export_path, evaluations)
         status = "FINISHED"

@@ -198,6 +198,10 @@ class RunConfig:
     mlflow_system_metrics: bool = setting(
         True, "Log the machine's CPU, memory, disk, network (and GPU with pynvml) use to the "
         "MLflow run every 10 s (MLflow system metrics, system/*).")
+    mlflow_input_example: bool = setting(
+        True, "Store an input example (one blank image; 2D inputs of at most 2^18 values) with "
+        "the logged model; MLflow checks it by serving it through the model (about a second "
+        "per run; sweeps and smoke tests may turn it off).")
     resume: bool = setting(
         False, "Continue in the existing run directory --run_name (not wiped) from its "
         "newest backup, and its MLflow run (<run_dir>/mlflow_run_id) with what "

@@ -217,9 +217,10 @@ def _checked_pending(pending, path: str) -> dict:
                               and all(_is_text(model.get(k, ""))
                                       for k in ("register_name", "alias", "name"))
                               and isinstance(model.get("step", 0), int)
-                              and not isinstance(model.get("step", 0), bool)),
+                              and not isinstance(model.get("step", 0), bool)
+                              and isinstance(model.get("input_example", False), bool)),
             path, "pending 'model'", "null or {saved_model, register_name, alias, name: "
-            "strings, step: integer}")
+            "strings, step: integer, input_example: boolean}")
     inputs = pending.get("inputs", [])
     _expect(isinstance(inputs, list) and all(
         isinstance(d, dict) and all(_is_text(d.get(k)) for k in _INPUT_KEYS) for d in inputs),
@@ -233,7 +234,8 @@ def _checked_pending(pending, path: str) -> dict:
             "model": None if model is None else {
                 "saved_model": model["saved_model"],
                 "register_name": model.get("register_name", ""), "alias": model.get("alias", ""),
-                "name": model.get("name", "model"), "step": model.get("step", 0)}}
+                "name": model.get("name", "model"), "step": model.get("step", 0),
+                "input_example": model.get("input_example", False)}}
 
 
 def _set_aside(path: str) -> str:
@@ -323,12 +325,13 @@ class RunTracker:
                                        "context": context})
 
     def log_saved_model(self, saved_model: str, *, register_name: str = "", alias: str = "",
-                        name: str = "model", step: int = 0) -> None:
+                        name: str = "model", step: int = 0,
+                        input_example: bool = False) -> None:
         """Log the SavedModel as an MLflow pyfunc model named `name`, optionally registered
         with an alias. MLflow links the run's metrics logged at `step` (the kept epoch) to it."""
         self.pending["model"] = {"saved_model": os.path.abspath(saved_model),
                                  "register_name": register_name, "alias": alias, "name": name,
-                                 "step": int(step)}
+                                 "step": int(step), "input_example": bool(input_example)}
 
     def summary(self) -> str:
         p = self.pending
@@ -518,7 +521,7 @@ INPUT_EXAMPLE_VALUES = 1 << 18  # the largest input example stored with a logged
 
 
 def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
-                    name: str = "model", step: int = 0) -> dict:
+                    name: str = "model", step: int = 0, input_example: bool = False) -> dict:
     """Log a SavedModel as an MLflow pyfunc model in the active run and register it with an
     alias when asked. uda_tf/serving/pyfunc.py wraps the exported directory itself, so the
     MLflow model is byte for byte what TF Serving serves; mlflow.tensorflow.log_model does take
@@ -548,7 +551,7 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     # model serves it.
     size = [int(d.size) for d in serve.inputs["image"].tensor_shape.dim][1:]
     example = (np.zeros([1, *size], np.float32)
-               if size and min(size) > 0 and math.prod(size) <= INPUT_EXAMPLE_VALUES else None)
+               if input_example and size and min(size) > 0 and math.prod(size) <= INPUT_EXAMPLE_VALUES else None)
     # A models-from-code file, given to MLflow as a path (not imported: serving is a layer up).
     code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "serving", "pyfunc.py")
