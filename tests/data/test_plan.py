@@ -29,6 +29,20 @@ def test_fingerprint_reads_ras_geometry_from_headers(raw):
     assert b["intensity"]["p0.5"] <= b["intensity"]["p50"] <= b["intensity"]["p99.5"]
 
 
+def test_header_geometry_is_what_reading_the_scan_gives(raw, tmp_path):
+    """The plan's geometry, from headers only, equals the shape and spacing `read_volume`
+    gives (RAS order; a picture is [rows, cols, 1])."""
+    from tests.data import raw_layouts
+    from uda_tf.data import io
+    raw_layouts.make_drive(tmp_path / "drive")
+    cases = [*layouts.read_layout("msd", str(raw)).cases,
+             *layouts.read_layout("drive", str(tmp_path / "drive")).cases[:1]]
+    for case in cases:
+        geometry, volume = plan.case_geometry(case), io.read_volume(case.image_path)
+        assert geometry.shape == volume.array.shape[:3], case.image_path
+        assert geometry.spacing == pytest.approx(volume.spacing), case.image_path
+
+
 def _fp(spacings, shapes, low=0.0, picture=False, labelled=True):
     cases = [{"case_id": f"c{i}", "domain": "s" if i % 2 == 0 else "t",
               "labelled": labelled or i % 2 == 1, "spacing": tuple(sp), "shape": tuple(sh)}

@@ -96,9 +96,10 @@ def comparison_figure(results: dict, prepared: str, domain: str, path: str) -> s
     _import_tensorflow_quietly()
     from uda_tf.data.manifest import load_manifest
     from uda_tf.evaluation import figures
-    manifest = load_manifest(prepared)
-    return figures.compare_methods({m: r["saved_model"] for m, r in results.items()},
-                                   prepared, manifest, domain, path)
+    from uda_tf.serving.export import load_serving_fn
+    return figures.compare_methods(
+        {m: load_serving_fn(r["saved_model"]) for m, r in results.items()}, prepared,
+        load_manifest(prepared), domain, path)
 
 
 def main(argv):

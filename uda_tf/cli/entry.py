@@ -30,6 +30,11 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "configs")
 PATH_FLAG = re.compile(r"^--?(\w+_(?:dir|file|map|checkpoint|path))=(.*)$")
 _FLAGFILE = re.compile(r"^--?flagfile=(.*)$")
+_WIDTH = 100
+
+# A section list: (title, the flag the section starts at). Flags before the first start are
+# listed under "flags".
+Sections = Sequence[tuple[str, str]]
 
 
 class FlagfileError(ValueError):
@@ -97,11 +102,6 @@ def expand_flagfiles(args, base_dir: str | None = None, _stack=()) -> list[str]:
             arg = arg[: len(arg) - len(path_flag.group(2))] + value
         out.append(arg)
     return out
-_WIDTH = 100
-
-# A section list: (title, the flag the section starts at). Flags before the first start are
-# listed under "flags".
-Sections = Sequence[tuple[str, str]]
 
 
 def asks_for_help(argv: Sequence[str]) -> bool:

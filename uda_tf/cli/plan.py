@@ -56,17 +56,8 @@ def _default_domains(fp: dict) -> tuple[str, str | None]:
     return source, target
 
 
-def _flagfile(title: str, values: dict) -> str:
-    lines = [f"# {title}"]
-    for name, value in values.items():
-        if isinstance(value, bool):
-            lines.append(f"--{'' if value else 'no'}{name}")
-        else:
-            lines.append(f"--{name}={value}")
-    return "\n".join(lines) + "\n"
-
-
 def report(fp: dict, plan: dict) -> str:
+    """The fingerprint of a raw dataset as a table, then `suggestions(plan)`."""
     lines = [f"dataset {fp['dataset']}: {len(fp['cases'])} cases, classes "
              f"{', '.join(fp['label_names'].values())}", "",
              f"{'domain':<16}{'cases':>6}{'labelled':>9}  {'median spacing (mm, RAS)':<26}"
@@ -77,14 +68,36 @@ def report(fp: dict, plan: dict) -> str:
         i = d["intensity"]
         lines.append(f"{name:<16}{d['cases']:>6}{d['labelled']:>9}  {spacing:<26}{shape:<18}"
                      f"{i['p0.5']:.4g} / {i['p50']:.4g} / {i['p99.5']:.4g}")
-    lines += ["", "suggested settings:"]
-    reasons = plan["reasons"]
+    return "\n".join(lines + suggestions(plan))
+
+
+def suggestions(plan: dict) -> list[str]:
+    """Every suggested flag with its reason, then the warnings."""
+    lines = ["", "suggested settings:"]
     for group in ("prepare", "train"):
         for name, value in plan[group].items():
-            why = f"  ({reasons[name]})" if name in reasons else ""
+            why = f"  ({plan['reasons'][name]})" if name in plan["reasons"] else ""
             lines.append(f"  {group:<8} --{name}={value}{why}")
-    lines += [f"  warning: {w}" for w in plan["warnings"]]
-    return "\n".join(lines)
+    return lines + [f"  warning: {w}" for w in plan["warnings"]]
+
+
+def write_plan(out: str, plan_json: dict, configs: dict) -> None:
+    """plan.json and each flagfile of `configs` {file name: (command, {flag: value})} in
+    `out`, every file written whole or not at all."""
+    from uda_tf.cli.train import flagfile_text
+    os.makedirs(out, exist_ok=True)
+    files.write_json(os.path.join(out, "plan.json"), plan_json, indent=1)
+    for name, (command, values) in configs.items():
+        path = os.path.join(out, name)
+        with files.atomic_write(path) as f:
+            f.write(flagfile_text(values, f"{command} --flagfile={path}   (written by python "
+                                          "-m uda_tf.cli.plan)"))
+
+
+def _train_values(data_dir: str, out: str, suggestion: dict, dataset: str) -> dict:
+    runs = os.path.abspath(FLAGS.runs_dir or os.path.join(out, "runs"))
+    return {"data_dir": data_dir, **suggestion["train"], "output_dir": runs,
+            "mlflow_experiment": re.sub(r"[^\w.-]+", "_", dataset) or "uda_tf"}
 
 
 def main(argv):
@@ -116,26 +129,17 @@ def main(argv):
     except (ValueError, OSError) as e:
         raise SystemExit(f"plan: error: {e}") from None
     prepared = os.path.abspath(FLAGS.prepared_dir or os.path.join(out, "prepared"))
-    runs = os.path.abspath(FLAGS.runs_dir or os.path.join(out, "runs"))
     domains = [source] + ([target] if target else [])
     prepare_cfg = {"layout": FLAGS.layout, "input_dir": os.path.abspath(FLAGS.input_dir),
                    **({"default_domain": FLAGS.default_domain} if FLAGS.default_domain
                       else {}),
                    **options, "output_dir": prepared, "domains": ",".join(domains),
                    **suggestion["prepare"]}
-    train_cfg = {"data_dir": prepared, **suggestion["train"], "output_dir": runs,
-                 "mlflow_experiment": re.sub(r"[^\w.-]+", "_", fp["dataset"]) or "uda_tf"}
-    plan_json = {"fingerprint": fp, "machine": {"gpus": gpus}, "plan": suggestion,
-                 "source_domain": source, "target_domain": target}
-    os.makedirs(out, exist_ok=True)
-    files.write_json(os.path.join(out, "plan.json"), plan_json, indent=1)
-    with files.atomic_write(os.path.join(out, "prepare.cfg")) as f:
-        f.write(_flagfile("python -m uda_tf.cli.prepare --flagfile=" + os.path.join(
-            out, "prepare.cfg") + "   (written by python -m uda_tf.cli.plan)", prepare_cfg))
-    with files.atomic_write(os.path.join(out, "train.cfg")) as f:
-        f.write(_flagfile("python train.py --flagfile=" + os.path.join(out, "train.cfg")
-                          + " --method=<method>   (written by python -m uda_tf.cli.plan)",
-                          train_cfg))
+    write_plan(out, {"fingerprint": fp, "machine": {"gpus": gpus}, "plan": suggestion,
+                     "source_domain": source, "target_domain": target}, {
+        "prepare.cfg": ("python -m uda_tf.cli.prepare", prepare_cfg),
+        "train.cfg": ("python train.py --method=<method>",
+                      _train_values(prepared, out, suggestion, fp["dataset"]))})
     print(report(fp, suggestion))
     print(f"\nwrote {out}/plan.json, prepare.cfg and train.cfg; next:\n"
           f"  python -m uda_tf.cli.prepare --flagfile={out}/prepare.cfg\n"
@@ -157,29 +161,16 @@ def plan_prepared(out: str) -> None:
                                                unet_depth=FLAGS.unet_depth, gpus=gpus)
     except (ValueError, OSError) as e:
         raise SystemExit(f"plan: error: {e}") from None
-    prepared = os.path.abspath(FLAGS.data_dir)
-    runs = os.path.abspath(FLAGS.runs_dir or os.path.join(out, "runs"))
-    train_cfg = {"data_dir": prepared, **suggestion["train"], "output_dir": runs,
-                 "mlflow_experiment": re.sub(r"[^\w.-]+", "_", fp["dataset"]) or "uda_tf"}
-    os.makedirs(out, exist_ok=True)
-    files.write_json(os.path.join(out, "plan.json"), {
-        "fingerprint": fp, "machine": {"gpus": gpus}, "plan": suggestion,
-        "source_domain": source, "target_domain": target}, indent=1)
-    with files.atomic_write(os.path.join(out, "train.cfg")) as f:
-        f.write(_flagfile("python train.py --flagfile=" + os.path.join(out, "train.cfg")
-                          + " --method=<method>   (written by python -m uda_tf.cli.plan)",
-                          train_cfg))
+    write_plan(out, {"fingerprint": fp, "machine": {"gpus": gpus}, "plan": suggestion,
+                     "source_domain": source, "target_domain": target}, {
+        "train.cfg": ("python train.py --method=<method>", _train_values(
+            os.path.abspath(FLAGS.data_dir), out, suggestion, fp["dataset"]))})
     lines = [f"prepared dataset {fp['dataset']}: {fp['record_kind']} of {fp['image_shape']}, "
              f"spacing {fp['spacing']}", "",
              f"{'domain':<16}{'cases':>6}{'labelled':>9}{'train records':>15}"]
     for name, d in fp["domains"].items():
         lines.append(f"{name:<16}{d['cases']:>6}{d['labelled']:>9}{d['train_records']:>15}")
-    lines += ["", "suggested settings:"]
-    for name, value in suggestion["train"].items():
-        why = suggestion["reasons"].get(name)
-        lines.append(f"  train    --{name}={value}" + (f"  ({why})" if why else ""))
-    lines += [f"  warning: {w}" for w in suggestion["warnings"]]
-    print("\n".join(lines))
+    print("\n".join(lines + suggestions(suggestion)))
     print(f"\nwrote {out}/plan.json and train.cfg; next:\n"
           f"  python train.py --flagfile={out}/train.cfg --method=source_only")
 

@@ -23,8 +23,8 @@ import time
 
 from absl import app, flags, logging
 
-from uda_tf.cli import entry
 from uda_tf import files, methods
+from uda_tf.cli import entry
 from uda_tf.methods import METHODS, settings
 from uda_tf.training import adapt, config, devices, guards, multiworker
 from uda_tf.training.config import CONFIG_FILE, RunConfig
@@ -79,8 +79,11 @@ def resolved_flags() -> dict:
     return {name: FLAGS[name].value for name in _NAMES}
 
 
-def flagfile_text(values: dict) -> str:
-    lines = ["# resolved flags of this run; rerun with python train.py --flagfile=<this file>"]
+def flagfile_text(values: dict, title: str = "resolved flags of this run; rerun with "
+                  "python train.py --flagfile=<this file>") -> str:
+    """`values` {flag: value} as a flagfile train.py reads (None values left out), under a
+    `# title` line."""
+    lines = [f"# {title}"]
     for name, value in values.items():
         if isinstance(value, bool):
             lines.append(f"--{name}" if value else f"--no{name}")
@@ -565,8 +568,9 @@ def start_tracking(cfg, checked: Checked, where: Placement, values, extra_tags=N
     tracker.log_params(values)
     tracker.set_tags({**tags, "mlflow.note.content": run_description(cfg, checked),
                       **(extra_tags or {})})
-    # The prepared dataset as the run's input, identified by its manifest's hash (MLflow
-    # keeps 36 characters of a digest; the whole hash is the dataset_content_hash tag).
+    # The prepared dataset as the run's input, identified by its manifest's hash (MLflow's
+    # digest column holds 36 characters: the first 32 of the hash; the whole hash is the
+    # dataset_content_hash tag).
     tracker.log_input(checked.manifest.dataset_name or os.path.basename(cfg.data_dir),
                       (checked.manifest.content_hash or "unhashed")[:32],
                       os.path.abspath(cfg.data_dir), "training")
@@ -837,8 +841,8 @@ def train_sections() -> list[tuple[str, str]]:
     after = _NAMES.index(config.METHOD_SETTINGS_AFTER) + 1
     run_fields = {f.name for f in settings.fields(RunConfig)}
     if after < len(_NAMES) and _NAMES[after] not in run_fields:
-        sections.append(("method settings (read by the --method their text names, else by every method)",
-                         _NAMES[after]))
+        sections.append(("method settings (read by the --method their text names, else by "
+                         "every method)", _NAMES[after]))
     return sections
 
 

@@ -138,7 +138,7 @@ def _run_trial(study, terms, base, known, monitor, parent) -> None:
     from uda_tf.training.config import RunConfig
     trial = study.ask()
     params = {t.name: t.suggest(trial) for t in terms}
-    values = {**base, **{k: known[k](v) if isinstance(v, str) else v for k, v in params.items()},
+    values = {**_trial_values(base, known, params),
               "run_name": f"{FLAGS.study_name}_trial{trial.number:03d}"}
     report = tuning.ReportToTrial(trial, monitor)
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -164,18 +164,23 @@ def _run_trial(study, terms, base, known, monitor, parent) -> None:
         print(f"trial {trial.number}: {shown}: {monitor} {value:.4f}")
 
 
+def _trial_values(base: dict, known: dict, params: dict) -> dict:
+    """train.py's flag values of a trial: `base` with the trial's `params`, a choice (a
+    string) parsed by its flag's parser."""
+    return {**base, **{k: known[k](v) if isinstance(v, str) else v for k, v in params.items()}}
+
+
 def _report(study, base, known, study_dir) -> None:
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
         sys.exit("tune: error: no trial finished; see the warnings above")
     best = study.best_trial
-    values = {**base, **{k: known[k](v) if isinstance(v, str) else v
-                         for k, v in best.params.items()}, "run_name": None}
     path = os.path.join(study_dir, "best.cfg")
-    text = train_cli.flagfile_text(values).split("\n", 1)[1]
     with files.atomic_write(path) as f:
-        f.write(f"# best trial {best.number} of study {study.study_name} ({best.value:.4f}); "
-                f"python train.py --flagfile={path} --run_name=<name>\n{text}")
+        f.write(train_cli.flagfile_text(
+            {**_trial_values(base, known, best.params), "run_name": None},
+            f"best trial {best.number} of study {study.study_name} ({best.value:.4f}); "
+            f"python train.py --flagfile={path} --run_name=<name>"))
     print(f"best trial {best.number}: {best.value:.4f} with " + ", ".join(
         f"{k}={v}" for k, v in best.params.items()) + f"\nbest flags: {path}")
 

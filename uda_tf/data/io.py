@@ -294,18 +294,28 @@ def read_channels(paths, *, color: str = "green", max_voxels: int | None = None)
     if len(paths) == 1:
         return first
     arrays = [first.array]
-    for path in paths[1:]:
+    for k, path in enumerate(paths[1:], start=1):
         other = read_volume(path, max_voxels=max_voxels)
-        if other.array.shape != first.array.shape[:3]:
-            raise NiftiError(f"channel {path} has shape {tuple(other.original_shape)} but "
-                             f"channel 0 {paths[0]} has {tuple(first.original_shape)}")
-        difference = float(np.abs(other.affine - first.affine).max())
-        if difference > 1e-3:
-            raise NiftiError(f"channel {path} has a different affine from channel 0 "
-                             f"{paths[0]} (largest difference {difference:.4g} mm): they are "
-                             "not on the same grid")
+        check_same_grid(first, other, paths[0], path, f"channel {k}")
         arrays.append(other.array)
     return dataclasses.replace(first, array=np.stack(arrays, axis=-1))
+
+
+def check_same_grid(image: Volume, other: Volume, image_path: str, other_path: str,
+                    what: str) -> None:
+    """`other` (a label, mask or another channel, read from `other_path`) lies on the grid
+    of `image`: the same shape and affine (to 1e-3 mm); a NiftiError names both files."""
+    if tuple(other.array.shape[:3]) != tuple(image.array.shape[:3]):
+        raise NiftiError(
+            f"{what} {other_path} has shape {tuple(other.original_shape)} but its image "
+            f"{image_path} has shape {tuple(image.original_shape)}"
+        )
+    difference = float(np.abs(np.asarray(other.affine) - np.asarray(image.affine)).max())
+    if difference > 1e-3:
+        raise NiftiError(
+            f"{what} {other_path} has a different affine from its image {image_path} "
+            f"(largest difference {difference:.4g} mm): they are not on the same grid"
+        )
 
 
 def _check_finite(array: np.ndarray, path: str) -> None:
@@ -339,6 +349,16 @@ def _as_label_array(values: np.ndarray, path: str, binarize: bool = False) -> np
     if rounded.size and (rounded.min() < 0 or rounded.max() > 255):
         raise NiftiError(f"label file {path} has values outside 0..255")
     return rounded.astype(np.uint8)
+
+
+def picture_shape(path: str) -> tuple[int, int, int]:
+    """The [rows, cols, 1] shape `read_picture` gives `path`, from its header alone."""
+    from PIL import Image
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f, Image.open(f) as picture:
+        width, height = picture.size
+    return height, width, 1
 
 
 def _open_picture(path: str, max_voxels: int | None = None):

@@ -52,18 +52,12 @@ def case_geometry(case: CaseRecord) -> CaseGeometry:
     """Spacing and shape in RAS order, from the header alone (pictures: 1 mm, one slice)."""
     labelled = case.label_path is not None
     if io.is_picture(case.image_path):
-        with io._open_picture(case.image_path) as picture:  # header only: size
-            width, height = picture.size
         return CaseGeometry(case.case_id, case.domain, labelled, (1.0, 1.0, 1.0),
-                            (width, height, 1))
-    img = nib.load(case.image_path)
-    axes = nib.io_orientation(img.affine)[:, 0].astype(int)  # input axis i -> RAS axis
-    zooms = io.voxel_spacing(img.affine)
-    spacing, shape = [0.0] * 3, [1] * 3
-    for i in range(3):
-        spacing[axes[i]] = float(zooms[i])
-        shape[axes[i]] = int(img.shape[i])
-    return CaseGeometry(case.case_id, case.domain, labelled, tuple(spacing), tuple(shape))
+                            io.picture_shape(case.image_path))
+    img = nib.load(case.image_path)  # the header; no voxel is read
+    shape, spacing = io.canonical_geometry(img.shape[:3], img.affine)
+    return CaseGeometry(case.case_id, case.domain, labelled,
+                        tuple(float(v) for v in spacing), shape)
 
 
 def intensity_sample(case: CaseRecord, rng: np.random.Generator,

@@ -2,7 +2,7 @@
 
     python -m uda_tf.cli.prepare --layout=msd --input_dir=RAW --output_dir=PREPARED
     python -m uda_tf.cli.prepare --layout=cc359 --input_dir=CC359 --output_dir=OUT --spacing=1,1,1
-    python -m uda_tf.cli.prepare --flagfile=<plan>/prepare.cfg   (written by python -m uda_tf.cli.plan)
+    python -m uda_tf.cli.prepare --flagfile=<plan>/prepare.cfg   (written by uda_tf.cli.plan)
 
 In Python: `uda_tf.data.prepare.prepare(input_dir, output_dir, layout="msd", ...)`.
 Cases are preprocessed in parallel processes (a text progress bar on stderr); every shard is

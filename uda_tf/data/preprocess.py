@@ -290,21 +290,6 @@ def slices_with_context(prepared: np.ndarray, context: int = 0) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(stacked, 2, 0))
 
 
-def _check_grid(image: io.Volume, other: io.Volume, image_path: str, other_path: str,
-                what: str) -> None:
-    if tuple(other.array.shape[:3]) != tuple(image.array.shape[:3]):
-        raise io.NiftiError(
-            f"{what} {other_path} has shape {tuple(other.original_shape)} but its image "
-            f"{image_path} has shape {tuple(image.original_shape)}"
-        )
-    difference = float(np.abs(np.asarray(other.affine) - np.asarray(image.affine)).max())
-    if difference > 1e-3:
-        raise io.NiftiError(
-            f"{what} {other_path} has a different affine from its image {image_path} "
-            f"(largest difference {difference:.4g} mm): they are not on the same grid"
-        )
-
-
 def _check_image(image: io.Volume, path: str) -> None:
     if image.array.size == 0:
         raise io.NiftiError(f"image {path} is empty (shape {tuple(image.original_shape)})")
@@ -346,12 +331,13 @@ def prepare_case(case: CaseRecord, config: PreprocessConfig, label_values: int, 
     if case.label_path is not None:
         label = io.read_volume(case.label_path, is_label=True, binarize=case.binarize_label,
                                max_voxels=max_voxels)
-        _check_grid(image, label, case.image_path, case.label_path, "label")
+        io.check_same_grid(image, label, case.image_path, case.label_path, "label")
         _check_label_values(label, case.label_path, label_values)
     if case.mask_path is not None:
         roi = io.read_volume(case.mask_path, is_label=True, binarize=True,
                              max_voxels=max_voxels)
-        _check_grid(image, roi, case.image_path, case.mask_path, "region-of-interest mask")
+        io.check_same_grid(image, roi, case.image_path, case.mask_path,
+                           "region-of-interest mask")
     try:
         prepared, prepared_label, prepared_roi, record = _preprocess(image, label, roi, config)
     except io.NiftiError as e:

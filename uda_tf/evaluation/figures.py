@@ -201,10 +201,15 @@ def pick_slices(images: np.ndarray, count: int) -> np.ndarray:
     """Indices of `count` slices spread evenly over those with at least half the largest
     intensity variation (anatomy rather than background; neighbours look alike, so not simply
     the top `count`). Needs no labels."""
-    spread = images.reshape(len(images), -1).std(axis=1)
-    candidates = np.flatnonzero(spread >= 0.5 * spread.max())
+    return _spread_over_best(images.reshape(len(images), -1).std(axis=1), count)
+
+
+def _spread_over_best(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of `count` items spread evenly over those scoring at least half the best
+    score (the `count` best when fewer do)."""
+    candidates = np.flatnonzero(scores >= 0.5 * scores.max())
     if len(candidates) < count:
-        candidates = np.sort(np.argsort(-spread, kind="stable")[:count])
+        candidates = np.sort(np.argsort(-scores, kind="stable")[:count])
     picks = np.linspace(0, len(candidates) - 1, min(count, len(candidates)))
     return candidates[np.unique(np.round(picks).astype(int))]
 
@@ -306,12 +311,13 @@ def method_comparison(images, reference, predictions: dict, path: str, class_nam
     return _save(fig, path)
 
 
-def compare_methods(models: dict, data_dir: str, manifest: Manifest, domain: str, path: str,
+def compare_methods(serves: dict, data_dir: str, manifest: Manifest, domain: str, path: str,
                     *, split: str = "test", count: int = 4, max_slices: int = 1024) -> str | None:
-    """`method_comparison` of the SavedModels `models` {name: directory} on `count` slices of
-    `domain`'s labelled `split`, those with the most reference foreground spread over the
-    volume. Reads that split's labels: an evaluation picture (target labels here are an
-    oracle), never an input of training or model choice. None without labelled 2D slices."""
+    """`method_comparison` of the models `serves` {name: serving_default function} on `count`
+    slices of `domain`'s labelled `split`, those with the most reference foreground spread
+    over the volume. Reads that split's labels: an evaluation picture (target labels here are
+    an oracle), never an input of training or model choice. None without labelled 2D
+    slices."""
     import tensorflow as tf
 
     from uda_tf.data.pipeline import eval_dataset
@@ -322,16 +328,10 @@ def compare_methods(models: dict, data_dir: str, manifest: Manifest, domain: str
     images = np.concatenate([b[0] for b in batches])
     reference = np.concatenate([b[1] for b in batches])
     reference = reference[..., 0] if reference.ndim == 4 else reference
-    area = (reference > 0).reshape(len(reference), -1).sum(axis=1)
-    candidates = np.flatnonzero(area >= 0.5 * area.max()) if area.max() > 0 else \
-        np.arange(len(images))
-    picks = candidates[np.unique(np.round(np.linspace(0, len(candidates) - 1,
-                                                      min(count, len(candidates)))).astype(int))]
+    picks = _spread_over_best((reference > 0).reshape(len(reference), -1).sum(axis=1), count)
     images, reference = images[picks], reference[picks]
-    predictions = {}
-    for name, directory in models.items():
-        serve = tf.saved_model.load(directory).signatures["serving_default"]
-        predictions[name] = serve(image=tf.constant(images))["labels"].numpy()
+    predictions = {name: serve(image=tf.constant(images))["labels"].numpy()
+                   for name, serve in serves.items()}
     return method_comparison(images, reference, predictions, path, manifest.class_names,
                              title=f"{domain} {split} slices (labels shown for evaluation only)")
 

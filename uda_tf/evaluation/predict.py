@@ -29,7 +29,7 @@ import numpy as np
 from uda_tf.evaluation import inference
 from uda_tf.data import io
 from uda_tf.data.manifest import Manifest, load_manifest
-from uda_tf.files import add_unique, atomic_write, same_or_inside
+from uda_tf.files import atomic_write, same_or_inside
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 MAP_SUFFIXES = ("_probabilities", "_entropy")
@@ -235,14 +235,22 @@ def write_nifti(path: str, array: np.ndarray, affine, like: str | None = None) -
         nib.save(image, tmp)
 
 
-def case_id_of(path: str) -> str:
-    """File name without .nii(.gz) and without nnU-Net's channel suffix _0000."""
+def _split_channel(path: str) -> tuple[str, int | None]:
+    """(file name without .nii(.gz) and nnU-Net's channel suffix _NNNN, that channel number
+    or None)."""
     name = os.path.basename(path)
     for ending in NIFTI_ENDINGS:
         if name.endswith(ending):
             name = name[: -len(ending)]
             break
-    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        return name[:-5], int(name[-4:])
+    return name, None
+
+
+def case_id_of(path: str) -> str:
+    """File name without .nii(.gz) and without nnU-Net's channel suffix _0000."""
+    return _split_channel(path)[0]
 
 
 def resolve_inputs(patterns=(), layout: str | None = None, input_dir: str | None = None,
@@ -284,22 +292,12 @@ def _group_channels(found) -> dict:
         groups.setdefault(case_id, []).append(path)
     out = {}
     for case_id, paths in groups.items():
-        numbers = [_channel_number(p) for p in paths]
+        numbers = [_split_channel(p)[1] for p in paths]
         if len(paths) > 1 and None not in numbers and sorted(numbers) == list(range(len(paths))):
             out[case_id] = tuple(p for _, p in sorted(zip(numbers, paths)))
         else:
             out[case_id] = paths
     return out
-
-
-def _channel_number(path: str) -> int | None:
-    name = os.path.basename(path)
-    for ending in NIFTI_ENDINGS:
-        if name.endswith(ending):
-            name = name[: -len(ending)]
-            break
-    tail = name[-5:]
-    return int(tail[1:]) if len(name) > 5 and tail[0] == "_" and tail[1:].isdigit() else None
 
 
 # Folders of an MSD/nnU-Net dataset root that hold its scans and ground truth.

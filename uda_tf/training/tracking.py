@@ -337,7 +337,7 @@ class RunTracker:
         p = self.pending
         parts = [f"{len(p['params'])} params", f"{len(p['tags'])} tags",
                  f"{len(p['metrics'])} metric values", f"{len(p['artifacts'])} artifacts"]
-        if p.get("inputs"):
+        if p["inputs"]:
             parts.append(f"{len(p['inputs'])} dataset inputs")
         if p["model"]:
             parts.append(f"the model {p['model']['saved_model']}")
@@ -346,7 +346,7 @@ class RunTracker:
     def _empty(self) -> bool:
         p = self.pending
         return not (p["params"] or p["tags"] or p["metrics"] or p["artifacts"]
-                    or p.get("inputs") or p["model"])
+                    or p["inputs"] or p["model"])
 
     # -- sending ----------------------------------------------------------------------
     def _start(self) -> None:
@@ -441,7 +441,7 @@ class RunTracker:
 
     def _send_inputs(self) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
-        inputs = self.pending.setdefault("inputs", [])
+        inputs = self.pending["inputs"]
         if inputs:
             self._client.log_inputs(self.run_id, datasets=[
                 DatasetInput(Dataset(d["name"], d["digest"], "local", json.dumps(
@@ -550,8 +550,8 @@ def log_saved_model(saved_model: str, register_name: str = "", alias: str = "",
     # it with the model and checks, by loading the logged model and predicting it, that the
     # model serves it.
     size = [int(d.size) for d in serve.inputs["image"].tensor_shape.dim][1:]
-    example = (np.zeros([1, *size], np.float32)
-               if input_example and size and min(size) > 0 and math.prod(size) <= INPUT_EXAMPLE_VALUES else None)
+    small = bool(size) and min(size) > 0 and math.prod(size) <= INPUT_EXAMPLE_VALUES
+    example = np.zeros([1, *size], np.float32) if input_example and small else None
     # A models-from-code file, given to MLflow as a path (not imported: serving is a layer up).
     code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "serving", "pyfunc.py")
@@ -590,7 +590,7 @@ def still_sendable(pending: dict, path: str) -> dict:
                         path, len(missing), ", ".join(missing[:5]))
     return {"params": pending["params"], "tags": pending["tags"], "metrics": pending["metrics"],
             "artifacts": [a for a in pending["artifacts"] if a["path"] not in missing],
-            "inputs": pending.get("inputs", []), "model": model}
+            "inputs": pending["inputs"], "model": model}
 
 
 def replay_unsent(path: str, tracking_uri: str | None = None) -> dict | None:
