@@ -532,7 +532,8 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
         checkpoint, train_seconds = fit_and_keep_best(cfg, model, **fit_args,
                                                       epoch_logger=epoch_logger)
         export_path, exported_weights = export_best(cfg, checked, checkpoint.path,
-                                                    where.run_dir, tracker)
+                                                    where.run_dir, tracker,
+                                                    model.exported_networks())
         serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker,
                                              step=checkpoint.best_epoch)
         log_test_table(evaluations, where.run_dir, tracker)
@@ -597,10 +598,12 @@ def run_description(cfg, checked: Checked) -> str:
             f"exported to `{cfg.model_name}` and logged as `{cfg.run_name}`.")
 
 
-def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
+def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker, networks=None):
     """The kept segmentor, rebuilt outside the strategy so the SavedModel holds plain
     variables (in float32 whatever the training precision), with AdaBN's target statistics
-    when asked, exported to <run_dir>/export. Returns (SavedModel path, weights exported)."""
+    when asked, exported to <run_dir>/export, with the method's `exported_networks()`
+    (`networks`) rebuilt alike in a `translate` signature. Returns (SavedModel path, weights
+    exported)."""
     import keras
 
     from uda_tf.data import pipeline
@@ -620,8 +623,13 @@ def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
         exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
         with files.atomic_write(exported_weights, None) as tmp:
             segmentor.save_weights(tmp)
+    translators = {}
+    for name, (build, trained) in (networks or {}).items():
+        translators[name] = build()
+        translators[name].set_weights(trained.get_weights())
     export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"), cfg.model_name,
-                                   manifest=checked.manifest, config=cfg)
+                                   manifest=checked.manifest, config=cfg,
+                                   translators=translators)
     return export_path, exported_weights
 
 

@@ -45,6 +45,8 @@ from uda_tf.methods.self_training import SelfTraining  # noqa: E402
 from uda_tf.methods.adversarial import Adversarial  # noqa: E402
 from uda_tf.methods.minent import MinEnt  # noqa: E402
 from uda_tf.methods.mean_teacher import MeanTeacher  # noqa: E402
+from uda_tf.methods.attent import AttENT  # noqa: E402
 
 __all__ = ["METHODS", "register", "get_method", "define_flags", "SegmentationMethod",
-           "SourceOnly", "GRL", "SelfTraining", "Adversarial", "MinEnt", "MeanTeacher"]
+           "SourceOnly", "GRL", "SelfTraining", "Adversarial", "MinEnt", "MeanTeacher",
+           "AttENT"]

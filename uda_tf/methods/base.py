@@ -236,6 +236,13 @@ class SegmentationMethod(keras_compat.FitHooks):
         teacher's EMA teacher)."""
         return self.segmentor
 
+    def exported_networks(self) -> dict:
+        """Image -> image networks exported beside the kept segmentor, in the SavedModel's
+        `translate` signature: {output name: (a function building the same architecture under
+        the current dtype policy, the trained network)}; their weights at the end of training
+        are exported. None by default (AttENT: its two translators)."""
+        return {}
+
     def paired_network(self) -> keras.Model | None:
         """A second network of the kept one's architecture whose target predictions the
         kept network's can be compared with (mean teacher: the student or the teacher, the

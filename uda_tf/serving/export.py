@@ -23,7 +23,13 @@ Layout `<export_root>/<model_name>/<version>/` is the one TF Serving watches. Si
 
 `assets.extra/` holds `manifest.json` (the prepared dataset's manifest), `label_names.json`,
 `config.json` (the run's `RunConfig`, when the export knows it) and `tf_serving_warmup_requests` (PredictionLog records TF Serving replays at load time).
-Only the segmentor is exported, never the adversarial wrapper (docs/DESIGN.md).
+* `translate` (exported with `translators`, e.g. by --method=attent): `image` [N, H, W, C]
+  preprocessed -> one output per translator, the translated image of the same shape
+  (AttENT: `to_target` = G_S->T, `to_source` = G_T->S), for inspecting what the segmentor
+  was trained on.
+
+Only the segmentor (and translators, when given) are exported, never the method's wrapper
+(docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ from uda_tf.training.config import CONFIG_FILE, RunConfig, read_run_config, run_
 
 SERVING_DEFAULT = "serving_default"
 SERVING_RAW = "serving_raw"
+TRANSLATE = "translate"
 OUTPUTS = ("probabilities", "labels", "entropy")
 WARMUP_FILE = "tf_serving_warmup_requests"
 # The allowed batch sizes of export/serving/batching.config: TF Serving pads every batch up to
@@ -82,7 +89,7 @@ def warmup_inputs(signature: str, shape, normalization: str | None, batch_size: 
     """Inputs of one warm-up request: a background-only batch (zeros after normalisation),
     which exercises every op of the graph at the given batch size."""
     images = np.zeros((batch_size, *shape), np.float32)
-    if signature == SERVING_DEFAULT:
+    if signature in (SERVING_DEFAULT, TRANSLATE):
         return {"image": images}
     stats = {"p_low": 0.0, "p_high": 1.0, "mean": 0.5, "std": 0.25}
     return {name: images if name == "image" else np.full([batch_size], stats[name], np.float32)
@@ -126,12 +133,13 @@ def check_export_target(export_root: str, model_name: str, *,
 def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
                      version: int | None = None, *, manifest: dict | None = None,
                      config: RunConfig | None = None,
-                     warmup_batch_sizes=SERVING_BATCH_SIZES) -> str:
+                     warmup_batch_sizes=SERVING_BATCH_SIZES, translators=None) -> str:
     """Write the SavedModel atomically (temporary directory, then rename); returns its path.
 
     With `manifest` (the prepared dataset's), also exports `serving_raw` and puts the manifest
     and label names into assets.extra/; with `config` (the run's), config.json there too. Warm-up requests cover every signature at each of
-    `warmup_batch_sizes` (the server's allowed batch sizes).
+    `warmup_batch_sizes` (the server's allowed batch sizes). `translators` ({output name:
+    image -> image keras.Model}) adds the `translate` signature.
 
     One export at a time per model directory: `OutputLock(<export_root>/<model_name>)` is held
     from choosing the version to the rename, so two exports never take the same number, and an
@@ -141,11 +149,11 @@ def export_segmentor(segmentor: keras.Model, export_root: str, model_name: str,
     with OutputLock(model_dir, "export"):
         return _write_version(segmentor, model_dir, model_name, version,
                               None if manifest is None else Manifest.of(manifest), config,
-                              warmup_batch_sizes)
+                              warmup_batch_sizes, translators or {})
 
 
 def _write_version(segmentor, model_dir, model_name, version, manifest, config,
-                   warmup_batch_sizes):
+                   warmup_batch_sizes, translators):
     version = next_version(model_dir) if version is None else int(version)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
@@ -162,7 +170,8 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, config,
         raw_names = raw_input_names(normalization)  # fails early on an unknown normalization
     tmp = os.path.join(model_dir, f".{version}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    archive, signatures = _export_archive(segmentor, shape, normalization, raw_names)
+    archive, signatures = _export_archive(segmentor, shape, normalization, raw_names,
+                                          translators)
     try:
         archive.write_out(tmp, verbose=False)
         _write_assets(os.path.join(tmp, "assets.extra"), manifest, model_name, shape,
@@ -185,9 +194,10 @@ def _write_version(segmentor, model_dir, model_name, version, manifest, config,
     return final
 
 
-def _export_archive(segmentor, shape, normalization, raw_names):
+def _export_archive(segmentor, shape, normalization, raw_names, translators=None):
     """(ExportArchive, signature names): `serving_default`, and with `raw_names` (a
-    manifest's) also `serving_raw`, which normalizes raw intensities as `normalization` says.
+    manifest's) also `serving_raw`, which normalizes raw intensities as `normalization` says;
+    with `translators` also `translate`.
     The segmentor's graph is built once: `serving_raw` calls `serving_default`'s function
     (one function in the SavedModel, referenced by both signatures)."""
     image_spec = tf.TensorSpec([None, *shape], tf.float32, name="image")
@@ -222,6 +232,21 @@ def _export_archive(segmentor, shape, normalization, raw_names):
         serve_raw.get_concrete_function()
         archive.add_endpoint(SERVING_RAW, serve_raw)
         signatures.append(SERVING_RAW)
+    if translators:
+        for out_name, net in translators.items():
+            if tuple(net.input_shape[1:]) != tuple(shape) or tuple(
+                    net.output_shape[1:]) != tuple(shape):
+                raise ValueError(f"translator {out_name!r} maps {net.input_shape[1:]} -> "
+                                 f"{net.output_shape[1:]}; the segmentor takes {shape}")
+
+        @tf.function(input_signature=[image_spec], autograph=False)
+        def translate(image):
+            return {name: tf.cast(net(image, training=False), tf.float32)
+                    for name, net in translators.items()}
+
+        translate.get_concrete_function()
+        archive.add_endpoint(TRANSLATE, translate)
+        signatures.append(TRANSLATE)
     return archive, signatures
 
 
