@@ -14,7 +14,8 @@ SETTINGS = {"filters": 2, "depth": 1, "residual_blocks": 0, "attention": True}
 NETWORKS = ("seg", "ent_disc", "g_st", "g_ts", "d_s", "d_t")
 
 
-def tiny_attent(schedule="joint", translation_epochs=0, pool=4, seed=0, lr=0.01):
+def tiny_attent(schedule="joint", translation_epochs=0, pool=4, seed=0, lr=0.01, eager=True):
+    """Eager by default: a step or two of this six-network graph run faster than it traces."""
     seg = tiny_segmentor(seed=seed)
     keras.utils.set_random_seed(seed + 1)
     translators = {n: translator(SHAPE, name=n, **SETTINGS) for n in ("g_st", "g_ts")}
@@ -25,6 +26,7 @@ def tiny_attent(schedule="joint", translation_epochs=0, pool=4, seed=0, lr=0.01)
                    fake_pool_size=pool, translator_settings=SETTINGS, seed=seed,
                    minent_weight=0.1, entropy_weight=0.5)
     model.compile(**{n: keras.optimizers.Adam(lr) for n in NETWORKS})
+    model.run_eagerly = eager
     return model
 
 

@@ -313,19 +313,26 @@ def _acquire(signal, rng, params: Domain, grid: _Grid) -> np.ndarray:
     return np.clip(np.round(params.offset + params.gain * magnitude), 0, params.max_value)
 
 
-def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 1.0) -> Subject:
+def make_subject(domain: str, index: int, seed: int = 0, spacing_scale: float = 1.0,
+                 contrast_of: str | None = None) -> Subject:
     """Render subject `index` of `domain`; a pure function of (domain, index, seed).
 
-    spacing_scale > 1 coarsens the grid (same field of view) for fast tests.
+    spacing_scale > 1 coarsens the grid (same field of view) for fast tests. `contrast_of`
+    renders the same subject (anatomy, pose, grid, and the same random draws for bias field
+    and noise) with another domain's tissue contrast and acquisition (bias strength, noise
+    level, PSF, stored scale): the true paired image a translation to that domain should
+    produce, which unpaired data never has.
     """
     params = DOMAINS[check_domains([domain])[0]]
+    look = params if contrast_of is None else DOMAINS[check_domains([contrast_of])[0]]
     tpl = _template()
     rng = np.random.default_rng([seed, _domain_key(domain), index])
-    draw = _draw(rng, params)
+    # The jitter draws are the same whichever contrast is rendered: one subject, two looks.
+    draw = _draw(rng, dataclasses.replace(look, contrast_jitter=params.contrast_jitter))
     grid = _grid(params, spacing_scale)
     signal, tissue = _render(tpl, _template_coords(tpl, rng, draw, grid.fine_axes), draw,
                              grid.n_sub)
-    image = _acquire(signal, rng, params, grid)
+    image = _acquire(signal, rng, dataclasses.replace(look, spacing=params.spacing), grid)
 
     affine = np.eye(4)
     affine[:3, :3] = np.diag(grid.spacing)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from uda_tf import losses
@@ -151,6 +152,12 @@ class AttENT(SegmentationMethod):
         attent_entropy_weight: float = setting(
             1e-3, "attent: weight of the entropy discriminator's flipped-label loss in the "
             "segmentor objective.", lower=0)
+        translation_fidelity_subjects: int = setting(
+            0, "attent: new phantom subjects (never trained on) whose source -> target "
+            "translation is compared each epoch with the same anatomy rendered by the target "
+            "scanner: translation/mae, translation/ssim, translation/tissue_contrast_error "
+            "(and the untranslated images' values as translation/untranslated_*). Built-in "
+            "phantom domains and 2D only.", lower=0)
 
     def __init__(self, segmentor, class_names, *, translators: dict, image_discs: dict,
                  entropy_disc: keras.Model, schedule: str = "joint", translation_epochs: int = 0,
@@ -179,6 +186,7 @@ class AttENT(SegmentationMethod):
         self.pool_t = FakePool(fake_pool_size, shape, name="pool_t")
         self.pool_s = FakePool(fake_pool_size, shape, name="pool_s")
         self.phase = phase_at(0, schedule, self.translation_epochs)
+        self.fidelity = None  # a TranslationFidelity callback, set by from_config
         names = ("g_loss", "g_adv", "cycle_loss", "identity_loss", "d_img_loss", "d_img_acc",
                  "d_ent_loss", "adv_ent_loss", "translated_seg_loss")
         self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
@@ -194,17 +202,23 @@ class AttENT(SegmentationMethod):
         discs = {n: patch_discriminator(shape, name=n) for n in IMAGE_DISCS}
         ent = entropy_discriminator(tuple(segmentor.output["logits"].shape[1:-1]) + (1,),
                                     patch=True, name="ent_disc")
-        return cls(segmentor, class_names, **cls.base_kwargs(config, class_names),
-                   translators=translators, image_discs=discs, entropy_disc=ent,
-                   schedule=config.attent_schedule,
-                   translation_epochs=config.translation_epochs,
-                   gan_loss=config.translation_gan_loss, cycle_weight=config.cycle_weight,
-                   identity_weight=config.identity_weight,
-                   fake_pool_size=config.fake_pool_size,
-                   translated_seg_weight=config.translated_seg_weight,
-                   entropy_weight=config.attent_entropy_weight,
-                   translator_learning_rate=config.translator_learning_rate,
-                   translator_settings=settings, seed=run.seed)
+        fidelity = None
+        if config.translation_fidelity_subjects:
+            fidelity = TranslationFidelity.for_run(run, config.translation_fidelity_subjects,
+                                                   len(shape) == 4)
+        model = cls(segmentor, class_names, **cls.base_kwargs(config, class_names),
+                    translators=translators, image_discs=discs, entropy_disc=ent,
+                    schedule=config.attent_schedule,
+                    translation_epochs=config.translation_epochs,
+                    gan_loss=config.translation_gan_loss, cycle_weight=config.cycle_weight,
+                    identity_weight=config.identity_weight,
+                    fake_pool_size=config.fake_pool_size,
+                    translated_seg_weight=config.translated_seg_weight,
+                    entropy_weight=config.attent_entropy_weight,
+                    translator_learning_rate=config.translator_learning_rate,
+                    translator_settings=settings, seed=run.seed)
+        model.fidelity = fidelity
+        return model
 
     def optimizer_targets(self):
         return {"seg": self.segmentor, "ent_disc": self.ent_disc,
@@ -220,7 +234,7 @@ class AttENT(SegmentationMethod):
                 "ent_disc": keras.optimizers.Adam(disc_lr), **gan}
 
     def training_callbacks(self):
-        return [PhaseSwitch()]
+        return [PhaseSwitch(), *([self.fidelity] if self.fidelity is not None else [])]
 
     def exported_networks(self) -> dict:
         """Image -> image networks exported beside the segmentor in a `translate` signature
@@ -370,3 +384,53 @@ class PhaseSwitch(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self.model.set_phase(epoch):
             self.model.make_train_function(force=True)
+
+
+class TranslationFidelity(keras.callbacks.Callback):
+    """Each epoch, G_st's translation of `pairs.source` (uda_tf.data.paired) against the true
+    target-scanner rendering of the same anatomy: uda_tf.metrics.translation_fidelity, added to
+    the epoch's logs as translation/<name> (so the epoch logger sends them to MLflow), with the
+    untranslated images' values alongside for scale."""
+
+    #: phantom subject indices of the measurement start here: far from any dataset's cases
+    FIRST_INDEX = 1000
+
+    def __init__(self, pairs, label_names: dict, batch_size: int = 16):
+        super().__init__()
+        self.pairs, self.label_names, self.batch_size = pairs, label_names, batch_size
+        from uda_tf.metrics import translation_fidelity
+        self._score = translation_fidelity
+        base = translation_fidelity(pairs.source, pairs.reference, pairs.labels, label_names)
+        self.untranslated = {f"translation/untranslated_{k}": v for k, v in base.items()
+                             if k != "tissues"}
+
+    @classmethod
+    def for_run(cls, run, subjects: int, volumes: bool, max_slices: int = 24):
+        """From the run's settings: its source/target phantom domains, its data's
+        preprocessing, its seed; ValueError naming the flag for data it cannot pair."""
+        from uda_tf.data.manifest import load_manifest
+        from uda_tf.data.paired import check_phantom_domains, paired_slices
+        flag = "--translation_fidelity_subjects"
+        check_phantom_domains(run.source_domain, run.target_domain, flag)
+        if volumes:
+            raise ValueError(f"{flag}: measured on 2D slices only; this run trains on 3D "
+                             "patches (set it to 0)")
+        manifest = load_manifest(run.data_dir)
+        names = {int(k): v for k, v in manifest.label_names.items()}
+        pairs = paired_slices(run.source_domain, run.target_domain,
+                              range(cls.FIRST_INDEX, cls.FIRST_INDEX + subjects),
+                              manifest.preprocessing, seed=run.seed, max_slices=max_slices)
+        return cls(pairs, names)
+
+    def measure(self, translate) -> dict:
+        """translation_fidelity of `translate` (images -> images) on the pairs."""
+        out = np.concatenate([np.asarray(translate(self.pairs.source[i:i + self.batch_size]))
+                              for i in range(0, len(self.pairs.source), self.batch_size)])
+        return self._score(out, self.pairs.reference, self.pairs.labels, self.label_names)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        scores = self.measure(lambda x: self.model.g_st(x, training=False))
+        logs.update({f"translation/{k}": v for k, v in scores.items() if k != "tissues"})
+        logs.update(self.untranslated)
