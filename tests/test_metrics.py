@@ -157,3 +157,27 @@ def test_errors_name_the_problem():
         metrics.binary_metrics(mask, mask[:2], 1.0)
     with pytest.raises(ValueError, match="unknown metrics"):
         metrics.binary_metrics(mask, mask, 1.0, only=("jaccard",))
+
+
+def test_ssim_and_translation_fidelity():
+    from uda_tf.metrics import ssim, translation_fidelity
+    rng = np.random.default_rng(0)
+    x = ndimage.gaussian_filter(rng.random((2, 32, 32)), 2)
+    x = (x - x.min()) / (x.max() - x.min())
+    assert ssim(x, x, data_range=1.0) == pytest.approx(1.0)
+    noisy = x + rng.normal(0, 0.05, x.shape)
+    s = ssim(x, noisy, data_range=1.0)
+    assert 0 < s < 0.99 and s == pytest.approx(ssim(noisy, x, data_range=1.0))
+    assert ssim(x, 1 - x, data_range=1.0) < 0  # inverted structure: negative correlation
+    # one 2D image alone is the same as a stack of one
+    assert ssim(x[0], noisy[0], 1.0) == pytest.approx(ssim(x[:1], noisy[:1], 1.0))
+    labels = np.zeros((1, 4, 4), np.uint8)
+    labels[0, :2] = 1
+    labels[0, 2:, :2] = 2
+    ref = np.where(labels == 1, 0.9, np.where(labels == 2, 0.3, 0.0))
+    out = translation_fidelity(ref + 0.1 * (labels == 1), ref, labels,
+                               {0: "background", 1: "a", 2: "b", 3: "absent"})
+    assert out["mae"] == pytest.approx(0.1 * 8 / 16)
+    assert out["tissues"] == {"a": {"translated": pytest.approx(1.0), "reference": 0.9},
+                              "b": {"translated": 0.3, "reference": 0.3}}
+    assert out["tissue_contrast_error"] == pytest.approx(0.05)

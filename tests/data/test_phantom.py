@@ -193,3 +193,21 @@ def test_cli_writes_a_dataset_and_a_summary(tmp_path):
     image = nib.load(tmp_path / "imagesTr" / "scanner_a_000_0000.nii.gz")
     np.testing.assert_array_equal(np.asarray(image.dataobj),
                                   phantom.make_subject("scanner_a", 0, seed=3).image)
+
+
+def test_paired_rendering_is_the_same_anatomy_with_the_other_scanners_look(subjects):
+    a = subjects["scanner_a"]
+    same = phantom.make_subject("scanner_a", 0, seed=0, spacing_scale=COARSE,
+                                contrast_of="scanner_a")
+    np.testing.assert_array_equal(same.image, a.image)  # its own look: the subject itself
+    paired = phantom.make_subject("scanner_a", 0, seed=0, spacing_scale=COARSE,
+                                  contrast_of="t2like")
+    # same anatomy, pose and grid...
+    np.testing.assert_array_equal(paired.label, a.label)
+    np.testing.assert_array_equal(paired.affine, a.affine)
+    assert paired.case_id == a.case_id
+    # ...recorded with t2like's contrast (CSF brightest, WM darkest) and scale
+    means = {k: paired.image[paired.label == v].mean() for k, v in phantom.LABELS.items()
+             if k != "background"}
+    assert means["CSF"] > means["GM"] > means["WM"]
+    assert paired.image.max() > a.image.max()  # t2like stores up to 3000, scanner_a 1000

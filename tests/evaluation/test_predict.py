@@ -116,6 +116,15 @@ def threshold_model():
     return keras.Model(inputs, {"logits": conv(inputs)})
 
 
+def inverting_translator():
+    """An image -> image network giving 1 - x: contrast inverted, for --save_translation."""
+    import keras
+    inputs = keras.Input((*SIZE, 1))
+    conv = keras.layers.Conv2D(1, 1, kernel_initializer=keras.initializers.Constant(-1.0),
+                               bias_initializer=keras.initializers.Constant(1.0))
+    return keras.Model(inputs, conv(inputs))
+
+
 def manifest_for(directory, spacing):
     from uda_tf.data.manifest import write_manifest
     from uda_tf.data.preprocess import PreprocessConfig
@@ -138,7 +147,8 @@ def exported(tmp_path_factory):
     exact = manifest_for(root / "exact", ras_spacing)      # no resampling: exact mask expected
     resampled = manifest_for(root / "resampled", (2.0, 2.0, 2.0))
     model = export_segmentor(threshold_model(), str(root / "export"), "toy", manifest=exact,
-                             warmup_batch_sizes=(1,))
+                             warmup_batch_sizes=(1,),
+                             translators={"to_target": inverting_translator()})
     assert case_id_of(path) == "oblique_case"
     return {"root": root, "path": path, "affine": affine, "mask": mask, "model": model,
             "resampled": resampled}
@@ -160,6 +170,22 @@ def test_predict_restores_the_input_geometry_exactly(exported):
     entropy = np.asarray(nib.load(os.path.join(out, "oblique_case_entropy.nii.gz")).dataobj)
     assert entropy.shape == exported["mask"].shape and 0 <= entropy.min() <= entropy.max() <= 1
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
+
+
+def test_predict_writes_the_translated_scan_on_its_grid(exported, tmp_path):
+    from uda_tf.evaluation.predict import load_predictor, predict_cases
+    predictor = load_predictor(exported["model"], translation="to_target")
+    out = str(tmp_path / "translated")
+    predict_cases(predictor, [("oblique_case", exported["path"])], out, say=lambda *_: None)
+    image = nib.load(os.path.join(out, "oblique_case_translated.nii.gz"))
+    np.testing.assert_allclose(image.affine, exported["affine"], atol=1e-5)
+    translated, mask = np.asarray(image.dataobj), exported["mask"]
+    assert translated.shape == mask.shape and image.get_data_dtype() == np.float32
+    # the bright ellipsoid comes back dark and its surroundings bright, each uniform
+    assert translated[mask].max() < translated[~mask].min()
+    assert np.ptp(translated[mask]) < 1e-5 and np.ptp(translated[~mask]) < 1e-5
+    with pytest.raises(ValueError, match="--save_translation=to_source: .*returns"):
+        load_predictor(exported["model"], translation="to_source")
 
 
 def test_predict_with_resampling_keeps_labels_in_place(exported):

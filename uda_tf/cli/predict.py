@@ -37,6 +37,10 @@ def define_flags():
                       "anything is predicted.")
     flags.DEFINE_bool("save_probabilities", False, "Also write <case>_probabilities.nii.gz.")
     flags.DEFINE_bool("save_entropy", False, "Also write <case>_entropy.nii.gz.")
+    flags.DEFINE_string("save_translation", None, "Also write <case>_translated.nii.gz: this "
+                        "output of the SavedModel's translate signature (to_target or "
+                        "to_source, exported by --method=attent), in the prepared data's "
+                        "normalised intensities, on the scan's grid. 2D models.")
     flags.DEFINE_bool("tta", False, "Average over flips of every spatial axis (test-time "
                       "augmentation: 4x the work in 2D, 8x in 3D).")
     flags.DEFINE_integer("batch_size", 32, "Slices (2D) or patches (3D) per model call.",
@@ -73,13 +77,15 @@ def main(argv):
         # anything is predicted; predict_cases checks again (a library call has no main).
         check_outputs(output_targets(cases, FLAGS.output_dir,
                                      save_probabilities=FLAGS.save_probabilities,
-                                     save_entropy=FLAGS.save_entropy),
+                                     save_entropy=FLAGS.save_entropy,
+                                     save_translation=bool(FLAGS.save_translation)),
                       FLAGS.output_dir,
                       protected_paths(cases, FLAGS.layout, FLAGS.input_dir, options),
                       overwrite_input_files=FLAGS.overwrite_input_files)
         predictor = load_predictor(FLAGS.model, manifest=FLAGS.manifest, flags_path=FLAGS.flags,
                                    tta=FLAGS.tta, batch_size=FLAGS.batch_size,
-                                   patch_size=patch, overlap=FLAGS.overlap)
+                                   patch_size=patch, overlap=FLAGS.overlap,
+                                   translation=FLAGS.save_translation)
         predict_cases(predictor, cases, FLAGS.output_dir,
                       save_probabilities=FLAGS.save_probabilities,
                       save_entropy=FLAGS.save_entropy, layout=FLAGS.layout,

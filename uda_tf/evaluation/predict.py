@@ -32,7 +32,7 @@ from uda_tf.data.manifest import Manifest, load_manifest
 from uda_tf.files import atomic_write, same_or_inside
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
-MAP_SUFFIXES = ("_probabilities", "_entropy")
+MAP_SUFFIXES = ("_probabilities", "_entropy", "_translated")
 
 
 @dataclasses.dataclass
@@ -47,6 +47,9 @@ class Predictor:
     context: int = 0
     patch_size: tuple | None = None
     overlap: float = 0.5
+    #: prepared slices [N, H, W, C] -> translated slices (a SavedModel's `translate`
+    #: signature, one of its outputs), or None
+    translate_fn: object = None
 
     def __post_init__(self):
         self.manifest = Manifest.of(self.manifest)  # a dict built by hand, or a Manifest
@@ -66,10 +69,11 @@ def _is_saved_model(path: str) -> bool:
 
 def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path: str | None = None,
                    tta: bool = False, batch_size: int = 32, patch_size=None,
-                   overlap: float = 0.5) -> Predictor:
+                   overlap: float = 0.5, translation: str | None = None) -> Predictor:
     """A SavedModel directory (`serving_default`, as uda_tf.serving.export writes it) or a
     `.weights.h5` checkpoint with its run's config.json or flags.cfg (`flags_path`, default
-    the one next to it)."""
+    the one next to it). `translation`: an output of the SavedModel's `translate` signature
+    (AttENT's to_target / to_source) to write beside each prediction."""
     if isinstance(manifest, str):
         manifest = _load_manifest(manifest, "--manifest")
     if _is_saved_model(model):
@@ -91,10 +95,31 @@ def load_predictor(model: str, *, manifest: str | dict | None = None, flags_path
     if tta:
         axes = (1, 2) if kind == "slices" else (1, 2, 3)
         predict_fn = inference.flip_tta(predict_fn, axes)
+    translate_fn = None
+    if translation:
+        translate_fn = _translate_fn(model, translation, kind)
     return Predictor(predict_fn, manifest, kind, int(batch_size),
                      manifest.context_slices,
                      None if patch_size is None else tuple(int(p) for p in patch_size),
-                     float(overlap))
+                     float(overlap), translate_fn)
+
+
+def _translate_fn(model: str, output: str, kind: str):
+    """Prepared slices -> the `output` of the SavedModel's `translate` signature; a
+    ValueError naming --save_translation for a model or data that cannot give it."""
+    import tensorflow as tf
+    from uda_tf.serving.export import TRANSLATE, load_serving_fn
+    flag = f"--save_translation={output}"
+    if not _is_saved_model(model):
+        raise ValueError(f"{flag}: needs an exported SavedModel with a {TRANSLATE!r} "
+                         f"signature (--method=attent exports one); --model={model} is not one")
+    if kind != "slices":
+        raise ValueError(f"{flag}: translation is written for 2D models only")
+    fn = load_serving_fn(model, TRANSLATE, flag="--model")
+    outputs = sorted(fn.structured_outputs)
+    if output not in outputs:
+        raise ValueError(f"{flag}: the model's {TRANSLATE!r} signature returns {outputs}")
+    return lambda batch: fn(image=tf.constant(batch, tf.float32))[output].numpy()
 
 
 def _saved_model_fn(model: str, manifest: dict | None):
@@ -152,10 +177,18 @@ def _checkpoint_fn(model: str, manifest: dict | None, flags_path: str | None):
 def predict_volume(predictor: Predictor, volume: io.Volume) -> tuple[np.ndarray, dict]:
     """Probabilities [H, W, D, K] on the prepared grid of one scan, and its preprocessing
     record (the manifest's per-case entry, which `restore_to_original` reads)."""
+    prepared, record = _prepared(predictor, volume)
+    return _probabilities(predictor, prepared, record), record
+
+
+def _prepared(predictor: Predictor, volume: io.Volume):
     from uda_tf.data import preprocess
     config = preprocess.PreprocessConfig.from_manifest(predictor.manifest.preprocessing)
     prepared, _, record = preprocess.preprocess_volumes(volume, None, config)
-    prepared = prepared[..., None] if prepared.ndim == 3 else prepared
+    return (prepared[..., None] if prepared.ndim == 3 else prepared), record
+
+
+def _probabilities(predictor: Predictor, prepared, record) -> np.ndarray:
     if predictor.kind == "slices":
         probs = inference.predict_slices(predictor.predict_fn, prepared,
                                          batch_size=predictor.batch_size,
@@ -165,7 +198,7 @@ def predict_volume(predictor: Predictor, volume: io.Volume) -> tuple[np.ndarray,
                                          overlap=predictor.overlap,
                                          batch_size=predictor.batch_size,
                                          pad_value=record["crop_pad"]["pad_value"])
-    return probs, record
+    return probs
 
 
 def first_path(path) -> str:
@@ -175,9 +208,10 @@ def first_path(path) -> str:
 
 def predict_file(predictor: Predictor, path, *, probabilities: bool = False,
                  entropy: bool = False) -> dict:
-    """{"labels": uint8, ["probabilities": float32 [.., K]], ["entropy": float32]} on the
-    on-disk grid of `path` (a file, or the files of a multi-channel scan, channel 0 first),
-    plus "affine" (the file's)."""
+    """{"labels": uint8, ["probabilities": float32 [.., K]], ["entropy": float32],
+    ["translated": float32, with the predictor's translate_fn]} on the on-disk grid of `path`
+    (a file, or the files of a multi-channel scan, channel 0 first), plus "affine" (the
+    file's). The translated image is in the prepared data's normalised intensities."""
     from uda_tf.data.preprocess import restore_to_original
     volume = io.read_channels(path)
     channels = volume.array.shape[3] if volume.array.ndim == 4 else 1
@@ -186,7 +220,8 @@ def predict_file(predictor: Predictor, path, *, probabilities: bool = False,
         raise ValueError(f"{first_path(path)}: the scan has {channels} channel(s), the model "
                          f"was trained on {expected} (a multi-channel dataset's case is "
                          "<case>_0000, <case>_0001, ...: pass all of its files, or --layout)")
-    probs, record = predict_volume(predictor, volume)
+    prepared, record = _prepared(predictor, volume)
+    probs = _probabilities(predictor, prepared, record)
     preprocessing = predictor.manifest.preprocessing
     labels = np.argmax(probs, axis=-1).astype(np.uint8)
     out = {"labels": restore_to_original(labels, record, preprocessing, order=0)
@@ -199,6 +234,16 @@ def predict_file(predictor: Predictor, path, *, probabilities: bool = False,
     if entropy:
         out["entropy"] = restore_to_original(inference.normalized_entropy(probs), record,
                                              preprocessing, order=1, fill=0.0).astype(np.float32)
+    if predictor.translate_fn is not None:
+        translated = inference.predict_slices(predictor.translate_fn, prepared,
+                                              batch_size=predictor.batch_size)
+        # Outside the prepared field of view there is no translation: it gets what the
+        # translator makes of a background-only slice (the prepared pad value).
+        pad = record["crop_pad"]["pad_value"]
+        background = float(np.median(predictor.translate_fn(np.full_like(prepared[None, :, :, 0],
+                                                                          pad))))
+        out["translated"] = restore_to_original(translated[..., 0], record, preprocessing,
+                                                order=1, fill=background).astype(np.float32)
     return out
 
 
@@ -352,8 +397,8 @@ def protected_paths(cases, layout: str | None = None, input_dir: str | None = No
     return folders, files
 
 
-def output_targets(cases, output_dir: str, *, save_probabilities=False, save_entropy=False
-                   ) -> list[tuple[str, str, str, str]]:
+def output_targets(cases, output_dir: str, *, save_probabilities=False, save_entropy=False,
+                   save_translation=False) -> list[tuple[str, str, str, str]]:
     """[(case_id, input path, result key, output path)] of every file predict would write.
     A case id must be a plain name (it becomes a file name under `output_dir`), and two
     outputs may not share a path (case `x_entropy` against the entropy map of case `x`)."""
@@ -361,6 +406,7 @@ def output_targets(cases, output_dir: str, *, save_probabilities=False, save_ent
     keys = [("labels", "")]
     keys += [("probabilities", MAP_SUFFIXES[0])] if save_probabilities else []
     keys += [("entropy", MAP_SUFFIXES[1])] if save_entropy else []
+    keys += [("translated", MAP_SUFFIXES[2])] if save_translation else []
     targets, seen = [], {}
     for case_id, path in cases:
         check_name(case_id, f"case id of {first_path(path)}", what="case id")
@@ -413,7 +459,8 @@ def predict_cases(predictor: Predictor, cases, output_dir: str, *, save_probabil
     the run (`files.OutputLock`: a second predict into it is refused, naming this one)."""
     from uda_tf.files import OutputLock
     targets = output_targets(cases, output_dir, save_probabilities=save_probabilities,
-                             save_entropy=save_entropy)
+                             save_entropy=save_entropy,
+                             save_translation=predictor.translate_fn is not None)
     check_outputs(targets, output_dir,
                   protected_paths(cases, layout, input_dir, layout_options),
                   overwrite_input_files=overwrite_input_files)
