@@ -62,6 +62,8 @@ def method_config(name: str) -> SimpleNamespace:
         values["minent_weight"] = 1e-3  # MinEnt alone needs a weight (configs/minent_demo.cfg)
     if name == "mean_teacher":
         values["target_augment"] = "flip"  # its teacher's view (configs/mean_teacher_demo.cfg)
+    if name == "attent":
+        values["translation_epochs"] = 0  # the joint step: translation and segmentation
     return SimpleNamespace(**values)
 
 
