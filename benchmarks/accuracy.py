@@ -54,10 +54,13 @@ ROLES = ("adaptive", "baseline", "oracle")
 class Recipe:
     """One row of the benchmark: a flagfile (relative to the repository) and flags after it.
     role: "baseline" = non-adaptive (the paired gains are taken over the best of these),
-    "oracle" = trained on the target's labels (source and target swapped), else "adaptive"."""
+    "oracle" = trained on the target's labels (source and target swapped), else "adaptive".
+    after: the label of an earlier recipe whose kept checkpoint (same shift and seed)
+    initialises this one (--init_checkpoint): a second stage, run with that recipe's seeds."""
     flagfile: str
     flags: tuple[str, ...] = ()
     role: str = "adaptive"
+    after: str = ""
 
 
 # Adding a recipe is one line (or --add_recipe on the command line).
@@ -76,6 +79,11 @@ RECIPES: dict[str, Recipe] = {
     "mean_teacher": Recipe("configs/mean_teacher_demo.cfg"),
     "mean_teacher_randomized": Recipe("configs/mean_teacher_demo.cfg", (
         "--augment=randomized", "--mt_student_augment=full_gin")),
+    # Pixel-level (issue 15): AttENT, the same without attention gates (plain CycleGAN
+    # translators), and translate-then-self-train (AttENT's segmentor, then self-training).
+    "attent": Recipe("configs/attent_demo.cfg"),
+    "cyclegan_entropy": Recipe("configs/attent_demo.cfg", ("--attention_gates=false",)),
+    "attent_self_training": Recipe("configs/self_training_demo.cfg", (), after="attent"),
     "oracle": Recipe("configs/demo.cfg", ("--method=source_only",), "oracle"),
 }
 SOURCE_ONLY, ORACLE = "source_only", "oracle"
@@ -157,6 +165,12 @@ def recipe_table(table: dict, added, wanted) -> dict[str, Recipe]:
         raise ValueError(f"--recipes must include {missing}: the gap runs from source_only "
                          "to the oracle")
     chosen = {w: table[w] for w in dict.fromkeys(wanted)}
+    order = list(chosen)
+    for label, recipe in chosen.items():
+        if recipe.after and (recipe.after not in chosen
+                             or order.index(recipe.after) > order.index(label)):
+            raise ValueError(f"--recipes: {label} continues from {recipe.after}, which must "
+                             "come before it in --recipes")
     if table[ORACLE].role != "oracle" or sum(r.role == "oracle" for r in chosen.values()) != 1:
         raise ValueError("--recipes: exactly one oracle recipe, labelled 'oracle', is expected")
     for label, recipe in chosen.items():
@@ -171,6 +185,9 @@ def seeds_for(label: str, recipe: Recipe, seeds, other_seeds, all_seeds_recipes,
     oracle, `all_seeds_recipes`), `other_seeds` for the rest; the first seed only if quick."""
     if quick:
         return list(seeds[:1])
+    if recipe.after:  # a second stage: wherever its first stage ran
+        first = RECIPES.get(recipe.after, Recipe(""))
+        return seeds_for(recipe.after, first, seeds, other_seeds, all_seeds_recipes, quick)
     core = recipe.role in ("baseline", "oracle") or label in all_seeds_recipes
     return list(seeds if core else other_seeds)
 
@@ -595,18 +612,30 @@ def run_all(cfg: dict, prepared: str, data_key: dict):
     uri = "sqlite:///" + os.path.join(root, "mlflow.db")
     records = {shift: {} for shift in cfg["shifts"]}
     failed = []
+    keys_of = {}
     for seed, shift, label in plan_runs(cfg):
         recipe = cfg["recipes"][label]
         name = f"{shift}-{label}-seed{seed}"
+        extra = list(FLAGS.train_flag)
+        first = f"{shift}-{recipe.after}-seed{seed}" if recipe.after else None
+        if first is not None:
+            if first not in keys_of:
+                failed.append(f"{name} (its first stage {first} did not finish)")
+                continue
+            extra.append("--init_checkpoint=" + os.path.join(runs_dir, first, "checkpoints",
+                                                             "best.weights.h5"))
         args = train_args(recipe, name=name, source=cfg["source"], target=shift, seed=seed,
                           prepared=prepared, runs=runs_dir, tracking_uri=uri,
                           epochs=cfg["epochs"], steps_per_epoch=cfg["steps_per_epoch"],
-                          select_on=FLAGS.select_on, extra=FLAGS.train_flag)
+                          select_on=FLAGS.select_on, extra=extra)
         key = run_key(args, data_key, flagfile_digest(recipe.flagfile))
+        if first is not None:  # a retrained first stage makes this a new run too
+            key["after"] = keys_of[first]
         path = ensure_run(name, args, key, runs_dir, keys, FLAGS.rerun)
         if path is None:
             failed.append(name)
             continue
+        keys_of[name] = key
         try:
             with open(path) as f:
                 result = json.load(f)

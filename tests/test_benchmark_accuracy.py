@@ -207,6 +207,20 @@ def test_seeds_per_recipe():
     assert acc.seeds_for("source_only", base, *args, quick=True) == [0]
 
 
+def test_a_second_stage_follows_its_first():
+    for order in (["source_only", "attent_self_training", "attent", "oracle"],
+                  ["source_only", "attent_self_training", "oracle"]):
+        with pytest.raises(ValueError, match="continues from attent"):
+            acc.recipe_table(acc.RECIPES, [], order)
+    second = acc.RECIPES["attent_self_training"]
+    assert second.after == "attent"
+    # it runs with its first stage's seeds
+    assert acc.seeds_for("attent_self_training", second, [0, 1, 2], [0], ["attent"],
+                         quick=False) == [0, 1, 2]
+    assert acc.seeds_for("attent_self_training", second, [0, 1, 2], [0], [],
+                         quick=False) == [0]
+
+
 def test_oracle_trains_on_the_target():
     kw = dict(name="lowfield-oracle-seed1", source="scanner_a", target="lowfield", seed=1,
               prepared="/d", runs="/r", tracking_uri="sqlite:///m.db", epochs=2,
