@@ -285,18 +285,23 @@ class AttENT(SegmentationMethod):
         """Translators, then image discriminators. Returns G_st(x_s) as trained on."""
         x_s, x_t = tf.cast(x_s, tf.float32), tf.cast(x_t, tf.float32)
         n_s = tf.shape(x_s)[0]
+        n_t = tf.shape(x_t)[0]
         with tf.GradientTape() as tape:
-            # One pass per translator: its own domain's identity and the other's translation.
-            st = self.g_st(tf.concat([x_s, x_t], 0), training=True)
-            ts = self.g_ts(tf.concat([x_t, x_s], 0), training=True)
-            fake_t, idt_t = st[:n_s], st[n_s:]
-            fake_s, idt_s = ts[:tf.shape(x_t)[0]], ts[tf.shape(x_t)[0]:]
+            if self.identity_weight > 0:
+                # One pass per translator: the other domain's translation and its own
+                # domain's identity (instance norm: the samples do not interact).
+                st = self.g_st(tf.concat([x_s, x_t], 0), training=True)
+                ts = self.g_ts(tf.concat([x_t, x_s], 0), training=True)
+                fake_t, fake_s = st[:n_s], ts[:n_t]
+                idt = _l1(st[n_s:], x_t), _l1(ts[n_t:], x_s)
+            else:  # no identity term: a third of the translators' work saved
+                fake_t, fake_s = self.g_st(x_s, training=True), self.g_ts(x_t, training=True)
+                idt = tf.zeros([n_t]), tf.zeros([n_s])
             rec_s = self.g_ts(fake_t, training=True)
             rec_t = self.g_st(fake_s, training=True)
             adv_t = self._gan(self.d_t(fake_t, training=True), 1.0)
             adv_s = self._gan(self.d_s(fake_s, training=True), 1.0)
             cyc_s, cyc_t = _l1(rec_s, x_s), _l1(rec_t, x_t)
-            idt = _l1(idt_t, x_t), _l1(idt_s, x_s)
             g_loss = (losses.replica_mean(adv_t) + losses.replica_mean(adv_s)
                       + self.cycle_weight * (losses.replica_mean(cyc_s)
                                              + losses.replica_mean(cyc_t))
