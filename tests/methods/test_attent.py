@@ -91,7 +91,9 @@ def test_each_optimizer_changes_only_its_own_network():
 def test_staged_schedule_translates_first_then_segments_with_frozen_translators():
     assert [phase_at(e, "staged", 2) for e in range(4)] == ["translate"] * 2 + ["segment"] * 2
     assert [phase_at(e, "joint", 1) for e in range(3)] == ["translate", "joint", "joint"]
-    model = tiny_attent(schedule="staged", translation_epochs=1, identity_weight=0.0)
+    # traced, as train.py runs it: the phase switch must trace the step again
+    model = tiny_attent(schedule="staged", translation_epochs=1, identity_weight=0.0,
+                        eager=False)
     changed = []
 
     class Record(keras.callbacks.Callback):
