@@ -182,3 +182,28 @@ def test_export_has_a_translate_signature_with_both_translators(tmp_path):
     probs = load_serving_fn(path)(image=tf.constant(x))["probabilities"].numpy()
     expected = tf.nn.softmax(model.segmentor(x)["logits"]).numpy()
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backup_restores_every_network_optimizer_and_pool(tmp_path):
+    from uda_tf.training import resume
+    model = tiny_attent()
+    model.fit(_dataset(), epochs=1, steps_per_epoch=3, verbose=0)  # 12 fakes: the pool swaps
+    backup = resume.TrainingBackup(str(tmp_path), steps_per_epoch=3)
+    backup.set_model(model)
+    backup.save()
+    fresh = tiny_attent()  # the same method seed (the pool's draws), another state:
+    fresh.fit(_dataset(), epochs=1, steps_per_epoch=1, verbose=0)
+    resume.TrainingBackup(str(tmp_path), steps_per_epoch=3).restore(fresh)
+    groups, restored = resume.state_groups(model), resume.state_groups(fresh)
+    assert sorted(groups) == sorted(restored)
+    assert {"optimizer/seg_optimizer", "optimizer/g_st_optimizer",
+            "optimizer/ent_disc_optimizer"} <= set(groups)
+    for name in (g for g in groups if g != "metrics"):  # metrics restart each epoch
+        for a, b in zip(groups[name], restored[name]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert int(fresh.pool_t.count.numpy()) == 4
+    # and the next step is the same step: same fakes drawn from the same pool
+    for m in (model, fresh):
+        m.fit(_dataset(), epochs=1, steps_per_epoch=1, verbose=0)
+    for a, b in zip(model.trainable_variables, fresh.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
