@@ -1,9 +1,10 @@
 """The end-to-end demo on built-in data: `make demo` (or `python -m uda_tf.cli.demo`).
 
 Runs the real command-line tools one after another, as a user would:
-phantom scans -> prepare -> train source_only -> train grl (each: fit, keep the best
-source-validation checkpoint, export a SavedModel, evaluate it) -> a table of target-domain
-test Dice per tissue class. Steps whose outputs exist are skipped (data), or redone (runs).
+phantom scans -> prepare -> train source_only -> train the best recipe measured on this shift
+(source-only with strong augmentation; each run: fit, keep the best source-validation
+checkpoint, export a SavedModel, evaluate it) -> a table of target-domain test Dice per tissue
+class. Steps whose outputs exist are skipped (data), or redone (runs).
 """
 from __future__ import annotations
 
@@ -21,12 +22,28 @@ from uda_tf.cli import entry
 
 FLAGS = flags.FLAGS
 
+#: The demo's runs beyond plain methods: name -> train.py flags after the shared config
+#: (the recipes of benchmarks/accuracy.py, on the demo's budget).
+RECIPES = {
+    "source_only_augment": ("--method=source_only", "--augment=full"),
+    "source_only_randomized": ("--method=source_only", "--augment=randomized"),
+}
+#: Source-only against the best recipe measured on this shift (benchmarks/RESULTS.md).
+DEFAULT_RUNS = ("source_only", "source_only_augment")
+
+
+def run_flags(name: str) -> list[str]:
+    """train.py flags of one demo run: a recipe's, or --method=<name>."""
+    return list(RECIPES.get(name, (f"--method={name}",)))
+
 
 def define_flags():
     flags.DEFINE_string("output_root", "demo_out", "Everything the demo writes goes here.")
     flags.DEFINE_string("config", "uda:demo", "Training flagfile shared by the demo's runs: "
                         "uda:NAME (a config shipped with uda_tf) or a path.")
-    flags.DEFINE_list("methods", ["source_only", "grl"], "Methods to train and compare.")
+    flags.DEFINE_list("methods", list(DEFAULT_RUNS), "What to train and compare: a registered "
+                      f"--method name or a recipe ({', '.join(RECIPES)}: a method with its "
+                      "settings, as benchmarks/accuracy.py runs it).")
     flags.DEFINE_list("domains", ["scanner_a", "scanner_b"], "Phantom domains: source, target.")
     flags.DEFINE_integer("subjects_per_domain", 10, "Phantom subjects per domain.", lower_bound=3)
     flags.DEFINE_string("split", "0.6,0.2,0.2", "Train/val/test fractions per domain (the demo "
@@ -114,6 +131,12 @@ def main(argv):
     config = FLAGS.config if FLAGS.config.startswith(entry.PACKAGED) else os.path.abspath(config)
     if len(FLAGS.domains) != 2:
         raise app.UsageError(f"--domains needs two names (source,target), got {FLAGS.domains}")
+    _import_tensorflow_quietly()
+    from uda_tf.methods import METHODS
+    unknown = [m for m in FLAGS.methods if m not in RECIPES and m not in METHODS]
+    if unknown or not FLAGS.methods:
+        raise app.UsageError(f"--methods: {unknown or 'none given'}; expected methods "
+                             f"{sorted(METHODS)} or recipes {sorted(RECIPES)}")
     start = time.time()
     root = os.path.abspath(FLAGS.output_root)
     raw, prepared, runs = (os.path.join(root, d) for d in ("raw", "prepared", "runs"))
@@ -143,10 +166,10 @@ def main(argv):
     results = {}
     for i, method in enumerate(FLAGS.methods, start=3):
         _step(f"{i}. train {method}: {source} (labelled) -> {target} (unlabelled)",
-              ["-m", "uda_tf.cli.train", f"--flagfile={train_cfg}", f"--method={method}",
+              ["-m", "uda_tf.cli.train", f"--flagfile={train_cfg}", *run_flags(method),
                f"--run_name={method}", f"--seed={FLAGS.seed}", "--overwrite",
                # one SavedModel name per method, and one registered model with a version
-               # per method, each under its method's alias: models:/uda_demo@grl
+               # per run, each under its name as alias: models:/uda_demo@source_only_augment
                f"--model_name=uda_demo_{method}", "--register_model_name=uda_demo",
                f"--register_alias={method}",
                *FLAGS.train_flag])
@@ -172,7 +195,8 @@ def main(argv):
 
 
 ABOUT = """The end-to-end demo on built-in data (what `make demo` runs): simulated scans of
-two scanners -> prepare -> train source_only and grl -> export -> evaluate -> a table of
+two scanners -> prepare -> train source_only and source_only_augment (the best recipe measured
+on this shift, benchmarks/RESULTS.md) -> export -> evaluate -> a table of
 target-domain Dice. Steps whose outputs exist are skipped."""
 
 
