@@ -16,7 +16,7 @@ tolerance, distance convention and cap; docs/methods.md, "Evaluation rules"), `b
 `overlays/<case>.png`; with `--mlflow_run_id` all of it is logged as artifacts of that run.
 
     python -m uda_tf.cli.evaluate --data_dir=demo_out/prepared --domain=scanner_b \
-        --model=demo_out/runs/grl/export/uda_demo/1 --output_dir=/tmp/eval
+        --model=demo_out/runs/source_only/export/uda_demo_source_only/1 --output_dir=/tmp/eval
     python -m uda_tf.cli.evaluate --predictions=preds --labels=raw/labelsTr --output_dir=/tmp/eval
 """
 from __future__ import annotations
