@@ -2,8 +2,8 @@
 
 Runs the real command-line tools one after another, as a user would:
 phantom scans -> prepare -> train source_only -> train the best recipe measured on this shift
-(source-only with strong augmentation; each run: fit, keep the best source-validation
-checkpoint, export a SavedModel, evaluate it) -> a table of target-domain test Dice per tissue
+(source-only with strong, domain-randomised augmentation; each run: fit, keep the best
+source-validation checkpoint, export a SavedModel, evaluate it) -> a table of target-domain test Dice per tissue
 class. Steps whose outputs exist are skipped (data), or redone (runs).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ RECIPES = {
     "source_only_randomized": ("--method=source_only", "--augment=randomized"),
 }
 #: Source-only against the best recipe measured on this shift (benchmarks/RESULTS.md).
-DEFAULT_RUNS = ("source_only", "source_only_augment")
+DEFAULT_RUNS = ("source_only", "source_only_randomized")
 
 
 def run_flags(name: str) -> list[str]:
@@ -169,7 +169,7 @@ def main(argv):
               ["-m", "uda_tf.cli.train", f"--flagfile={train_cfg}", *run_flags(method),
                f"--run_name={method}", f"--seed={FLAGS.seed}", "--overwrite",
                # one SavedModel name per method, and one registered model with a version
-               # per run, each under its name as alias: models:/uda_demo@source_only_augment
+               # per run, each under its name as alias: models:/uda_demo@source_only_randomized
                f"--model_name=uda_demo_{method}", "--register_model_name=uda_demo",
                f"--register_alias={method}",
                *FLAGS.train_flag])
@@ -195,8 +195,8 @@ def main(argv):
 
 
 ABOUT = """The end-to-end demo on built-in data (what `make demo` runs): simulated scans of
-two scanners -> prepare -> train source_only and source_only_augment (the best recipe measured
-on this shift, benchmarks/RESULTS.md) -> export -> evaluate -> a table of
+two scanners -> prepare -> train source_only and source_only_randomized (the best recipe
+measured on this shift, benchmarks/RESULTS.md) -> export -> evaluate -> a table of
 target-domain Dice. Steps whose outputs exist are skipped."""
 
 
