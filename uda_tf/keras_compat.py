@@ -18,8 +18,8 @@ MultiWorkerMirroredStrategy with Keras 3 `fit` fails in two places (keras #20585
 
 `FitHooks` below hooks both in (with the validation-metrics fix), and every method derives
 from it through `SegmentationMethod` (methods/base.py), so every registered method gets them;
-the two-worker test (tests/cli/test_multiworker_cli.py: the three-optimizer adversarial
-method through train.py, bit-identical weights on both workers) shows they suffice.
+the two-worker test (tests/cli/test_multiworker_cli.py: the six-optimizer AttENT method
+through train.py, bit-identical weights on both workers) shows they suffice.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The adversarial and entropy methods through the training command: the configs' data hints,
-and flag combinations that must be refused with the flag named. (A whole adversarial run,
-WGAN-GP patch critics with MinEnt, trains on two workers in test_multiworker_cli.py.)"""
+and flag combinations that must be refused with the flag named. (Its WGAN-GP critics with
+MinEnt train on two in-process replicas in tests/methods/test_distributed.py.)"""
 import pytest
 
 from tests.cli.test_train_cli import _train_here

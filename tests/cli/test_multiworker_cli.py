@@ -1,13 +1,14 @@
 """train.py as two worker processes on 127.0.0.1 (TF_CONFIG), the way a user starts a
-multi-worker run. Two methods, each through train.py's command line
-(tests/cli/train_worker.py records the trainable variables around fit):
-- the alternating adversarial method (three optimizers, each with its own sub-network; WGAN-GP
-  patch critics with two critic steps per segmentor step, plus MinEnt);
-- AttENT (six optimizers; a fake pool per replica in variables synchronised on read; a phase
-  switch after the first epoch that traces the step again; plus MinEnt).
-Both workers end with bit-identical weights and the same cross-worker logs; the chief writes
-the run (checkpoint, SavedModel, evaluation, one MLflow run) and the other worker writes nothing
-that outlives it. Flags that cannot work across workers are refused, naming the flag."""
+multi-worker run. AttENT, the method with the most moving parts (six optimizers, each with its
+own sub-network; a fake pool per replica in variables synchronised on read; a phase switch
+after the first epoch that traces the step again; plus MinEnt), trains on both workers through
+train.py's command line (tests/cli/train_worker.py records the trainable variables around
+fit); both end with bit-identical weights and the same cross-worker logs; the chief writes the
+run (checkpoint, SavedModel, evaluation, one MLflow run) and the other worker writes nothing
+that outlives it. Flags that cannot work across workers are refused, naming the flag. RUNS can
+hold more methods (each run costs about a minute of both cores; the adversarial method ran
+here until AttENT took its place, and the other methods' steps are compared on two in-process
+replicas in tests/methods/test_distributed.py)."""
 import json
 import os
 import subprocess
@@ -55,10 +56,6 @@ def _wait(procs, limit):
 
 # method: (its flags, logged metrics both workers must agree on)
 RUNS = {
-    "adversarial": (["--adv_loss=wgan-gp", "--patch_discriminators", "--adv_both_domains",
-                     "--disc_steps=2"],
-                    ("seg_loss", "ent_loss", "adv_loss", "d_loss_feature", "d_loss_entropy",
-                     "d_acc_feature", "d_acc_entropy")),
     "attent": (["--translation_epochs=1", "--translator_filters=2", "--fake_pool_size=3"],
                ("seg_loss", "ent_loss", "g_loss", "cycle_loss", "d_img_loss", "d_ent_loss")),
 }

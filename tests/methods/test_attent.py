@@ -91,9 +91,9 @@ def test_each_optimizer_changes_only_its_own_network():
 def test_staged_schedule_translates_first_then_segments_with_frozen_translators():
     assert [phase_at(e, "staged", 2) for e in range(4)] == ["translate"] * 2 + ["segment"] * 2
     assert [phase_at(e, "joint", 1) for e in range(3)] == ["translate", "joint", "joint"]
-    # traced, as train.py runs it: the phase switch must trace the step again
-    model = tiny_attent(schedule="staged", translation_epochs=1, identity_weight=0.0,
-                        eager=False)
+    # (traced, as train.py runs it, the switch is exercised by the two-worker AttENT run in
+    # tests/cli/test_multiworker_cli.py)
+    model = tiny_attent(schedule="staged", translation_epochs=1, identity_weight=0.0)
     changed = []
 
     class Record(keras.callbacks.Callback):
@@ -187,13 +187,13 @@ def test_export_has_a_translate_signature_with_both_translators(tmp_path):
 def test_a_backup_restores_every_network_optimizer_and_pool(tmp_path):
     from uda_tf.training import resume
     model = tiny_attent()
-    model.fit(_dataset(), epochs=1, steps_per_epoch=3, verbose=0)  # 12 fakes: the pool swaps
-    backup = resume.TrainingBackup(str(tmp_path), steps_per_epoch=3)
+    model.fit(_dataset(), epochs=1, steps_per_epoch=2, verbose=0)  # 8 fakes: the pool swaps
+    backup = resume.TrainingBackup(str(tmp_path), steps_per_epoch=2)
     backup.set_model(model)
     backup.save()
     fresh = tiny_attent()  # the same method seed (the pool's draws), another state:
     fresh.fit(_dataset(), epochs=1, steps_per_epoch=1, verbose=0)
-    resume.TrainingBackup(str(tmp_path), steps_per_epoch=3).restore(fresh)
+    resume.TrainingBackup(str(tmp_path), steps_per_epoch=2).restore(fresh)
     groups, restored = resume.state_groups(model), resume.state_groups(fresh)
     assert sorted(groups) == sorted(restored)
     assert {"optimizer/seg_optimizer", "optimizer/g_st_optimizer",
