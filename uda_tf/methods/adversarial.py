@@ -32,7 +32,7 @@ DISCRIMINATOR_SETS = {"feature": ("feature",), "entropy": ("entropy",),
                       "both": ("feature", "entropy")}
 #: output value above which a discriminator says "source": logits (bce), least-squares outputs
 #: (lsgan, targets 0 and 1), critic scores (wgan-gp: only the sign is read, the scale is free)
-_DECISION_THRESHOLD = {"bce": 0.0, "lsgan": 0.5, "wgan-gp": 0.0}
+DECISION_THRESHOLD = {"bce": 0.0, "lsgan": 0.5, "wgan-gp": 0.0}
 
 
 def entropy_input(logits):
@@ -229,7 +229,7 @@ class Adversarial(SegmentationMethod):
         """Share of samples on the correct side of the decision threshold (patch maps are
         averaged per sample first)."""
         per_sample = tf.reduce_mean(tf.reshape(scores, [tf.shape(scores)[0], -1]), axis=1)
-        says_source = per_sample > _DECISION_THRESHOLD[self.adv_loss_kind]
+        says_source = per_sample > DECISION_THRESHOLD[self.adv_loss_kind]
         is_source = tf.range(tf.shape(scores)[0]) < n_s
         return tf.reduce_mean(tf.cast(tf.equal(says_source, is_source), tf.float32))
 

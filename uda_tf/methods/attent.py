@@ -45,7 +45,7 @@ import tensorflow as tf
 
 from uda_tf import losses
 from uda_tf.methods import register
-from uda_tf.methods.adversarial import entropy_input
+from uda_tf.methods.adversarial import DECISION_THRESHOLD, entropy_input
 from uda_tf.methods.base import SegmentationMethod, split_batch
 from uda_tf.methods.settings import setting
 from uda_tf.models.discriminators import entropy_discriminator
@@ -319,15 +319,16 @@ class AttENT(SegmentationMethod):
             d_loss = 0.5 * tf.add_n([losses.replica_mean(v) for v in (*d_t, *d_s)])
         self.apply_update(tape, d_loss, *IMAGE_DISCS)
         t = self.trackers
-        t["g_adv"].update_state(tf.reduce_mean(adv_t) + tf.reduce_mean(adv_s))
-        t["cycle_loss"].update_state(tf.reduce_mean(cyc_s) + tf.reduce_mean(cyc_t))
-        t["identity_loss"].update_state(tf.reduce_mean(idt[0]) + tf.reduce_mean(idt[1]))
-        t["g_loss"].update_state(
-            tf.reduce_mean(adv_t) + tf.reduce_mean(adv_s)
-            + self.cycle_weight * (tf.reduce_mean(cyc_s) + tf.reduce_mean(cyc_t))
-            + self.identity_weight * (tf.reduce_mean(idt[0]) + tf.reduce_mean(idt[1])))
+        g_adv = tf.reduce_mean(adv_t) + tf.reduce_mean(adv_s)
+        cycle = tf.reduce_mean(cyc_s) + tf.reduce_mean(cyc_t)
+        identity = tf.reduce_mean(idt[0]) + tf.reduce_mean(idt[1])
+        t["g_adv"].update_state(g_adv)
+        t["cycle_loss"].update_state(cycle)
+        t["identity_loss"].update_state(identity)
+        t["g_loss"].update_state(g_adv + self.cycle_weight * cycle
+                                 + self.identity_weight * identity)
         t["d_img_loss"].update_state(0.5 * tf.add_n([tf.reduce_mean(v) for v in (*d_t, *d_s)]))
-        threshold = 0.5 if self.gan_loss == "lsgan" else 0.0
+        threshold = DECISION_THRESHOLD[self.gan_loss]
         correct = [_said(real_t, threshold), 1.0 - _said(pf_t, threshold),
                    _said(real_s, threshold), 1.0 - _said(pf_s, threshold)]
         t["d_img_acc"].update_state(tf.reduce_mean(tf.concat(correct, 0)))
@@ -336,7 +337,7 @@ class AttENT(SegmentationMethod):
     def segmentation_step(self, x_s, y_s, fake_t, x_t):
         """Entropy discriminator, then the segmentor, from one segmentor pass over
         concat(x_s, G_st(x_s), x_t)."""
-        n_s, n_t = tf.shape(x_s)[0], tf.shape(x_t)[0]
+        n_s = tf.shape(x_s)[0]
         with tf.GradientTape() as tape:
             inputs = tf.concat([x_s, tf.cast(fake_t, x_s.dtype), tf.cast(x_t, x_s.dtype)], 0)
             logits = self.segmentor(inputs, training=True)["logits"]
@@ -352,7 +353,6 @@ class AttENT(SegmentationMethod):
                     + self.entropy_weight * losses.replica_mean(adv)
                     + losses.replica_mean(self.minent_loss(logits[2 * n_s:])))
         self.apply_update(tape, loss, "seg")
-        del n_t
         self.seg_loss_tracker.update_state(tf.reduce_mean(seg))
         self.trackers["translated_seg_loss"].update_state(tf.reduce_mean(seg_tr))
         self.trackers["adv_ent_loss"].update_state(tf.reduce_mean(adv))
