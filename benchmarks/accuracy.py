@@ -84,6 +84,12 @@ RECIPES: dict[str, Recipe] = {
     "attent": Recipe("configs/attent_demo.cfg"),
     "cyclegan_entropy": Recipe("configs/attent_demo.cfg", ("--attention_gates=false",)),
     "attent_self_training": Recipe("configs/self_training_demo.cfg", (), after="attent"),
+    # Domain-randomised augmentation, then self-training on the target's confident
+    # pseudo-labels from its kept checkpoint (the crossMoDA winners' second stage, after an
+    # augmentation that already bridges the contrast instead of a translation).
+    "randomized_self_training": Recipe("configs/self_training_demo.cfg",
+                                       ("--augment=randomized",),
+                                       after="source_only_randomized"),
     "oracle": Recipe("configs/demo.cfg", ("--method=source_only",), "oracle"),
 }
 SOURCE_ONLY, ORACLE = "source_only", "oracle"

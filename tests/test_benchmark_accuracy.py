@@ -219,6 +219,11 @@ def test_a_second_stage_follows_its_first():
                          quick=False) == [0, 1, 2]
     assert acc.seeds_for("attent_self_training", second, [0, 1, 2], [0], [],
                          quick=False) == [0]
+    # after a baseline (a core recipe), every seed
+    after_baseline = acc.RECIPES["randomized_self_training"]
+    assert acc.RECIPES[after_baseline.after].role == "baseline"
+    assert acc.seeds_for("randomized_self_training", after_baseline, [0, 1, 2], [0], [],
+                         quick=False) == [0, 1, 2]
 
 
 def test_oracle_trains_on_the_target():

@@ -88,3 +88,25 @@ def test_a_flagfile_including_itself_is_named(tmp_path):
     (tmp_path / "b.cfg").write_text("--flagfile=a.cfg\n")
     with pytest.raises(entry.FlagfileError, match="includes itself"):
         entry.expand_flagfiles([f"--flagfile={tmp_path / 'a.cfg'}"])
+
+
+def test_the_demo_flagfile_sets_its_budget_over_the_config(tmp_path):
+    """make demo's runs read demo_out/train.cfg: the shipped config, then the demo's budget
+    (which must replace the config's: it keeps the demo within 10 minutes) and its paths."""
+    from absl import flags as absl_flags
+    from uda_tf.cli import demo
+    path = str(tmp_path / "train.cfg")
+    demo.write_train_config(path, "uda:demo", "scanner_a", "scanner_b",
+                            "sqlite:///" + str(tmp_path / "mlflow.db"), (3, 7))
+    args = entry.expand_flagfiles([f"--flagfile={path}", "--method=grl"])
+    values = absl_flags.FlagValues()
+    absl_flags.DEFINE_integer("epochs", 0, "", flag_values=values)
+    absl_flags.DEFINE_integer("steps_per_epoch", 0, "", flag_values=values)
+    for name in ("method", "data_dir", "output_dir", "source_domain", "target_domain"):
+        absl_flags.DEFINE_string(name, None, "", flag_values=values)
+    values(["train.py", *[a for a in args if a.split("=")[0][2:] in values]])
+    assert (values.epochs, values.steps_per_epoch) == (3, 7)
+    assert values.method == "grl"  # the command line after the flagfile still wins
+    assert values.data_dir == str(tmp_path / "prepared")
+    assert values.output_dir == str(tmp_path / "runs")
+    assert (values.source_domain, values.target_domain) == ("scanner_a", "scanner_b")
