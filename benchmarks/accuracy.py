@@ -95,8 +95,14 @@ RECIPES: dict[str, Recipe] = {
 SOURCE_ONLY, ORACLE = "source_only", "oracle"
 DEFAULT_SHIFTS = ("scanner_b", "lowfield", "t2like")
 # Per-epoch values kept from each run for the learning curves (and later selection studies).
-CURVE_KEYS = ("val_dice", "oracle/val_dice", "target_entropy", "target_agreement", "seg_loss",
-              "val_seg_loss")
+CURVE_KEYS = ("val_dice", "oracle/val_dice", "target_entropy", "target_agreement",
+              "target_teacher_agreement", "seg_loss", "val_seg_loss")
+# The checkpoint-selection study: the label-free criteria of train.py --select_on, each
+# replayed on a run's per-epoch curves against the target validation Dice (TARGET_VAL_DICE,
+# read to score the choice, never to make it).
+SELECTION_CRITERIA = ("source_dice", "target_entropy", "target_agreement",
+                      "target_teacher_agreement")
+TARGET_VAL_DICE = "oracle/val_dice"
 # Budgets (epochs, steps per epoch). FULL: measured on scanner_a -> lowfield, seed 0, 24 x 50
 # steps: the source-only run's source validation Dice was 0.901 after epoch 14, 0.900 after 20 and
 # 0.902 after 24 (its target validation Dice 0.48-0.52 from epoch 4 on); the oracle's 0.788,
@@ -247,6 +253,56 @@ def strongest_baseline(per_seed: dict, recipes: dict) -> str | None:
     return max(means, key=means.get) if means else None
 
 
+def selection_picks(curves: dict) -> dict:
+    """Which epoch each label-free criterion keeps, replayed on one run's curves ({name:
+    [[epoch, value], ...]}, as read_curves returns), and the target validation Dice of that
+    epoch; "target_labels": the epoch with the best target validation Dice, the pick an
+    oracle would make. {criterion: {"epoch", "target_val_dice"}} for the criteria whose curve
+    the run logged; {} without a target validation curve. As train.py's checkpoint does, the
+    first epoch of equal best values is kept."""
+    from uda_tf.training.selection import selection_monitor
+    target = {int(e): v for e, v in curves.get(TARGET_VAL_DICE, [])}
+    if not target:
+        return {}
+    picks = {}
+    for criterion in (*SELECTION_CRITERIA, "oracle"):
+        key, mode = selection_monitor(criterion)
+        points = [(int(e), v) for e, v in curves.get(key, []) if int(e) in target
+                  and v is not None and not math.isnan(v)]
+        if not points:
+            continue
+        sign = 1.0 if mode == "max" else -1.0
+        epoch = max(points, key=lambda p: (sign * p[1], -p[0]))[0]
+        picks["target_labels" if criterion == "oracle" else criterion] = {
+            "epoch": epoch, "target_val_dice": target[epoch]}
+    return picks
+
+
+def summarise_selection(runs: dict, recipes: dict) -> dict:
+    """Per adaptive or baseline recipe of one shift ({label: {seed: run record}}): for each
+    criterion, the target validation Dice of its pick over seeds (mean_std) and its shortfall
+    against the target-labels pick, paired per seed (mean_std). The oracle is left out (its
+    own validation split is the target's)."""
+    out = {}
+    for label, by_seed in runs.items():
+        if recipes[label].role == "oracle":
+            continue
+        picks = {seed: selection_picks(r.get("curves", {})) for seed, r in by_seed.items()}
+        criteria = [c for c in (*SELECTION_CRITERIA, "target_labels")
+                    if any(c in p for p in picks.values())]
+        if "target_labels" not in criteria:
+            continue
+        out[label] = {c: {
+            "target_val_dice": mean_std([p[c]["target_val_dice"] for p in picks.values()
+                                         if c in p]),
+            "shortfall": mean_std([p["target_labels"]["target_val_dice"]
+                                   - p[c]["target_val_dice"] for p in picks.values()
+                                   if c in p]),
+            "epochs": {seed: p[c]["epoch"] for seed, p in picks.items() if c in p}}
+            for c in criteria}
+    return out
+
+
 def summarise_shift(runs: dict, recipes: dict) -> dict:
     """Per recipe of one shift, from {label: {seed: run record}}: target Dice and surface Dice
     over seeds, the gap recovered and the paired gain over the strongest baseline."""
@@ -267,6 +323,7 @@ def summarise_shift(runs: dict, recipes: dict) -> dict:
         if best is not None and label != best:
             entry["gain_over_strongest_baseline"] = paired_gains(dice[label], dice[best])
         out["recipes"][label] = entry
+    out["selection"] = summarise_selection(runs, recipes)
     return out
 
 
@@ -452,6 +509,27 @@ def format_table(shift: dict) -> list[str]:
     return lines
 
 
+def format_selection(selection: dict) -> list[str]:
+    """Markdown rows of one shift's checkpoint-selection study (summarise_selection)."""
+    if not selection:
+        return []
+    criteria = [c for c in (*SELECTION_CRITERIA, "target_labels")
+                if any(c in e for e in selection.values())]
+    lines = ["| recipe | " + " | ".join(criteria) + " |", "|---" * (len(criteria) + 1) + "|"]
+    for label, entry in selection.items():
+        cells = []
+        for c in criteria:
+            if c not in entry:
+                cells.append("–")
+                continue
+            epochs = ",".join(str(entry[c]["epochs"][s]) for s in sorted(entry[c]["epochs"]))
+            short = entry[c]["shortfall"]
+            tail = "" if c == "target_labels" else f", −{short['mean']:.3f}".replace("−-", "+")
+            cells.append(f"{fmt_stat(entry[c]['target_val_dice'])} (ep {epochs}{tail})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_markdown(out: dict) -> str:
     """The section for benchmarks/RESULTS.md: command, set-up, one table per shift."""
     budget = out["budget"]
@@ -474,6 +552,13 @@ def format_markdown(out: dict) -> str:
              textwrap.fill(text, width=95), ""]
     for target, shift in out["summary"].items():
         lines += [f"### {out['source_domain']} → {target}", "", *format_table(shift), ""]
+        if shift.get("selection"):
+            lines += [textwrap.fill(
+                "Checkpoint selection, replayed on each run's epochs: target validation Dice "
+                "of the epoch each label-free criterion keeps (0-based epochs per seed, then "
+                "the shortfall against the epoch the target labels would pick, last column; "
+                "the target validation volumes' labels score the choices and make none "
+                "of them).", width=95), "", *format_selection(shift["selection"]), ""]
     if out["failed"]:
         lines += [f"Failed runs (left out above): {', '.join(out['failed'])}", ""]
     return "\n".join(lines)

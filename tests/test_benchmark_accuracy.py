@@ -102,6 +102,37 @@ def test_summarise_shift():
     assert out["recipes"]["oracle"]["gap_recovered"]["of_means"] == pytest.approx(1.0)
 
 
+def test_selection_picks_replay_each_criterion_on_the_curves():
+    curves = {"val_dice": [[0, 0.5], [1, 0.8], [2, 0.8], [3, 0.7]],      # tie: first kept
+              "target_entropy": [[0, 0.3], [1, 0.2], [2, 0.25], [3, 0.1]],  # lowest wins
+              "target_agreement": [[0, 0.9], [1, float("nan")], [2, 0.95]],
+              "oracle/val_dice": [[0, 0.40], [1, 0.55], [2, 0.60], [3, 0.50]]}
+    picks = acc.selection_picks(curves)
+    assert {c: p["epoch"] for c, p in picks.items()} == {
+        "source_dice": 1, "target_entropy": 3, "target_agreement": 2, "target_labels": 2}
+    assert picks["target_entropy"]["target_val_dice"] == 0.50
+    assert acc.selection_picks({"val_dice": curves["val_dice"]}) == {}  # nothing to score
+
+
+def test_selection_summary_pairs_seeds_and_leaves_out_the_oracle():
+    def record(val_dice, target):
+        return {"curves": {"val_dice": [[e, v] for e, v in enumerate(val_dice)],
+                           "oracle/val_dice": [[e, v] for e, v in enumerate(target)]}}
+    runs = {"grl": {0: record([0.7, 0.9], [0.6, 0.5]), 1: record([0.8, 0.7], [0.4, 0.7])},
+            "oracle": {0: record([0.7, 0.9], [0.6, 0.5])}}
+    out = acc.summarise_selection(runs, RECIPES)
+    assert list(out) == ["grl"]
+    dice = out["grl"]["source_dice"]
+    assert dice["epochs"] == {0: 1, 1: 0}
+    assert dice["target_val_dice"]["values"] == pytest.approx([0.5, 0.4])
+    assert dice["shortfall"]["values"] == pytest.approx([0.1, 0.3])
+    assert out["grl"]["target_labels"]["shortfall"]["mean"] == 0.0
+    rows = acc.format_selection(out)
+    assert rows[0] == "| recipe | source_dice | target_labels |"
+    assert rows[2].startswith("| grl | 0.450 ± 0.071 (ep 1,0, −0.200) | 0.650 ± 0.071 (ep 0,1) |")
+    assert "selection" in acc.summarise_shift(_runs({"grl": {0: 0.7}}), RECIPES)
+
+
 def test_oracle_must_be_scored_on_the_same_target_test_cases():
     runs = _runs({"source_only": {0: 0.6}, "oracle": {0: 0.8}})
     assert acc.check_same_test_cases(runs) == CASES
