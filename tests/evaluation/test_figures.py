@@ -28,3 +28,13 @@ def test_one_colour_per_class():
     assert np.allclose(colors[1:, :3], figures.CLASS_COLORS[:3])
     # the same class has the same colour whatever the number of classes
     assert np.allclose(figures.class_colors(9)[1:4], colors[1:4])
+
+
+def test_image_grid(tmp_path):
+    import pytest
+    images = np.random.default_rng(0).random((2, 8, 8, 1))
+    path = figures.image_grid({"a": images, "b": 2 * images, "map": images[..., 0]},
+                              str(tmp_path / "g" / "grid.png"), maps=("map",), title="t")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="every column needs 2 slices"):
+        figures.image_grid({"a": images, "b": images[:1]}, str(tmp_path / "x.png"))

@@ -207,3 +207,49 @@ def test_a_backup_restores_every_network_optimizer_and_pool(tmp_path):
         m.fit(_dataset(), epochs=1, steps_per_epoch=1, verbose=0)
     for a, b in zip(model.trainable_variables, fresh.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+class _Tracker:
+    def __init__(self):
+        self.artifacts = []
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((path, artifact_path))
+
+
+def test_translation_fidelity_logs_scores_and_draws_the_epochs_panels(tmp_path):
+    """The callback scores G_st against the true paired rendering each epoch and offers its
+    panels (source, translation, reconstruction, true rendering, entropy), which train.py's
+    EpochFigures draws under plots/translation/ and logs to MLflow."""
+    from uda_tf.data.paired import PairedSlices
+    from uda_tf.evaluation.figures import image_grid
+    from uda_tf.methods.attent import TranslationFidelity
+    from uda_tf.training.tracking import EpochFigures
+    x_s, y_s, _ = tiny_batch(n=6)
+    pairs = PairedSlices(source=x_s, reference=1.0 - x_s, labels=y_s, cases=("s0",))
+    fidelity = TranslationFidelity(pairs, {0: "background", 1: "a", 2: "b"}, batch_size=4)
+    model = tiny_attent()
+    fidelity.set_model(model)
+    assert fidelity.epoch_figures() is None
+    logs = {"seg_loss": 1.0}
+    fidelity.on_epoch_end(0, logs)
+    # new translators are the identity: scores equal the untranslated ones
+    assert logs["translation/mae"] == pytest.approx(logs["translation/untranslated_mae"])
+    assert logs["translation/mae"] == pytest.approx(np.abs(x_s - (1.0 - x_s)).mean())
+    name, title, columns, maps = fidelity.epoch_figures()
+    assert name == "translation/epoch_000" and "epoch 1" in title
+    rows = list(fidelity.panel_slices)
+    assert rows == [1, 2, 4]  # inside the held slices, ends left out
+    np.testing.assert_array_equal(columns["source"], x_s[rows])
+    np.testing.assert_array_equal(columns["true target rendering"], 1.0 - x_s[rows])
+    np.testing.assert_allclose(columns["translated"], x_s[rows], atol=1e-6)
+    np.testing.assert_allclose(columns["reconstructed"], x_s[rows], atol=1e-6)
+    entropy = columns["entropy on the rendering"]
+    assert entropy.shape == (3, *SHAPE) and 0 <= entropy.min() and entropy.max() <= 1
+    assert maps == ("entropy on the rendering",)
+    tracker = _Tracker()
+    drawer = EpochFigures([fidelity], str(tmp_path / "plots"), tracker, image_grid)
+    drawer.on_epoch_end(0)
+    png = tmp_path / "plots" / "translation" / "epoch_000.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tracker.artifacts == [(str(png), "plots/translation")]

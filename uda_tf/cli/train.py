@@ -788,6 +788,14 @@ def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir,
     backup.stateful.update(checkpoint=checkpoint, guard=guard)
     if epoch_logger is not None:
         backup.stateful["epoch_logger"] = epoch_logger
+    own = model.training_callbacks()
+    loggers = [] if epoch_logger is None else [epoch_logger]
+    pictures = [c for c in own if hasattr(c, "epoch_figures")]
+    if epoch_logger is not None and pictures:  # e.g. AttENT's translation panels
+        from uda_tf.evaluation.figures import image_grid
+        from uda_tf.training.tracking import EpochFigures
+        loggers.append(EpochFigures(pictures, os.path.join(run_dir, "plots"),
+                                    epoch_logger.tracker, image_grid))
     start = time.time()
     # Order matters: the guard checks a step before it is backed up and adds gradient
     # norms to the epoch logs before they are logged; the backup saves last.
@@ -795,8 +803,7 @@ def fit_and_keep_best(cfg, model, *, train_ds_after, val_ds, val_steps, run_dir,
         model, train_ds_after, backup, epochs=cfg.epochs,
         steps_per_epoch=cfg.steps_per_epoch, validation_data=val_ds,
         validation_steps=val_steps, shuffle=False, verbose=2 if epoch_logger else 0,
-        callbacks=[guard, *model.training_callbacks(), *selection,
-                   *([epoch_logger] if epoch_logger is not None else []), *callbacks, backup])
+        callbacks=[guard, *own, *selection, *loggers, *callbacks, backup])
     return checkpoint, time.time() - start
 
 

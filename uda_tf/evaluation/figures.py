@@ -246,6 +246,41 @@ def segmentation_grid(images, labels, entropy, path: str, class_names, title: st
     return _save(fig, path, dpi=100)
 
 
+def image_grid(columns: dict, path: str, *, maps=(), title: str = "") -> str:
+    """Rows = slices; one column per entry of `columns` {name: [rows, H, W(, 1)] array}.
+    Image columns share one grey scale (the 1st-99th percentile of all of them), so their
+    contrasts can be compared; the columns named in `maps` (e.g. an entropy in 0..1) get a
+    colour scale of 0..1 each."""
+    from matplotlib.figure import Figure
+    arrays = {name: np.asarray(a, np.float32).reshape(np.shape(a)[:3])
+              for name, a in columns.items()}
+    rows = len(next(iter(arrays.values())))
+    if any(len(a) != rows for a in arrays.values()):
+        raise ValueError(f"image_grid: every column needs {rows} slices, got "
+                         f"{ {k: len(a) for k, a in arrays.items()} }")
+    greys = [a for name, a in arrays.items() if name not in maps]
+    low, high = (np.percentile(np.concatenate([g.ravel() for g in greys]), (1, 99))
+                 if greys else (0.0, 1.0))
+    fig = Figure(figsize=(2.1 * len(arrays), 2.2 * rows + 0.6))
+    axes = fig.subplots(rows, len(arrays), squeeze=False)
+    for c, (name, a) in enumerate(arrays.items()):
+        for r in range(rows):
+            ax = axes[r, c]
+            if name in maps:
+                im = ax.imshow(a[r].T, cmap="magma", vmin=0, vmax=1, origin="lower")
+            else:
+                ax.imshow(a[r].T, cmap="gray", vmin=low, vmax=high, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+        if name in maps:
+            fig.colorbar(im, ax=axes[:, c], fraction=0.05)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def sample_segmentations(serve, data_dir: str, manifest: Manifest, domain: str, path: str, *,
                          count: int = 4, max_slices: int = 512) -> str | None:
     """Grid of `count` slices of `domain` (its val split, else train) predicted by `serve`

@@ -400,9 +400,17 @@ class TranslationFidelity(keras.callbacks.Callback):
     #: phantom subject indices of the measurement start here: far from any dataset's cases
     FIRST_INDEX = 1000
 
+    #: slices of the pairs drawn in the epoch's image panels
+    PANEL_ROWS = 3
+
     def __init__(self, pairs, label_names: dict, batch_size: int = 16):
         super().__init__()
         self.pairs, self.label_names, self.batch_size = pairs, label_names, batch_size
+        n = len(pairs.source)
+        # evenly inside the (middle) slices the pairs hold, ends left out
+        self.panel_slices = np.unique(np.round(
+            np.linspace(0, n - 1, self.PANEL_ROWS + 2)[1:-1]).astype(int)) if n else []
+        self.panels = None
         from uda_tf.metrics import translation_fidelity
         self._score = translation_fidelity
         base = translation_fidelity(pairs.source, pairs.reference, pairs.labels, label_names)
@@ -433,9 +441,36 @@ class TranslationFidelity(keras.callbacks.Callback):
                               for i in range(0, len(self.pairs.source), self.batch_size)])
         return self._score(out, self.pairs.reference, self.pairs.labels, self.label_names)
 
+    def image_panels(self, model) -> dict:
+        """The epoch's picture of the translation, {column: [rows, H, W, 1]}: the source
+        slices, G_st's translation, G_ts's reconstruction of it, the true target-scanner
+        rendering, and the segmentor's normalised entropy on that rendering (a target-domain
+        image: where the segmentor is unsure of the target, what the entropy discriminator
+        sees)."""
+        x = self.pairs.source[self.panel_slices]
+        reference = self.pairs.reference[self.panel_slices]
+        translated = model.g_st(x, training=False)
+        logits = model.segmentor(reference, training=False)["logits"]
+        return {"source": x, "translated": np.asarray(translated),
+                "reconstructed": np.asarray(model.g_ts(translated, training=False)),
+                "true target rendering": reference,
+                "entropy on the rendering": np.asarray(entropy_input(logits))}
+
+    def epoch_figures(self):
+        """(name, title, {column: images}, colour-map columns) of the newest epoch's panels,
+        for train.py to draw (uda_tf.evaluation.figures.image_grid) as plots/<name>.png and
+        log to MLflow; None before the first epoch."""
+        return self.panels
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         scores = self.measure(lambda x: self.model.g_st(x, training=False))
         logs.update({f"translation/{k}": v for k, v in scores.items() if k != "tissues"})
         logs.update(self.untranslated)
+        if len(self.panel_slices):
+            title = (f"translation, epoch {epoch + 1}: tissue contrast error "
+                     f"{scores['tissue_contrast_error']:.3f} (untranslated "
+                     f"{self.untranslated['translation/untranslated_tissue_contrast_error']:.3f})")
+            self.panels = (f"translation/epoch_{epoch:03d}", title,
+                           self.image_panels(self.model), ("entropy on the rendering",))

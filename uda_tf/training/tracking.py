@@ -517,6 +517,30 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self.history = {k: [tuple(p) for p in v] for k, v in state["history"].items()}
 
 
+class EpochFigures(keras.callbacks.Callback):
+    """After each epoch, draws the pictures the method's callbacks offer and logs them to
+    MLflow. A source offers `epoch_figures()` -> (name, title, {column: [rows, H, W(, 1)]},
+    colour-map columns) or None; `draw(columns, path, maps=, title=)` (train.py passes
+    uda_tf.evaluation.figures.image_grid) writes <plots_dir>/<name>.png, logged under
+    plots/<dirname of name>. Comes after those callbacks in the list (they make the panels in
+    their own on_epoch_end), on the chief only."""
+
+    def __init__(self, sources, plots_dir: str, tracker: RunTracker, draw):
+        super().__init__()
+        self.sources, self.plots_dir, self.tracker, self.draw = (list(sources), plots_dir,
+                                                                 tracker, draw)
+
+    def on_epoch_end(self, epoch, logs=None):
+        for source in self.sources:
+            figure = source.epoch_figures()
+            if figure is None:
+                continue
+            name, title, columns, maps = figure
+            path = self.draw(columns, os.path.join(self.plots_dir, f"{name}.png"), maps=maps,
+                             title=title)
+            self.tracker.log_artifact(path, artifact_path=os.path.dirname(f"plots/{name}"))
+
+
 INPUT_EXAMPLE_VALUES = 1 << 18  # the largest input example stored with a logged model
 
 
