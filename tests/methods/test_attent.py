@@ -253,3 +253,22 @@ def test_translation_fidelity_logs_scores_and_draws_the_epochs_panels(tmp_path):
     png = tmp_path / "plots" / "translation" / "epoch_000.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tracker.artifacts == [(str(png), "plots/translation")]
+
+
+def test_the_checkpoint_keeps_the_translators_of_the_kept_epoch(tmp_path):
+    from uda_tf.training.callbacks import BestSegmentorCheckpoint, companion_path
+    model = tiny_attent()
+    path = str(tmp_path / "best.weights.h5")
+    checkpoint = BestSegmentorCheckpoint(path)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_dice": 0.5})
+    kept = model.g_st.get_weights()
+    head = model.g_st.get_layer("g_st_residual")
+    head.kernel.assign(tf.fill(head.kernel.shape, 0.3))  # training goes on ...
+    checkpoint.on_epoch_end(1, {"val_dice": 0.4})        # ... but this epoch is not kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.to_source.weights.h5", "best.to_target.weights.h5", "best.weights.h5"]
+    again = translator(SHAPE, name="g_st", **SETTINGS)
+    again.load_weights(companion_path(path, "to_target"))
+    for a, b in zip(again.get_weights(), kept):
+        np.testing.assert_array_equal(a, b)

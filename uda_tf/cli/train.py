@@ -602,8 +602,8 @@ def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker, networks=Non
     """The kept segmentor, rebuilt outside the strategy so the SavedModel holds plain
     variables (in float32 whatever the training precision), with AdaBN's target statistics
     when asked, exported to <run_dir>/export, with the method's `exported_networks()`
-    (`networks`) rebuilt alike in a `translate` signature. Returns (SavedModel path, weights
-    exported)."""
+    (`networks`) rebuilt alike, from the kept epoch's companion files, in a `translate`
+    signature. Returns (SavedModel path, weights exported)."""
     import keras
 
     from uda_tf.data import pipeline
@@ -623,10 +623,16 @@ def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker, networks=Non
         exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
         with files.atomic_write(exported_weights, None) as tmp:
             segmentor.save_weights(tmp)
+    from uda_tf.training.callbacks import companion_path
     translators = {}
-    for name, (build, trained) in (networks or {}).items():
+    for name, (build, _) in (networks or {}).items():
+        # the kept epoch's weights, saved beside the segmentor's by the checkpoint callback
+        path = companion_path(ckpt_path, name)
+        if not os.path.isfile(path):
+            raise OSError(f"{path} is missing: the checkpoint {ckpt_path} was written without "
+                          f"the weights of its exported network {name!r} (train the run again)")
         translators[name] = build()
-        translators[name].set_weights(trained.get_weights())
+        translators[name].load_weights(path)
     export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"), cfg.model_name,
                                    manifest=checked.manifest, config=cfg,
                                    translators=translators)

@@ -239,8 +239,9 @@ class SegmentationMethod(keras_compat.FitHooks):
     def exported_networks(self) -> dict:
         """Image -> image networks exported beside the kept segmentor, in the SavedModel's
         `translate` signature: {output name: (a function building the same architecture under
-        the current dtype policy, the trained network)}; their weights at the end of training
-        are exported. None by default (AttENT: its two translators)."""
+        the current dtype policy, the trained network)}; the checkpoint callback saves their
+        weights beside the kept network's, so the export holds those of the kept epoch.
+        None by default (AttENT: its two translators)."""
         return {}
 
     def paired_network(self) -> keras.Model | None:

@@ -22,9 +22,17 @@ def kept_network(model) -> keras.Model:
     return networks(model)[0]
 
 
+def companion_path(path: str, name: str) -> str:
+    """Where a checkpoint `<stem>.weights.h5` keeps the weights of the method's exported
+    network `name` of the same epoch: `<stem>.<name>.weights.h5`."""
+    return f"{path[:-len('.weights.h5')]}.{name}.weights.h5"
+
+
 class BestSegmentorCheckpoint(keras.callbacks.Callback):
     """Saves the kept network's weights (`kept_network(model)`: the segmentor, or the network
-    a method keeps instead) whenever `monitor` improves.
+    a method keeps instead) whenever `monitor` improves, and beside them those of the
+    networks the method exports with it (`exported_networks()`, e.g. AttENT's translators;
+    `companion_path`), so that everything exported comes from the kept epoch.
 
     The default monitor is source-validation Dice (`val_dice`): target labels never choose a
     checkpoint. Weights are written to a temporary file then renamed, so a crash mid-write
@@ -53,6 +61,12 @@ class BestSegmentorCheckpoint(keras.callbacks.Callback):
         try:
             from uda_tf.training.guards import ensure_space, weights_file_size
             network = kept_network(self.model)
+            exported = (self.model.exported_networks()
+                        if hasattr(self.model, "exported_networks") else {})
+            for name, (_, companion) in exported.items():
+                with atomic_write(companion_path(self.path, name), None) as tmp:
+                    ensure_space(tmp, weights_file_size(companion.weights), "the checkpoint")
+                    companion.save_weights(tmp)
             with atomic_write(self.path, None) as tmp:
                 ensure_space(tmp, weights_file_size(network.weights), "the checkpoint")
                 network.save_weights(tmp)
