@@ -86,6 +86,11 @@ def test_two_train_processes(method, tiny_prepared, tmp_path, mlflow_store):
     assert os.listdir(tmp_path / "runs") == ["mw"]
     assert (run / "checkpoints" / "best.weights.h5").is_file()
     assert os.path.isdir(result["saved_model"])
+    if method == "attent":  # the kept epoch's translators, exported in `translate`
+        for name in ("to_target", "to_source"):
+            assert (run / "checkpoints" / f"best.{name}.weights.h5").is_file()
+        import tensorflow as tf
+        assert "translate" in tf.saved_model.load(result["saved_model"]).signatures
     assert result["evaluations"]["source"]["summary"]["foreground"]["dice"]["n"] > 0
     # the other worker's temporary run directory is gone
     assert os.listdir(tmp_path / "tmp1") == []

@@ -272,3 +272,40 @@ def test_the_checkpoint_keeps_the_translators_of_the_kept_epoch(tmp_path):
     again.load_weights(companion_path(path, "to_target"))
     for a, b in zip(again.get_weights(), kept):
         np.testing.assert_array_equal(a, b)
+
+
+class _RunConfig:
+    method = "attent"
+
+    def flag_values(self):
+        return {"translator_filters": 2, "translator_depth": 1, "attention_gates": False}
+
+
+def test_uda_export_rebuilds_the_translators_from_the_run_config(tmp_path):
+    """serving.export.exported_networks_of: what train.py and uda-export put in the
+    `translate` signature: the run's translators rebuilt from its config and loaded from the
+    files beside the checkpoint; a missing file is named."""
+    from uda_tf.serving.export import exported_networks_of
+    from uda_tf.training.callbacks import companion_path
+    weights = str(tmp_path / "best.weights.h5")
+    with pytest.raises(FileNotFoundError, match=r"--checkpoint=.*best\.to_target\.weights\.h5 "
+                                                "is missing: --method=attent"):
+        exported_networks_of(_RunConfig(), weights, SHAPE, "--checkpoint")
+    config = AttENT.configure(_RunConfig().flag_values())
+    saved = {}
+    for name, build in AttENT.export_builders(config, SHAPE).items():
+        net = build()
+        head = net.get_layer(f"{net.name}_residual")
+        head.kernel.assign(tf.fill(head.kernel.shape, 0.01 * (len(saved) + 1)))
+        net.save_weights(companion_path(weights, name))
+        saved[name] = net
+    rebuilt = exported_networks_of(_RunConfig(), weights, SHAPE, "--checkpoint")
+    assert sorted(rebuilt) == ["to_source", "to_target"]
+    x = np.random.default_rng(0).random((2, *SHAPE), dtype=np.float32)
+    for name, net in rebuilt.items():
+        assert not any("_att" in layer.name for layer in net.layers)  # --attention_gates=false
+        np.testing.assert_array_equal(net(x).numpy(), saved[name](x).numpy())
+
+    class Other(_RunConfig):
+        method = "source_only"
+    assert exported_networks_of(Other(), weights, SHAPE, "--checkpoint") == {}

@@ -532,8 +532,7 @@ def fit_export_evaluate(cfg, checked: Checked, where: Placement, model, values,
         checkpoint, train_seconds = fit_and_keep_best(cfg, model, **fit_args,
                                                       epoch_logger=epoch_logger)
         export_path, exported_weights = export_best(cfg, checked, checkpoint.path,
-                                                    where.run_dir, tracker,
-                                                    model.exported_networks())
+                                                    where.run_dir, tracker)
         serve, evaluations = evaluate_export(cfg, checked, export_path, where.run_dir, tracker,
                                              step=checkpoint.best_epoch)
         log_test_table(evaluations, where.run_dir, tracker)
@@ -598,16 +597,16 @@ def run_description(cfg, checked: Checked) -> str:
             f"exported to `{cfg.model_name}` and logged as `{cfg.run_name}`.")
 
 
-def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker, networks=None):
+def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker):
     """The kept segmentor, rebuilt outside the strategy so the SavedModel holds plain
     variables (in float32 whatever the training precision), with AdaBN's target statistics
-    when asked, exported to <run_dir>/export, with the method's `exported_networks()`
-    (`networks`) rebuilt alike, from the kept epoch's companion files, in a `translate`
+    when asked, exported to <run_dir>/export, with the networks the method exports beside it
+    (AttENT's translators) rebuilt alike from the kept epoch's files, in a `translate`
     signature. Returns (SavedModel path, weights exported)."""
     import keras
 
     from uda_tf.data import pipeline
-    from uda_tf.serving.export import export_segmentor
+    from uda_tf.serving.export import export_segmentor, exported_networks_of
     keras.mixed_precision.set_global_policy("float32")
     segmentor = make_segmentor(cfg, checked.manifest)
     segmentor.load_weights(ckpt_path)
@@ -623,16 +622,9 @@ def export_best(cfg, checked: Checked, ckpt_path, run_dir, tracker, networks=Non
         exported_weights = os.path.join(os.path.dirname(ckpt_path), "best_adabn.weights.h5")
         with files.atomic_write(exported_weights, None) as tmp:
             segmentor.save_weights(tmp)
-    from uda_tf.training.callbacks import companion_path
-    translators = {}
-    for name, (build, _) in (networks or {}).items():
-        # the kept epoch's weights, saved beside the segmentor's by the checkpoint callback
-        path = companion_path(ckpt_path, name)
-        if not os.path.isfile(path):
-            raise OSError(f"{path} is missing: the checkpoint {ckpt_path} was written without "
-                          f"the weights of its exported network {name!r} (train the run again)")
-        translators[name] = build()
-        translators[name].load_weights(path)
+    # the kept epoch's translators (AttENT), saved beside the segmentor by the checkpoint
+    translators = exported_networks_of(cfg, ckpt_path, tuple(segmentor.input_shape[1:]),
+                                       "the checkpoint")
     export_path = export_segmentor(segmentor, os.path.join(run_dir, "export"), cfg.model_name,
                                    manifest=checked.manifest, config=cfg,
                                    translators=translators)

@@ -38,6 +38,7 @@ process of a data-parallel PyTorch CycleGAN does; its draws are seeded by step a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import keras
 import numpy as np
@@ -196,8 +197,7 @@ class AttENT(SegmentationMethod):
     def from_config(cls, segmentor, class_names, config, run):
         shape = tuple(segmentor.input_shape[1:])
         keras.utils.set_random_seed(run.seed)  # the new networks' initial weights
-        settings = {"filters": config.translator_filters, "depth": config.translator_depth,
-                    "attention": config.attention_gates}
+        settings = cls.translator_settings_of(config)
         translators = {n: translator(shape, name=n, **settings) for n in TRANSLATORS}
         discs = {n: patch_discriminator(shape, name=n) for n in IMAGE_DISCS}
         ent = entropy_discriminator(tuple(segmentor.output["logits"].shape[1:-1]) + (1,),
@@ -236,16 +236,28 @@ class AttENT(SegmentationMethod):
     def training_callbacks(self):
         return [PhaseSwitch(), *([self.fidelity] if self.fidelity is not None else [])]
 
+    #: output of the `translate` signature: the translator giving it
+    EXPORTED = {"to_target": "g_st", "to_source": "g_ts"}
+
+    @staticmethod
+    def translator_settings_of(config) -> dict:
+        return {"filters": config.translator_filters, "depth": config.translator_depth,
+                "attention": config.attention_gates}
+
+    @classmethod
+    def export_builders(cls, config, input_shape) -> dict:
+        settings = cls.translator_settings_of(config)
+        return {out: functools.partial(translator, tuple(input_shape), name=net, **settings)
+                for out, net in cls.EXPORTED.items()}
+
     def exported_networks(self) -> dict:
         """Image -> image networks exported beside the segmentor in a `translate` signature
         (uda_tf.serving.export): {output name: (builder of the same architecture, trained
         network)}."""
         shape = tuple(self.segmentor.input_shape[1:])
-
-        def builder(name):
-            return lambda: translator(shape, name=name, **self.translator_settings)
-        return {"to_target": (builder("g_st"), self.g_st),
-                "to_source": (builder("g_ts"), self.g_ts)}
+        return {out: (functools.partial(translator, shape, name=net,
+                                        **self.translator_settings), getattr(self, net))
+                for out, net in self.EXPORTED.items()}
 
     @property
     def metrics(self):

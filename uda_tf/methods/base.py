@@ -236,6 +236,14 @@ class SegmentationMethod(keras_compat.FitHooks):
         teacher's EMA teacher)."""
         return self.segmentor
 
+    @classmethod
+    def export_builders(cls, config, input_shape) -> dict:
+        """{output name: function building the network} of the networks exported beside the
+        segmentor (`exported_networks`), from the method's checked `config` and the
+        segmentor's input shape alone: what uda-export rebuilds around a checkpoint before
+        loading their saved weights. {} by default."""
+        return {}
+
     def exported_networks(self) -> dict:
         """Image -> image networks exported beside the kept segmentor, in the SavedModel's
         `translate` signature: {output name: (a function building the same architecture under

@@ -354,5 +354,34 @@ def export_checkpoint(checkpoint: str, export_root: str | None = None,
     check_weights_file(weights, "--checkpoint")
     segmentor = segmentor_from_flags(config.flag_values(), manifest)
     segmentor.load_weights(weights)
+    translators = exported_networks_of(config, weights, tuple(segmentor.input_shape[1:]),
+                                       "--checkpoint")
     return export_segmentor(segmentor, export_root, model_name, version, manifest=manifest,
-                            config=config, warmup_batch_sizes=warmup_batch_sizes)
+                            config=config, warmup_batch_sizes=warmup_batch_sizes,
+                            translators=translators)
+
+
+def exported_networks_of(config, weights: str, input_shape, what: str) -> dict:
+    """The networks the run's method exports beside its segmentor (e.g. AttENT's translators,
+    for the `translate` signature), rebuilt from the run's config and loaded from the files
+    its checkpoint keeps beside `weights` (training.callbacks.companion_path); {} for other
+    methods. FileNotFoundError naming `what` (the flag that gave `weights`) when such a file
+    is missing."""
+    from uda_tf.methods import METHODS
+    from uda_tf.serving.safe_load import check_weights_file
+    from uda_tf.training.callbacks import companion_path
+    method = METHODS.get(getattr(config, "method", None))
+    if method is None:
+        return {}
+    builders = method.export_builders(method.configure(config.flag_values()), input_shape)
+    networks = {}
+    for name, build in builders.items():
+        path = companion_path(weights, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what}={weights}: {path} is missing: --method="
+                                    f"{config.method} exports {name!r} beside the segmentor, "
+                                    "from this file")
+        check_weights_file(path, what)
+        networks[name] = build()
+        networks[name].load_weights(path)
+    return networks
