@@ -76,6 +76,8 @@ RECIPES: dict[str, Recipe] = {
                                      ("--augment=randomized",), "baseline"),
     "source_only_gin": Recipe("configs/source_only_augment_demo.cfg", ("--augment=full_gin",),
                               "baseline"),
+    "source_only_curve": Recipe("configs/source_only_augment_demo.cfg",
+                                ("--augment=full_curve",), "baseline"),
     "mean_teacher": Recipe("configs/mean_teacher_demo.cfg"),
     "mean_teacher_randomized": Recipe("configs/mean_teacher_demo.cfg", (
         "--augment=randomized", "--mt_student_augment=full_gin")),

@@ -39,7 +39,7 @@ SMALL = {"gin": dict(gin_layers=2)}
 
 @pytest.mark.parametrize("rank,jit", [(2, True), (2, False), (3, True), (3, False)],
                          ids=["2d-xla", "2d-plain", "3d-xla", "3d-plain"])
-@pytest.mark.parametrize("name", ["label_intensity", "gin"])
+@pytest.mark.parametrize("name", ["label_intensity", "gin", "intensity_curve"])
 @pytest.mark.slow
 def test_ops_eagerly_and_in_tf_data(name, rank, jit):
     tf.random.set_seed(1)
@@ -158,10 +158,32 @@ def test_gin_is_not_a_linear_rescaling():
 
 
 @pytest.mark.slow
+def test_intensity_curve_is_a_smooth_random_function_of_intensity_that_may_invert():
+    rng = np.random.default_rng(0)
+    u = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))  # one ramp per sample
+    images = tf.constant((0.2 + 0.5 * u)[..., None, None] * np.ones((1, 1, 3, 1), np.float32))
+    images = images + tf.constant(rng.uniform(0, 1e-3, images.shape).astype(np.float32))
+    out = randomize.intensity_curve(images, seed=3).numpy()
+    x = images.numpy()
+    # inside each sample's own range, and a function of the intensity alone
+    assert np.all(out >= x.min(axis=(1, 2), keepdims=True) - 1e-6)
+    assert np.all(out <= x.max(axis=(1, 2), keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out[:, :, 0], out[:, :, 2], atol=5e-3)
+    # contrast kept on some samples, inverted on others
+    corr = [np.corrcoef(x[i].ravel(), out[i].ravel())[0, 1] for i in range(len(x))]
+    assert min(corr) < -0.5 and max(corr) > 0.5
+    # inactive samples: the identity curve
+    active = tf.constant([True, False] * 32)
+    kept = randomize.intensity_curve(images, seed=3, active=active).numpy()
+    np.testing.assert_allclose(kept[1::2], x[1::2], atol=1e-5)
+    assert np.abs(kept[0::2] - x[0::2]).max() > 0.05
+
+
 def test_presets_and_names():
     full = augment.PRESETS["full"]
     assert set(augment.resolve_names("randomized")) == set(full) | {"label_intensity"}
     assert set(augment.resolve_names("full_gin")) == set(full) | {"gin"}
+    assert set(augment.resolve_names("full_curve")) == set(full) | {"intensity_curve"}
     assert augment.resolve_names("gin") == ("gin",)  # the op, not a preset
     order = augment.resolve_names("noise,bias_field,blur,gin,label_intensity,flip")
     assert order == ("flip", "label_intensity", "gin", "noise", "blur", "bias_field")
@@ -196,7 +218,8 @@ def test_parameters_parse_and_bad_values_name_the_parameter():
     with pytest.raises(ValueError, match=r"label_intensity_mean='0.5' must be low:high"):
         augment.parse_params(["label_intensity_mean=0.5"])
     bad = {"gin_kernel": 2, "gin_layers": 0, "gin_channels": 0, "label_intensity_classes": 0,
-           "label_intensity_mean": (1.0, 0.0), "label_intensity_texture": (-1.0, 1.0)}
+           "label_intensity_mean": (1.0, 0.0), "label_intensity_texture": (-1.0, 1.0),
+           "curve_values": (0.5, 1.5)}
     for key, value in bad.items():
         with pytest.raises(ValueError, match=key):
             augment.build("none", **{key: value})  # what the flag check builds

@@ -24,14 +24,15 @@ chosen samples are gathered, transformed and scattered back.
 
 Presets (PRESETS): none; flip; default = flips + intensity jitter; full = flips, rotation,
 scaling, elastic, gamma, contrast, brightness, noise, bias field, blur; randomized = full +
-label_intensity; full_gin = full + gin. Op names may be combined freely: "full_gin" is the
-preset, "gin" the op alone, "flip,gin,noise" a set of ops.
+label_intensity; full_gin = full + gin; full_curve = full + intensity_curve. Op names may be
+combined freely: "full_gin" is the preset, "gin" the op alone, "flip,gin,noise" a set of ops.
 
 Domain-randomising ops (augment_random): `label_intensity` gives every label region of a
 labelled sample a random mean intensity and texture scale (SynthSeg-like; an op that declares
 `needs_labels` gets the labels and is skipped on unlabelled batches, so target images are left
-as they are), `gin` passes the image through a random shallow conv net (GIN). Both run first
-among the intensity ops, before noise, blur and the bias field.
+as they are), `gin` passes the image through a random shallow conv net (GIN), and
+`intensity_curve` maps intensities through a random smooth curve that may invert the contrast.
+They run first among the intensity ops, before noise, blur and the bias field.
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ register_op("label_intensity", "intensity", 0.5, randomize.label_intensity, subs
             label_intensity_classes=8)
 register_op("gin", "intensity", 0.5, randomize.gin, subset=True, check=randomize.check_gin,
             gin_layers=4, gin_channels=2, gin_kernel=3)
+register_op("intensity_curve", "intensity", 0.5, randomize.intensity_curve,
+            check=randomize.check_intensity_curve, curve_values=(0.0, 1.0))
 register_op("noise", "intensity", 0.1, intensity.noise, subset=True, noise_std=(0.0, 0.1))
 register_op("blur", "intensity", 0.2, intensity.blur, subset=True, blur_sigma=(0.5, 1.0))
 register_op("contrast", "intensity", 0.15, intensity.contrast, subset=True,
@@ -104,6 +107,7 @@ PRESETS = {
 }
 PRESETS["randomized"] = PRESETS["full"] + ("label_intensity",)
 PRESETS["full_gin"] = PRESETS["full"] + ("gin",)  # ("gin" alone is the op)
+PRESETS["full_curve"] = PRESETS["full"] + ("intensity_curve",)
 # A preset named like an op must mean that op alone: "--augment=flip" cannot be ambiguous.
 assert all(PRESETS[n] == (n,) for n in PRESETS if n in OPS)
 _FUSED = ("rotation", "scaling", "elastic")

@@ -16,6 +16,15 @@ single-source domain generalization for medical image segmentation", IEEE TMI 20
 goes through a shallow convolutional network with freshly drawn random weights, which changes
 intensities and local texture non-linearly while the shapes stay where they are, and the result
 is blended with the original by a random weight.
+
+`intensity_curve` maps each sample's intensities through a random smooth curve: a cubic
+Bézier curve over the sample's normalised range whose four control values are drawn at random,
+so it may rise, fall (inverting the contrast, as T1 -> T2 does) or bend in between. The
+non-linear intensity transform of Models Genesis (Zhou et al., MICCAI 2019), which the
+location-scale augmentation of SLAug (Su et al., AAAI 2023) uses for cross-modality
+single-source generalisation; here with evenly spaced control abscissae, so the curve is an
+explicit function of the intensity (no curve inversion or search, one fused elementwise op).
+It needs no labels, so it also changes unlabelled images.
 """
 from __future__ import annotations
 
@@ -163,6 +172,36 @@ def gin(images, *, gin_layers=4, gin_channels=2, gin_kernel=3, seed=None, active
     if active is not None:
         out = tf.where(tf.reshape(active, [-1] + [1] * (images.shape.rank - 1)), out, images)
     return out
+
+
+def intensity_curve(images, *, curve_values=(0.0, 1.0), seed=None, active=None):
+    """x -> B(u) * span + low per sample and channel, u = (x - low) / span in [0, 1] (low and
+    span the sample's own minimum and range, kept): B(u) = (1-u)^3 y0 + 3(1-u)^2 u y1 +
+    3(1-u) u^2 y2 + u^3 y3 with y0..y3 ~ U(curve_values), so B stays inside that range. y0 > y3
+    inverts the contrast. `active` [N]: samples where it is False get y = (0, 1/3, 2/3, 1),
+    the identity."""
+    n, channels = batch_size(images), images.shape[-1]
+    rank = images.shape.rank
+    axes = list(range(1, rank - 1))
+    low = tf.reduce_min(images, axes, keepdims=True)
+    span = tf.maximum(tf.reduce_max(images, axes, keepdims=True) - low, 1e-6)
+    y = tf.random.uniform([n, 4, channels], *curve_values, dtype=images.dtype, seed=seed)
+    if active is not None:
+        identity = tf.reshape(tf.constant([0.0, 1 / 3, 2 / 3, 1.0], images.dtype), [1, 4, 1])
+        y = tf.where(tf.reshape(active, [-1, 1, 1]), y, identity)
+    y = tf.reshape(y, [-1, 4] + [1] * (rank - 2) + [channels])
+    u = tf.clip_by_value((images - low) / span, 0.0, 1.0)
+    v = 1.0 - u
+    curve = (v * v * v * y[:, 0] + 3.0 * v * v * u * y[:, 1] + 3.0 * v * u * u * y[:, 2]
+             + u * u * u * y[:, 3])
+    return curve * span + low
+
+
+def check_intensity_curve(params: dict) -> None:
+    """ValueError naming the parameter when intensity_curve's parameters are unusable."""
+    low, high = params["curve_values"]
+    _require(0 <= low < high <= 1, f"curve_values must be low:high with 0 <= low < high <= 1, "
+             f"got {low}:{high}")
 
 
 def _require(ok: bool, message: str) -> None:

@@ -96,7 +96,9 @@ class RunConfig:
         "intensity jitter, full = flips, rotation, scaling, elastic, gamma, contrast, "
         "brightness, noise, bias field, blur, randomized = full + label_intensity: a random "
         "mean and texture scale per label region of labelled images, full_gin = full + gin: "
-        "a random shallow conv net per image) or comma-separated op names of "
+        "a random shallow conv net per image, full_curve = full + intensity_curve: a random "
+        "smooth intensity curve per image, which may invert the contrast) or comma-separated "
+        "op names of "
         "uda_tf.data.augment (e.g. full's names plus gin).", check=check_augment)
     target_augment: str = setting("", "Target training augmentation, as --augment (empty: "
                                   "the same as --augment).", check=check_augment)
