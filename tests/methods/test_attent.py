@@ -165,10 +165,9 @@ def test_export_has_a_translate_signature_with_both_translators(tmp_path):
     for net in (model.g_st, model.g_ts):  # away from the identity, each its own way
         head = net.get_layer(f"{net.name}_residual")
         head.kernel.assign(rng.normal(0, 0.1, head.kernel.shape).astype(np.float32))
-    networks = model.exported_networks()
     rebuilt = {}
-    for name, (build, trained) in networks.items():
-        rebuilt[name] = build()
+    for name, trained in model.exported_networks().items():
+        rebuilt[name] = translator(SHAPE, name=trained.name, **SETTINGS)
         rebuilt[name].set_weights(trained.get_weights())
     path = export_segmentor(model.segmentor, str(tmp_path), "m", translators=rebuilt,
                             warmup_batch_sizes=(1,))

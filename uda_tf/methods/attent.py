@@ -252,12 +252,8 @@ class AttENT(SegmentationMethod):
 
     def exported_networks(self) -> dict:
         """Image -> image networks exported beside the segmentor in a `translate` signature
-        (uda_tf.serving.export): {output name: (builder of the same architecture, trained
-        network)}."""
-        shape = tuple(self.segmentor.input_shape[1:])
-        return {out: (functools.partial(translator, shape, name=net,
-                                        **self.translator_settings), getattr(self, net))
-                for out, net in self.EXPORTED.items()}
+        (uda_tf.serving.export): {output name: trained translator}."""
+        return {out: getattr(self, net) for out, net in self.EXPORTED.items()}
 
     @property
     def metrics(self):

@@ -246,10 +246,10 @@ class SegmentationMethod(keras_compat.FitHooks):
 
     def exported_networks(self) -> dict:
         """Image -> image networks exported beside the kept segmentor, in the SavedModel's
-        `translate` signature: {output name: (a function building the same architecture under
-        the current dtype policy, the trained network)}; the checkpoint callback saves their
-        weights beside the kept network's, so the export holds those of the kept epoch.
-        None by default (AttENT: its two translators)."""
+        `translate` signature: {output name: the trained network}, rebuilt for export by
+        `export_builders`; the checkpoint callback saves their weights beside the kept
+        network's, so the export holds those of the kept epoch. None by default (AttENT: its
+        two translators)."""
         return {}
 
     def paired_network(self) -> keras.Model | None:

@@ -63,7 +63,7 @@ class BestSegmentorCheckpoint(keras.callbacks.Callback):
             network = kept_network(self.model)
             exported = (self.model.exported_networks()
                         if hasattr(self.model, "exported_networks") else {})
-            for name, (_, companion) in exported.items():
+            for name, companion in exported.items():
                 with atomic_write(companion_path(self.path, name), None) as tmp:
                     ensure_space(tmp, weights_file_size(companion.weights), "the checkpoint")
                     companion.save_weights(tmp)
