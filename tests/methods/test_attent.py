@@ -231,11 +231,16 @@ def test_translation_fidelity_logs_scores_and_draws_the_epochs_panels(tmp_path):
     fidelity.set_model(model)
     assert fidelity.epoch_figures() is None
     logs = {"seg_loss": 1.0}
+    drawn = []  # the panels are made when asked (on the chief), not at every epoch's end
+    panels = fidelity.image_panels
+    fidelity.image_panels = lambda m: drawn.append(m) or panels(m)
     fidelity.on_epoch_end(0, logs)
+    assert drawn == []
     # new translators are the identity: scores equal the untranslated ones
     assert logs["translation/mae"] == pytest.approx(logs["translation/untranslated_mae"])
     assert logs["translation/mae"] == pytest.approx(np.abs(x_s - (1.0 - x_s)).mean())
     name, title, columns, maps = fidelity.epoch_figures()
+    assert drawn == [model]
     assert name == "translation/epoch_000" and "epoch 1" in title
     rows = list(fidelity.panel_slices)
     assert rows == [1, 2, 4]  # inside the held slices, ends left out

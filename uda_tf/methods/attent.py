@@ -467,8 +467,13 @@ class TranslationFidelity(keras.callbacks.Callback):
     def epoch_figures(self):
         """(name, title, {column: images}, colour-map columns) of the newest epoch's panels,
         for train.py to draw (uda_tf.evaluation.figures.image_grid) as plots/<name>.png and
-        log to MLflow; None before the first epoch."""
-        return self.panels
+        log to MLflow; None before the first epoch. The panels are computed here, when asked
+        (by the chief's EpochFigures, right after this callback's on_epoch_end), so that
+        workers that draw nothing spend nothing on them."""
+        if self.panels is None:
+            return None
+        name, title = self.panels
+        return name, title, self.image_panels(self.model), ("entropy on the rendering",)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -480,5 +485,4 @@ class TranslationFidelity(keras.callbacks.Callback):
             title = (f"translation, epoch {epoch + 1}: tissue contrast error "
                      f"{scores['tissue_contrast_error']:.3f} (untranslated "
                      f"{self.untranslated['translation/untranslated_tissue_contrast_error']:.3f})")
-            self.panels = (f"translation/epoch_{epoch:03d}", title,
-                           self.image_panels(self.model), ("entropy on the rendering",))
+            self.panels = (f"translation/epoch_{epoch:03d}", title)
