@@ -104,6 +104,26 @@ def test_label_intensity_follows_the_labels_exactly():
         assert np.all(steps[:, :, boundary - 1]) and steps.sum() == 2 * 6
 
 
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_label_intensity_texture_flip_negates_each_regions_texture(flip):
+    """label_intensity_texture_flip: the texture (and partial volume) inside a region keeps
+    its sign (0) or is mirrored about the region's new mean (1)."""
+    images, labels = _batch(n=4, size=12)
+    aug = augment.build(["label_intensity"], p_label_intensity=1.0,
+                        label_intensity_mean=(-100.0, 100.0), label_intensity_texture=(1.0, 1.0),
+                        label_intensity_texture_flip=flip)
+    out, _ = aug(images, labels)
+    x, y, lab = images.numpy()[..., 0], out.numpy()[..., 0], labels.numpy()
+    sign = -1.0 if flip else 1.0
+    for i in range(4):
+        for k in range(3):
+            region = lab[i] == k
+            np.testing.assert_allclose(y[i][region] - y[i][region].mean(),
+                                       sign * (x[i][region] - x[i][region].mean()), atol=1e-4)
+    with pytest.raises(ValueError, match="label_intensity_texture_flip must be a probability"):
+        augment.build(["label_intensity"], label_intensity_texture_flip=1.5)
+
+
 def test_partial_probability_active_and_class_clipping():
     images, labels = _batch(n=32, size=8)
     tf.random.set_seed(3)

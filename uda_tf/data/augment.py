@@ -82,7 +82,7 @@ register_op("elastic", "spatial", 0.2, elastic_alpha=4.0, elastic_grid=5)
 register_op("label_intensity", "intensity", 0.5, randomize.label_intensity, subset=True,
             needs_labels=True, check=randomize.check_label_intensity,
             label_intensity_mean=(0.0, 1.0), label_intensity_texture=(0.5, 1.5),
-            label_intensity_classes=8)
+            label_intensity_texture_flip=0.0, label_intensity_classes=8)
 register_op("gin", "intensity", 0.5, randomize.gin, subset=True, check=randomize.check_gin,
             gin_layers=4, gin_channels=2, gin_kernel=3)
 register_op("intensity_curve", "intensity", 0.5, randomize.intensity_curve,

@@ -43,12 +43,20 @@ def _offset(seed, i: int):
 
 
 def label_intensity(images, labels=None, *, label_intensity_mean=(0.0, 1.0),
-                    label_intensity_texture=(0.5, 1.5), label_intensity_classes=8, seed=None,
-                    active=None):
+                    label_intensity_texture=(0.5, 1.5), label_intensity_texture_flip=0.0,
+                    label_intensity_classes=8, seed=None, active=None):
     """out = mu_k + s_k * (x - m_k) on the voxels of label k, per sample and channel: m_k the
-    region's own mean, mu_k ~ U(label_intensity_mean), s_k ~ U(label_intensity_texture);
-    clipped to label_intensity_mean's range. Without labels (an unlabelled batch) the images
-    are returned unchanged; the labels are never changed.
+    region's own mean, mu_k ~ U(label_intensity_mean), |s_k| ~ U(label_intensity_texture),
+    s_k < 0 with probability label_intensity_texture_flip; clipped to label_intensity_mean's
+    range. Without labels (an unlabelled batch) the images are returned unchanged; the labels
+    are never changed.
+
+    Why the flip: the texture kept inside a region belongs to the source contrast. Where two
+    tissues meet, partial volume pulls each one's border voxels towards the other's intensity:
+    on T1 the CSF voxels next to grey matter are brighter than the CSF mean, on T2 darker. A
+    positive s_k keeps that cue (a segmentor can learn "CSF is the region that brightens
+    towards GM"); a random sign takes it away while keeping the scan's noise and blur, close
+    to SynthSeg (Billot et al. 2023), which draws every intensity from the labels alone.
 
     label_intensity_classes (K, static so that XLA sees fixed shapes): labels 0 .. K-1 each
     get their own draw; labels >= K share the draw of label K-1 (they are clipped to it).
@@ -70,6 +78,9 @@ def label_intensity(images, labels=None, *, label_intensity_mean=(0.0, 1.0),
     mu = tf.random.uniform([n, k, channels], low, high, dtype=dtype, seed=seed)
     scale = tf.random.uniform([n, k, channels], *label_intensity_texture, dtype=dtype,
                               seed=_offset(seed, 1))
+    if label_intensity_texture_flip:
+        flip = tf.random.uniform([n, k, channels], dtype=dtype, seed=_offset(seed, 2))
+        scale = tf.where(flip < label_intensity_texture_flip, -scale, scale)
     lower, upper = tf.fill([n, 1], tf.cast(low, dtype)), tf.fill([n, 1], tf.cast(high, dtype))
     if active is not None:  # identity: the region's own mean and texture, no clipping
         on = tf.reshape(active, [-1, 1, 1])
@@ -221,6 +232,9 @@ def check_label_intensity(params: dict) -> None:
     low, high = params["label_intensity_texture"]
     _require(0 <= low <= high, f"label_intensity_texture must be low:high with "
              f"0 <= low <= high, got {low}:{high}")
+    flip = params["label_intensity_texture_flip"]
+    _require(0 <= flip <= 1, f"label_intensity_texture_flip must be a probability in 0..1, "
+             f"got {flip}")
     classes = params["label_intensity_classes"]
     _require(_is_int(classes, 1) and int(classes) <= 256,
              f"label_intensity_classes must be an integer in 1..256, got {classes}")
