@@ -78,6 +78,14 @@ RECIPES: dict[str, Recipe] = {
                               "baseline"),
     "source_only_curve": Recipe("configs/source_only_augment_demo.cfg",
                                 ("--augment=full_curve",), "baseline"),
+    # Every labelled image randomised (SynthSeg's setting), and the same with each region's
+    # texture mirrored half of the time (label_intensity_texture_flip: partial-volume borders
+    # no longer show the source contrast's tissue order).
+    "source_only_synthseg": Recipe("configs/source_only_augment_demo.cfg", (
+        "--augment=randomized", "--augment_params=p_label_intensity=1.0"), "baseline"),
+    "source_only_synthseg_flip": Recipe("configs/source_only_augment_demo.cfg", (
+        "--augment=randomized",
+        "--augment_params=p_label_intensity=1.0,label_intensity_texture_flip=0.5"), "baseline"),
     "mean_teacher": Recipe("configs/mean_teacher_demo.cfg"),
     "mean_teacher_randomized": Recipe("configs/mean_teacher_demo.cfg", (
         "--augment=randomized", "--mt_student_augment=full_gin")),
