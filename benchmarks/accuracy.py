@@ -100,6 +100,12 @@ RECIPES: dict[str, Recipe] = {
     "randomized_self_training": Recipe("configs/self_training_demo.cfg",
                                        ("--augment=randomized",),
                                        after="source_only_randomized"),
+    # The same second stage after the labels-only intensities with mirrored textures (the
+    # cross-modality baseline): pseudo-labels from a segmentor that already sees T2 tissue.
+    "synthseg_flip_self_training": Recipe("configs/self_training_demo.cfg", (
+        "--augment=randomized",
+        "--augment_params=p_label_intensity=1.0,label_intensity_texture_flip=0.5"),
+        after="source_only_synthseg_flip"),
     "oracle": Recipe("configs/demo.cfg", ("--method=source_only",), "oracle"),
 }
 SOURCE_ONLY, ORACLE = "source_only", "oracle"

@@ -418,7 +418,7 @@ class TranslationFidelity(keras.callbacks.Callback):
         # evenly inside the (middle) slices the pairs hold, ends left out
         self.panel_slices = np.unique(np.round(
             np.linspace(0, n - 1, self.PANEL_ROWS + 2)[1:-1]).astype(int)) if n else []
-        self.panels = None
+        self.newest_panel = None
         from uda_tf.metrics import translation_fidelity
         self._score = translation_fidelity
         base = translation_fidelity(pairs.source, pairs.reference, pairs.labels, label_names)
@@ -470,9 +470,9 @@ class TranslationFidelity(keras.callbacks.Callback):
         log to MLflow; None before the first epoch. The panels are computed here, when asked
         (by the chief's EpochFigures, right after this callback's on_epoch_end), so that
         workers that draw nothing spend nothing on them."""
-        if self.panels is None:
+        if self.newest_panel is None:
             return None
-        name, title = self.panels
+        name, title = self.newest_panel
         return name, title, self.image_panels(self.model), ("entropy on the rendering",)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -485,4 +485,4 @@ class TranslationFidelity(keras.callbacks.Callback):
             title = (f"translation, epoch {epoch + 1}: tissue contrast error "
                      f"{scores['tissue_contrast_error']:.3f} (untranslated "
                      f"{self.untranslated['translation/untranslated_tissue_contrast_error']:.3f})")
-            self.panels = (f"translation/epoch_{epoch:03d}", title)
+            self.newest_panel = (f"translation/epoch_{epoch:03d}", title)
